@@ -1,0 +1,51 @@
+"""mclstexp_lite: a teaching reproduction of mclSTExp.
+
+mclSTExp (Min, Shi et al., Briefings in Bioinformatics 2024) predicts spatial gene
+expression from H&E histology by contrastive learning between spot expression (a
+Transformer over spots with position embeddings) and image patches (DenseNet-121).
+
+Submodules are imported lazily so that ``import mclstexp_lite`` stays cheap:
+
+- ``datasets``  loaders that return AnnData (HER2+, cSCC, Visium, your own section)
+- ``download``  the data manifest and the checksum-verifying downloader
+- ``pp``        normalisation and gene panels
+- ``patches``   H&E patch extraction and the on-disk patch cache
+- ``models``    encoders, the mclSTExp model and the contrastive loss
+- ``train``     the contrastive trainer
+- ``tl``        retrieval prediction
+- ``metrics``   PCC-ACG, PCC-HEG, MSE, MAE
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "datasets",
+    "download",
+    "pp",
+    "patches",
+    "models",
+    "train",
+    "tl",
+    "metrics",
+    "cv",
+    "baselines",
+    "pl",
+)
+
+__all__ = list(_SUBMODULES) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'mclstexp_lite' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
