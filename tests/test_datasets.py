@@ -1,0 +1,222 @@
+"""Loader tests on the real offline data (skipped with a reason where it is absent),
+plus bad-input tests on small synthetic files (labelled as such)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from mclstexp_lite import datasets as ds
+from mclstexp_lite import download as dl
+
+from .conftest import needs_data, SHARED_DATA
+
+
+# ------------------------------------------------------------------ real data
+@needs_data
+def test_her2st_c2_matches_source_files(her2_c2):
+    a = her2_c2
+    assert a.shape == (187, 15706)
+    assert sparse.issparse(a.X) and a.X.dtype == np.int32
+    assert int(a.X.sum()) == 1_926_633
+    src = pd.read_csv(SHARED_DATA / "her2st/data/ST-spotfiles/C2_selection.tsv", sep="\t")
+    src.index = [f"C2_{round(x)}x{round(y)}" for x, y in zip(src.x, src.y)]
+    src = src.loc[a.obs_names]
+    np.testing.assert_allclose(a.obsm["spatial"], src[["pixel_x", "pixel_y"]].to_numpy())
+    assert (a.obs["array_x"].to_numpy() == np.round(src.x).astype(int)).all()
+    assert set(a.obs["section"]) == {"C2"} and set(a.obs["patient"]) == {"C"}
+    assert "label" not in a.obs
+    lib = a.uns["spatial"]["C2"]
+    meta = lib["metadata"]
+    assert Path(meta["source_image_path"]).name == "5714_HE_BT_C2.jpg"
+    assert meta["source_image_sha256"] == dl.sha256_file(meta["source_image_path"])
+    assert 0.66 < meta["um_per_px"] < 0.72  # ~291 px per 200 um spot pitch
+    hires = lib["images"]["hires"]
+    assert hires.dtype == np.uint8 and max(hires.shape[:2]) == ds.HIRES_MAX_PX
+    assert lib["scalefactors"]["tissue_hires_scalef"] == pytest.approx(hires.shape[1] / 9274)
+
+
+@needs_data
+def test_her2st_counts_match_the_raw_table(her2_c2):
+    raw = pd.read_csv(SHARED_DATA / "her2st/data/ST-cnts/C2.tsv.gz", sep="\t", index_col=0)
+    spot = her2_c2.obs_names[10].split("_", 1)[1]
+    row = np.asarray(her2_c2[her2_c2.obs_names[10]].X.todense()).ravel()
+    np.testing.assert_array_equal(row, raw.loc[spot, her2_c2.var_names].to_numpy())
+
+
+@needs_data
+def test_a1_reduced_image_all_spots_labelled_and_on_tissue(her2_a1):
+    a = her2_a1
+    assert a.n_obs == 346
+    assert a.obs["label"].notna().all()
+    assert a.uns["mclstexp"]["image_kind"] == "image_reduced"
+    meta = a.uns["spatial"]["A1"]["metadata"]
+    assert meta["pixel_scale"] == pytest.approx(2000 / 6954, rel=1e-5)
+    # labels joined on rounded ARRAY coordinates, independently recomputed here
+    lab = pd.read_csv(SHARED_DATA / "her2st/data/ST-pat/lbl/A1_labeled_coordinates.tsv", sep="\t")
+    lab.index = [f"A1_{round(x)}x{round(y)}" for x, y in zip(lab.x, lab.y)]
+    assert (a.obs["label"].astype(str) == lab.loc[a.obs_names, "label"]).all()
+    # spots land on tissue: the reduced image has its background blacked out
+    from PIL import Image
+
+    img = np.asarray(Image.open(meta["source_image_path"]).convert("RGB")).astype(int)
+    xy = np.round(a.obsm["spatial"]).astype(int)
+    on = img[xy[:, 1], xy[:, 0]].sum(axis=1) > 60
+    assert on.mean() > 0.95, f"only {on.mean():.0%} of A1 spots fall on tissue"
+    # ...while the label file's own pixel columns would not (the documented trap)
+    bad = np.round(lab[["pixel_x", "pixel_y"]].to_numpy() * meta["pixel_scale"]).astype(int)
+    inside = (bad[:, 0] < img.shape[1]) & (bad[:, 1] < img.shape[0])
+    bad_on = img[bad[inside, 1], bad[inside, 0]].sum(axis=1) > 60
+    assert bad_on.mean() < on.mean() - 0.2
+    # spots ~63 px apart in this image
+    assert 200 / meta["um_per_px"] == pytest.approx(63, abs=3)
+
+
+@needs_data
+def test_visium_fixture_loads_with_lowres_image(data_root):
+    v = ds.visium(data_root / "seurat_visium")
+    assert v.shape == (2695, 100)
+    lib = v.uns["spatial"]["seurat_visium"]
+    assert lib["images"]["hires"].shape == (599, 600, 3)
+    assert lib["scalefactors"]["tissue_hires_scalef"] == pytest.approx(1.0)
+    xy = v.obsm["spatial"]
+    assert (xy >= 0).all() and (xy[:, 0] < 600).all() and (xy[:, 1] < 599).all()
+    pos = pd.read_csv(data_root / "seurat_visium/spatial/tissue_positions_list.csv", header=None,
+                      index_col=0)
+    np.testing.assert_allclose(xy[:, 0], pos.loc[v.obs_names, 5] * 0.051635113)
+    assert v.uns["spatial"]["seurat_visium"]["metadata"]["um_per_px"] > 1
+
+
+@needs_data
+def test_plots_draw_spots_on_tissue(her2_c2, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+    import squidpy as sq
+
+    sc.pl.spatial(her2_c2, color="array_x", show=False, save=None)
+    sq.pl.spatial_scatter(her2_c2, color="array_y", library_id="C2")
+    import matplotlib.pyplot as plt
+
+    plt.savefig(tmp_path / "c2.png")
+    plt.close("all")
+    assert (tmp_path / "c2.png").stat().st_size > 10_000
+
+
+@needs_data
+def test_list_sections_reports_local_availability(data_root):
+    t = ds.list_sections(data_dir=data_root)
+    assert len(t[t.dataset == "her2st"]) == 36 and len(t[t.dataset == "cscc"]) == 12
+    her = t[t.dataset == "her2st"].set_index("section")
+    assert sorted(her.index[her.trainable]) == ["A1", "B4", "C2", "C3", "C4", "C5", "C6"]
+    assert her.loc["A1", "image_reduced"] and not her.loc["A1", "image"]
+    assert her.counts.all() and her.spots.all()
+    assert her.paper.sum() == 32
+    assert not t[t.dataset == "cscc"].counts.any()
+
+
+@needs_data
+def test_missing_full_image_is_a_clear_error(data_root):
+    with pytest.raises(dl.DataMissingError, match=r"BT10737_C1_HE\.jpg"):
+        ds.her2st("B1", data_dir=data_root, image="full", download=False)
+    a = ds.her2st("B1", data_dir=data_root, image="none", download=False)
+    assert a.obs["label"].notna().mean() > 0.9 and a.uns["spatial"]["B1"]["images"] == {}
+
+
+def test_unknown_section_names_valid_ones():
+    with pytest.raises(ValueError, match="unknown HER2\\+ section 'Z1'.*A1, A2"):
+        ds.her2st("Z1")
+    with pytest.raises(ValueError, match="unknown cSCC section"):
+        ds.cscc("P3_ST_rep1")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        ds.load("mouse", "A1")
+
+
+# ------------------------------------------------------- synthetic section files
+def _write_section(folder: Path, *, n=12, counts=None, spots=None, image=True, seed=0):
+    """SYNTHETIC legacy-ST section: a 4x3 grid of spots 100 px apart on a 500x400 image."""
+    rng = np.random.default_rng(seed)
+    xs, ys = np.meshgrid(np.arange(1, 5), np.arange(1, 4))
+    xs, ys = xs.ravel()[:n], ys.ravel()[:n]
+    sp = pd.DataFrame({"x": xs + 0.02, "y": ys - 0.03, "new_x": xs, "new_y": ys,
+                       "pixel_x": xs * 100.0, "pixel_y": ys * 100.0, "selected": 1})
+    cnt = pd.DataFrame(rng.poisson(3, size=(n, 5)) + 1, columns=list("ABCDE"),
+                       index=[f"{x}x{y}" for x, y in zip(xs, ys)])
+    if counts is not None:
+        cnt = counts(cnt)
+    if spots is not None:
+        sp = spots(sp)
+    cnt.to_csv(folder / "counts.tsv", sep="\t")
+    sp.to_csv(folder / "spots.tsv", sep="\t", index=False)
+    img = None
+    if image:
+        from PIL import Image
+
+        img = folder / "he.jpg"
+        Image.fromarray(rng.integers(0, 255, (400, 500, 3), dtype=np.uint8)).save(img)
+    return folder / "counts.tsv", folder / "spots.tsv", img
+
+
+def test_from_files_synthetic_section(tmp_path):
+    c, s, i = _write_section(tmp_path)
+    a = ds.from_files(c, s, i, section="S", patient="P")
+    assert a.shape == (12, 5) and a.obs_names[0] == "S_1x1"
+    assert a.uns["spatial"]["S"]["metadata"]["um_per_px"] == pytest.approx(2.0)
+    assert a.uns["spatial"]["S"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(50)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (dict(counts=lambda c: pd.concat([c, c.iloc[:1]])), "duplicated spot id"),
+    (dict(counts=lambda c: c.assign(A=-1)), "negative count"),
+    (dict(counts=lambda c: c.assign(A=np.nan)), "NaN"),
+    (dict(counts=lambda c: c.assign(A=0.5)), "not integers"),
+    (dict(counts=lambda c: c.assign(A="x")), "non-numeric"),
+    (dict(counts=lambda c: c.set_axis([f"9{i}x9" for i in range(len(c))])), "no spot ids shared"),
+    (dict(spots=lambda s: s.assign(pixel_x=s.pixel_x * 10)), "outside the image"),
+    (dict(spots=lambda s: s.drop(columns="pixel_y")), "needs columns"),
+])
+def test_from_files_bad_input_names_the_file(tmp_path, mutate, match):
+    c, s, i = _write_section(tmp_path, **mutate)
+    with pytest.raises(ValueError, match=match) as err:
+        ds.from_files(c, s, i, section="S")
+    assert "counts.tsv" in str(err.value) or "spots.tsv" in str(err.value) or "S:" in str(err.value)
+
+
+def test_zero_count_spots_are_dropped_and_logged(tmp_path, caplog):
+    c, s, i = _write_section(tmp_path, counts=lambda c: c.mul((c.index != "2x2").astype(int), axis=0))
+    a = ds.from_files(c, s, i, section="S")
+    assert a.n_obs == 11 and "S_2x2" not in a.obs_names
+    assert "zero counts" in caplog.text
+
+
+def test_corrupt_and_truncated_image_errors_name_the_file(tmp_path):
+    c, s, i = _write_section(tmp_path)
+    data = i.read_bytes()
+    i.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=r"he\.jpg.*(truncated|corrupt)"):
+        ds.from_files(c, s, i, section="S")
+    i.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"he\.jpg.*corrupt or not an image"):
+        ds.from_files(c, s, i, section="S")
+
+
+def test_cscc_loader_on_synthetic_geo_files(tmp_path, monkeypatch):
+    """SYNTHETIC files laid out under the manifest's GEO names for P2_ST_rep1."""
+    rows = {r.kind: r for r in dl.rows("cscc", "P2_ST_rep1")}
+    c, s, i = _write_section(tmp_path)
+    for kind, src in (("counts", c), ("spots", s), ("image", i)):
+        dest = tmp_path / "root" / rows[kind].path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as fin, gzip.open(dest, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    a = ds.cscc("P2_ST_rep1", data_dir=tmp_path / "root", download=False)
+    assert a.n_obs == 12 and set(a.obs["patient"]) == {"P2"}
+    src = Path(a.uns["spatial"]["P2_ST_rep1"]["metadata"]["source_image_path"])
+    assert src.suffix == ".jpg" and src.exists()  # unpacked from .jpg.gz into the cache
