@@ -1,0 +1,653 @@
+"""The contrastive trainer, its configuration, checkpoints and embedding helpers.
+
+Reads top to bottom like a small training script: a :class:`TrainConfig` (the paper's
+defaults, or the ``quick`` CPU profile as overrides of the same code path), the data
+(:class:`SpotData`: cached uint8 patches plus expression, positions and section ids), the
+model (:class:`mclstexp_lite.models.MclSTExp`), the optimiser and the loop.
+
+On CUDA the loop uses bf16 autocast, channels-last images, pinned host memory and
+augments uint8 batches on the device (:func:`mclstexp_lite.patches.gpu_augment`); no
+PIL work happens per item. After every epoch a checkpoint (one dict: model, optimiser,
+config, epoch, history, RNG states) is written atomically; ``resume=True`` continues an
+interrupted run and, on CPU with a fixed seed, reaches exactly the weights of an
+uninterrupted run, because every epoch's randomness is derived from ``(seed, epoch)``.
+
+Multi-GPU: run the same code under ``torchrun --nproc_per_node N``; :func:`train`
+notices the process group (``WORLD_SIZE`` > 1), wraps the model in
+``DistributedDataParallel`` and gives each rank its share of every epoch's batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import models as mdl
+from . import patches as pt
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# =========================================================================== config
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint).
+
+    The defaults are the paper's: 90 epochs, batch 128, learning rate 1e-4, weight decay
+    1e-3, Adam (as in the published code; the paper's text says AdamW, select it with
+    ``optimizer="adamw"``), DenseNet-121 with ImageNet weights at 224 px.
+
+    Attributes
+    ----------
+    model
+        Keyword arguments for :class:`mclstexp_lite.models.MclSTExp` (``n_genes`` is
+        taken from the data).
+    image_size
+        Side of the model's input. Cached patches (224 px) are resized on the device
+        when this differs; the tissue area stays the same.
+    mode
+        ``"full"`` trains everything end to end; ``"lite"`` freezes the image encoder,
+        computes its features once per patch (no augmentation) and trains only the
+        projection heads and the spot encoder: the fast path on a CPU when pretrained
+        weights exist.
+    augment, rotation, jitter
+        Random flips, rotations (``"90"``: multiples of 90 degrees, ``"any"``: any angle,
+        as the published RandomRotation(180)) and colour jitter of brightness, contrast
+        and saturation (0.5 each in the published code), applied on the device.
+    amp
+        ``"auto"``: bf16 autocast on CUDA devices that support it, off elsewhere;
+        ``"bf16"`` or ``"off"`` force it.
+    channels_last
+        ``None``: on for CUDA, off elsewhere.
+    """
+
+    epochs: int = 90
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    optimizer: str = "adam"
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool | None = None
+    image_size: int = 224
+    mode: str = "full"
+    augment: bool = True
+    rotation: str | None = "90"
+    jitter: float = 0.5
+    min_batch: int = 2
+    model: dict = field(default_factory=lambda: {"image_arch": "densenet121",
+                                                 "weights": "imagenet"})
+
+    def validate(self) -> "TrainConfig":
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in ("epochs", "batch_size", "image_size", "min_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("lr", "weight_decay", "jitter"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.lr == 0:
+            raise ValueError("TrainConfig.lr must be > 0")
+        choices = {"optimizer": ("adam", "adamw"), "amp": ("auto", "bf16", "off"),
+                   "mode": ("full", "lite"), "rotation": ("90", "any", None)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")
+        if "weights" not in self.model:
+            raise ValueError("TrainConfig.model must say weights='imagenet', None or a path")
+        resolve_device(self.device)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def profile(cls, name: str, **overrides) -> "TrainConfig":
+        """A named profile (``"paper"`` or ``"quick"``) with optional overrides.
+
+        ``model`` overrides are merged into the profile's model settings.
+        """
+        if name not in PROFILES:
+            raise ValueError(f"unknown profile {name!r}; valid: {', '.join(PROFILES)}")
+        base = dataclasses.asdict(cls())
+        prof = PROFILES[name]
+        base.update({k: v for k, v in prof.items() if k != "model"})
+        base["model"] = {**base["model"], **prof.get("model", {})}
+        model_over = overrides.pop("model", None) or {}
+        base.update(overrides)
+        base["model"] = {**base["model"], **model_over}
+        return cls.from_dict(base).validate()
+
+
+#: Named profiles: overrides of the same dataclass, not a second code path.
+PROFILES: dict[str, dict] = {
+    # Paper settings (GPU, full data, ImageNet weights).
+    "paper": {},
+    # CPU in about a minute per fold on 2 cores, no pretrained weights: a small ResNet-18
+    # on 64 px inputs (the same ~155 um of tissue, downsampled) and fewer epochs.
+    "quick": {"epochs": 15, "batch_size": 64, "lr": 1e-3, "image_size": 64,
+              "model": {"image_arch": "resnet18", "weights": None}},
+}
+
+
+# =========================================================================== device
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks cuda > mps > cpu; an unavailable explicit device is an error."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device name (try 'auto', 'cpu', "
+                         "'cuda', 'cuda:1', 'mps')") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available here; use "
+                         "device='auto' or 'cpu'")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} asked for but MPS is not available; use 'auto'")
+    return dev
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device):
+    if config.amp == "off":
+        return None
+    if config.amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+# ============================================================================= data
+@dataclass
+class SpotData:
+    """Training or reference spots: cached patches plus expression, positions, sections.
+
+    Attributes
+    ----------
+    patches
+        One uint8 array ``(n_spots_of_section, H, W, 3)`` per section (memory maps from
+        :func:`mclstexp_lite.patches.patch_cache`).
+    expr
+        ``(N, G)`` float32 expression (normalised, panel genes), all sections stacked.
+    pos
+        ``(N, 2)`` int64 array coordinates (x, y).
+    groups
+        ``(N,)`` int64 section index into ``sections``.
+    sections, genes, obs_names
+        Names, for bookkeeping.
+    """
+
+    patches: list
+    expr: np.ndarray
+    pos: np.ndarray
+    groups: np.ndarray
+    sections: list[str]
+    genes: list[str]
+    obs_names: list[str]
+
+    def __post_init__(self):
+        n = len(self.expr)
+        if not (len(self.pos) == len(self.groups) == len(self.obs_names) == n):
+            raise ValueError("SpotData: expr, pos, groups and obs_names must have the same length")
+        sizes = np.bincount(self.groups, minlength=len(self.sections))
+        if len(self.patches) != len(self.sections) or any(
+                len(p) != s for p, s in zip(self.patches, sizes)):
+            raise ValueError("SpotData: one patch array per section, with one row per spot")
+        if not np.isfinite(self.expr).all():
+            raise ValueError(f"SpotData: expression has {int((~np.isfinite(self.expr)).sum())} "
+                             "non-finite values; check normalisation")
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+        order = np.argsort(self.groups, kind="stable")
+        if not (order == np.arange(n)).all():
+            raise ValueError("SpotData: spots must be grouped by section in order")
+
+    def __len__(self) -> int:
+        return len(self.expr)
+
+    @property
+    def n_genes(self) -> int:
+        return self.expr.shape[1]
+
+    @classmethod
+    def from_anndata(cls, adatas: Mapping[str, Any] | Sequence, *, layer: str | None = None,
+                     patch_um: float = pt.DEFAULT_PATCH_UM, patch_size: int = 224,
+                     cache_dir: str | os.PathLike | None = None,
+                     progress: bool = True) -> "SpotData":
+        """Stack sections prepared by :func:`mclstexp_lite.pp.prepare` (same genes in each).
+
+        Patches are read from (or written to) the patch cache.
+        """
+        from scipy import sparse
+
+        items = list(adatas.items()) if isinstance(adatas, Mapping) else [
+            (str(a.obs["section"].iloc[0]), a) for a in adatas]
+        if not items:
+            raise ValueError("SpotData.from_anndata: no sections given")
+        genes = list(items[0][1].var_names)
+        patches, exprs, poss, groups, names = [], [], [], [], []
+        for gi, (name, a) in enumerate(items):
+            if list(a.var_names) != genes:
+                raise ValueError(f"section {name}: genes differ from section {items[0][0]}; "
+                                 "subset every section to one panel first (pp.prepare)")
+            X = a.layers[layer] if layer else a.X
+            X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+            patches.append(pt.patch_cache(a, patch_um=patch_um, out_size=patch_size,
+                                          cache_dir=cache_dir, progress=progress))
+            exprs.append(X.astype(np.float32))
+            poss.append(a.obs[["array_x", "array_y"]].to_numpy(np.int64))
+            groups.append(np.full(a.n_obs, gi, dtype=np.int64))
+            names.extend(a.obs_names)
+        return cls(patches=patches, expr=np.concatenate(exprs), pos=np.concatenate(poss),
+                   groups=np.concatenate(groups), sections=[n for n, _ in items], genes=genes,
+                   obs_names=list(names))
+
+    def images(self, idx: np.ndarray, *, device=None) -> torch.Tensor:
+        """uint8 NCHW batch of the patches of spots ``idx`` (batch order kept)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        g = self.groups[idx]
+        out = None
+        for s in np.unique(g):
+            sel = np.nonzero(g == s)[0]
+            part = pt.to_torch_batch(self.patches[s], idx[sel] - self._offsets[s], device=device)
+            if out is None:
+                out = torch.empty((len(idx),) + tuple(part.shape[1:]), dtype=torch.uint8,
+                                  device=part.device)
+            out[torch.as_tensor(sel, device=part.device)] = part
+        return out
+
+
+# ======================================================================== checkpoint
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # plain types and tensors only, so the checkpoint loads with weights_only=True
+    st = {"torch": torch.get_rng_state(),
+          "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos),
+                    int(has_gauss), float(cached)],
+          "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
+    """Read a checkpoint (``weights_only=True``: no arbitrary code is unpickled)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read the checkpoint {path}: {exc}. It may be truncated; "
+                         "delete it and train again") from exc
+    for key in ("model", "model_config", "config", "epoch", "history"):
+        if key not in ckpt:
+            raise ValueError(f"{path} is not an mclstexp_lite checkpoint (no '{key}')")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> mdl.MclSTExp:
+    """Rebuild the model from a checkpoint's saved config and load its weights."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    model = mdl.MclSTExp.from_config(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def build_model(config: TrainConfig, n_genes: int) -> mdl.MclSTExp:
+    kw = dict(config.model)
+    if config.mode == "lite":
+        kw["freeze_image"] = True
+    return mdl.MclSTExp(n_genes, **kw)
+
+
+# ========================================================================= the loop
+def _prepare_images(batch_u8: torch.Tensor, config: TrainConfig, *, train: bool,
+                    generator: torch.Generator | None, channels_last: bool) -> torch.Tensor:
+    """uint8 NCHW patches -> normalised float model input (resize, augment, normalise)."""
+    size = config.image_size
+    x = batch_u8
+    if x.shape[-1] != size or x.shape[-2] != size:
+        # resize first so augmentation works on the (usually smaller) model input
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    if train and config.augment:
+        x = pt.gpu_augment(x, generator=generator, rotation=config.rotation,
+                           brightness=config.jitter, contrast=config.jitter,
+                           saturation=config.jitter)
+    else:
+        x = x.float().div_(255.0)
+    mean = torch.tensor(mdl.IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(mdl.IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _epoch_batches(n: int, config: TrainConfig, epoch: int, rank: int, world: int):
+    g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).numpy()
+    bs = config.batch_size
+    batches = [perm[i:i + bs] for i in range(0, n, bs)]
+    batches = [b for b in batches if len(b) >= config.min_batch]
+    if world > 1:  # every rank gets the same number of batches
+        per = len(batches) // world
+        batches = batches[rank * per:(rank + 1) * per]
+    return batches
+
+
+@dataclass
+class TrainResult:
+    model: mdl.MclSTExp
+    history: list
+    out_dir: Path | None
+    config: TrainConfig
+
+
+def train(data: SpotData, config: TrainConfig | None = None, *,
+          out_dir: str | os.PathLike | None = None, resume: bool = False,
+          overwrite: bool = False, progress: bool = True,
+          callback: Callable[[int, list], None] | None = None,
+          model: mdl.MclSTExp | None = None) -> TrainResult:
+    """Train mclSTExp on ``data``.
+
+    Parameters
+    ----------
+    data
+        Training spots (:class:`SpotData`).
+    config
+        :class:`TrainConfig`; default the paper profile.
+    out_dir
+        Folder for ``checkpoint.pt`` (written after every epoch) and ``history.json``.
+        ``None`` keeps everything in memory.
+    resume
+        Continue from ``out_dir/checkpoint.pt`` if it exists (its config must match).
+    overwrite
+        Start afresh even though ``out_dir`` holds a checkpoint (it is replaced after the
+        first epoch). Without ``resume`` or ``overwrite`` an existing checkpoint is an
+        error: earlier results are never silently replaced.
+    callback
+        Called as ``callback(epoch, history)`` after each epoch (1-based), e.g. to plot.
+    model
+        Train this model instead of building one from ``config.model``.
+
+    Returns
+    -------
+    TrainResult
+        The trained model (eval mode, on the training device), per-epoch history, the
+        output folder and the config.
+    """
+    config = (config or TrainConfig()).validate()
+    device = resolve_device(config.device)
+    rank, world = _dist_info()
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT if out is not None else None
+    start_epoch, history = 0, []
+    ckpt = None
+    if ckpt_path is not None and ckpt_path.exists():
+        if resume:
+            ckpt = load_checkpoint(ckpt_path)
+            saved = TrainConfig.from_dict(ckpt["config"])
+            if _comparable(saved) != _comparable(config):
+                diff = {k: (v, _comparable(config).get(k)) for k, v in _comparable(saved).items()
+                        if _comparable(config).get(k) != v}
+                raise ValueError(f"{ckpt_path} was trained with a different config {diff}; "
+                                 "resume with the same config, or use another out_dir")
+            start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
+        elif not overwrite:
+            raise FileExistsError(
+                f"{ckpt_path} already exists. Pass resume=True to continue that run, "
+                "overwrite=True to start afresh, or choose another out_dir.")
+    if model is None:
+        torch.manual_seed(config.seed)  # same initial weights for the same seed (and on every rank)
+        model = build_model(config, data.n_genes) if ckpt is None else \
+            mdl.MclSTExp.from_config(ckpt["model_config"])
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    if model.config["n_genes"] != data.n_genes:
+        raise ValueError(f"model expects {model.config['n_genes']} genes, data has {data.n_genes}")
+    max_pos = int(data.pos.max()) if len(data) else 0
+    if model.spot_encoder is not None and max_pos >= model.config["n_pos"]:
+        raise ValueError(f"array coordinates reach {max_pos} but the model's position tables "
+                         f"have n_pos={model.config['n_pos']} rows; set "
+                         f"config.model['n_pos'] to at least {max_pos + 1}")
+
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = _amp_dtype(config, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    if ckpt is not None and "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    features = None
+    if config.mode == "lite" and world > 1:
+        raise ValueError("mode='lite' trains only small heads; run it in one process, not "
+                         "under torchrun")
+    if config.mode == "lite":
+        features = image_features(model, data, config=config, device=device,
+                                  cache=(out / "image_features.pt") if out is not None else None,
+                                  progress=progress and rank == 0)
+
+    from tqdm.auto import tqdm
+
+    expr_all = torch.from_numpy(data.expr)
+    pos_all = torch.from_numpy(data.pos)
+    groups_all = torch.from_numpy(data.groups)
+    pin = device.type == "cuda"
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout etc.: resumable
+        aug_gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
+        aug_gen.manual_seed(config.seed * 7_919 + epoch)
+        batches = _epoch_batches(len(data), config, epoch, rank, world)
+        net.train()
+        t0, seen, total = time.time(), 0, 0.0
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not progress or rank != 0)
+        for b in bar:
+            bt = torch.from_numpy(b)
+            expr = expr_all[bt]
+            pos = pos_all[bt]
+            grp = groups_all[bt]
+            if pin:
+                expr, pos, grp = expr.pin_memory(), pos.pin_memory(), grp.pin_memory()
+            expr = expr.to(device, non_blocking=True)
+            pos = pos.to(device, non_blocking=True)
+            grp = grp.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                if features is None:
+                    imgs = _prepare_images(data.images(b, device=device), config, train=True,
+                                           generator=aug_gen, channels_last=channels_last)
+                    out_d = net(imgs, expr, pos, grp)
+                    loss = out_d["loss"]
+                else:
+                    image_emb = model._finish(model.image_projection(features[bt].to(device)))
+                    spot_emb = model.encode_spot(expr, pos, grp)
+                    loss = mdl.contrastive_loss(spot_emb, image_emb,
+                                                temperature=model.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise FloatingPointError(
+                    f"loss became {lv} at epoch {epoch + 1}; lower lr (now {config.lr}) or "
+                    "check the expression values for outliers")
+            total += lv * len(b)
+            seen += len(b)
+            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+        secs = time.time() - t0
+        rec = {"epoch": epoch + 1, "loss": total / max(seen, 1), "seconds": secs,
+               "spots_per_s": seen * world / secs if secs > 0 else float("nan"),
+               "lr": config.lr}
+        history.append(rec)
+        if progress and rank == 0:
+            log.info("epoch %d/%d loss %.4f (%.1f s)", epoch + 1, config.epochs, rec["loss"], secs)
+        if ckpt_path is not None and rank == 0:
+            _atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_config": model.config, "config": config.to_dict(),
+                "epoch": epoch + 1, "history": history, "rng": _rng_state(),
+                "genes": list(data.genes), "sections": list(data.sections),
+            }, ckpt_path)
+            _write_json(out / "history.json", history)
+        if callback is not None:
+            callback(epoch + 1, history)
+    if world > 1:
+        # gradients are all-reduced every step, but batch-norm running statistics are
+        # updated from each rank's own last batch: take rank 0's so all ranks agree
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, src=0)
+    model.eval()
+    return TrainResult(model=model, history=history, out_dir=out, config=config)
+
+
+def _comparable(config: TrainConfig) -> dict:
+    d = config.to_dict()
+    d.pop("epochs")  # a resumed run may extend the number of epochs
+    d.pop("device")
+    return d
+
+
+def _write_json(path: Path, obj) -> None:
+    from .download import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+# ========================================================================= inference
+@torch.no_grad()
+def image_features(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | None = None,
+                   device=None, batch_size: int = 256, cache: str | os.PathLike | None = None,
+                   progress: bool = True) -> torch.Tensor:
+    """Backbone features (before projection) of every patch, computed once and cached."""
+    config = config or TrainConfig()
+    device = resolve_device(device or config.device)
+    if cache is not None and Path(cache).exists():
+        feats = torch.load(cache, map_location="cpu", weights_only=True)
+        if feats.shape[0] == len(data):
+            return feats
+        log.warning("%s has %d rows, data has %d; recomputing", cache, feats.shape[0], len(data))
+    enc = model.image_encoder.to(device).eval()
+    out = _batched(lambda x: enc(x), data, config, device, batch_size, progress, "features")
+    if cache is not None:
+        _atomic_torch_save(out, Path(cache))
+    return out
+
+
+@torch.no_grad()
+def embed_images(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | None = None,
+                 device=None, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+    """Image embeddings ``(N, proj_dim)`` of every patch (no augmentation), float32."""
+    config = config or TrainConfig()
+    device = resolve_device(device or config.device)
+    model = model.to(device).eval()
+    return _batched(model.encode_image, data, config, device, batch_size, progress,
+                    "embedding patches").numpy()
+
+
+@torch.no_grad()
+def embed_spots(model: mdl.MclSTExp, data: SpotData, *, device="auto",
+                per_section: bool = True) -> np.ndarray:
+    """Spot embeddings ``(N, proj_dim)``.
+
+    The Transformer attends across the spots it is given at once; ``per_section=True``
+    encodes each section as one sentence (all its spots together), which is how the
+    reference bank is built for retrieval.
+    """
+    device = resolve_device(device)
+    model = model.to(device).eval()
+    expr = torch.from_numpy(data.expr)
+    pos = torch.from_numpy(data.pos)
+    grp = torch.from_numpy(data.groups)
+    if not per_section:
+        return model.encode_spot(expr.to(device), pos.to(device), grp.to(device)).float().cpu().numpy()
+    outs = []
+    for s in range(len(data.sections)):
+        sel = torch.nonzero(grp == s).ravel()
+        outs.append(model.encode_spot(expr[sel].to(device), pos[sel].to(device),
+                                      grp[sel].to(device)).float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def _batched(fn, data: SpotData, config: TrainConfig, device, batch_size, progress, desc):
+    from tqdm.auto import tqdm
+
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    amp_dtype = _amp_dtype(config, device)
+    outs = []
+    idx = np.arange(len(data))
+    for i in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not progress, leave=False):
+        b = idx[i:i + batch_size]
+        x = _prepare_images(data.images(b, device=device), config, train=False, generator=None,
+                            channels_last=channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            outs.append(fn(x).float().cpu())
+    return torch.cat(outs)

@@ -1,0 +1,218 @@
+"""Trainer tests: config, device, checkpoints and exact resume, lite mode, DDP on CPU,
+and one optimisation step on real HER2+ patches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mclstexp_lite import train as tr
+from mclstexp_lite import models as mdl
+
+from .conftest import needs_data
+
+
+def synthetic_data(n_per=(12, 10), genes=6, size=32, seed=0) -> tr.SpotData:
+    """SYNTHETIC SpotData: random patches and expression for two small sections."""
+    rng = np.random.default_rng(seed)
+    patches = [rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for n in n_per]
+    n = sum(n_per)
+    return tr.SpotData(
+        patches=patches, expr=rng.random((n, genes), dtype=np.float32),
+        pos=rng.integers(0, 10, (n, 2)), groups=np.repeat(np.arange(len(n_per)), n_per),
+        sections=[f"S{i}" for i in range(len(n_per))], genes=[f"g{i}" for i in range(genes)],
+        obs_names=[f"spot{i}" for i in range(n)])
+
+
+def tiny_config(**kw) -> tr.TrainConfig:
+    base = dict(epochs=3, batch_size=8, lr=1e-3, image_size=32, device="cpu", seed=3,
+                model={"image_arch": "resnet18", "weights": None, "n_pos": 16, "dropout": 0.1})
+    base.update(kw)
+    return tr.TrainConfig.from_dict(base).validate()
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------- config
+def test_profiles_are_overrides_of_one_config():
+    paper = tr.TrainConfig.profile("paper")
+    assert (paper.epochs, paper.batch_size, paper.lr, paper.weight_decay, paper.optimizer) == (
+        90, 128, 1e-4, 1e-3, "adam")
+    assert paper.model == {"image_arch": "densenet121", "weights": "imagenet"}
+    quick = tr.TrainConfig.profile("quick", epochs=2, model={"n_pos": 40})
+    assert quick.model["weights"] is None and quick.model["n_pos"] == 40 and quick.epochs == 2
+    assert tr.TrainConfig.profile("paper", optimizer="adamw").optimizer == "adamw"
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"batch_size": -3}, "batch_size"),
+    ({"lr": float("nan")}, "lr"),
+    ({"optimizer": "sgd"}, "optimizer must be one of"),
+    ({"mode": "fast"}, "mode"),
+    ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
+])
+def test_bad_config_names_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**kw)
+
+
+def test_unknown_profile_and_field():
+    with pytest.raises(ValueError, match="unknown profile 'fast'.*paper"):
+        tr.TrainConfig.profile("fast")
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        tr.TrainConfig.from_dict({"epoch": 3})
+
+
+def test_device_selection(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tr.resolve_device("auto").type in ("cpu", "mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tr.resolve_device("auto").type == "cuda"
+    assert tr.resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="not a torch device"):
+        tr.resolve_device("gpu0")
+
+
+# -------------------------------------------------------------- training & resume
+def test_resume_reaches_the_same_weights(tmp_path):
+    data = synthetic_data()
+    cfg = tiny_config()
+    full = tr.train(data, cfg, out_dir=tmp_path / "full", progress=False)
+
+    def stop_after_first(epoch, history):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(data, cfg, out_dir=tmp_path / "cut", progress=False, callback=stop_after_first)
+    assert tr.load_checkpoint(tmp_path / "cut")["epoch"] == 1
+    resumed = tr.train(data, cfg, out_dir=tmp_path / "cut", resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert _state_equal(full.model.state_dict(), resumed.model.state_dict())
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+    # and a different seed gives different weights (the comparison can fail)
+    other = tr.train(data, tiny_config(seed=4), progress=False)
+    assert not _state_equal(full.model.state_dict(), other.model.state_dict())
+
+
+def test_existing_checkpoint_is_never_silently_replaced(tmp_path):
+    data = synthetic_data()
+    tr.train(data, tiny_config(epochs=1), out_dir=tmp_path, progress=False)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        tr.train(data, tiny_config(epochs=1), out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        tr.train(data, tiny_config(epochs=2, lr=5e-4), out_dir=tmp_path, resume=True,
+                 progress=False)
+    tr.train(data, tiny_config(epochs=1), out_dir=tmp_path, overwrite=True, progress=False)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    data = synthetic_data()
+
+    def broken_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        tr.train(data, tiny_config(epochs=1), out_dir=tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_checkpoint_round_trip_and_embeddings(tmp_path):
+    data = synthetic_data()
+    res = tr.train(data, tiny_config(epochs=1), out_dir=tmp_path, progress=False)
+    again = tr.model_from_checkpoint(tmp_path)
+    cfg = tiny_config()
+    e1 = tr.embed_images(res.model, data, config=cfg, progress=False)
+    e2 = tr.embed_images(again, data, config=cfg, progress=False)
+    assert e1.shape == (len(data), 256) and np.allclose(e1, e2, atol=1e-6)
+    s = tr.embed_spots(again, data, device="cpu")
+    assert s.shape == (len(data), 256) and np.isfinite(s).all()
+    ck = tr.load_checkpoint(tmp_path)
+    assert set(ck) >= {"model", "optimizer", "config", "epoch", "history", "rng", "model_config"}
+
+
+def test_lite_mode_freezes_the_encoder_and_caches_features(tmp_path):
+    data = synthetic_data()
+    cfg = tiny_config(mode="lite", epochs=2)
+    torch.manual_seed(0)
+    model = tr.build_model(cfg, data.n_genes)
+    before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    res = tr.train(data, cfg, out_dir=tmp_path, progress=False, model=model)
+    assert _state_equal(before, res.model.image_encoder.state_dict())
+    assert (tmp_path / "image_features.pt").exists()
+    proj0 = tr.build_model(cfg, data.n_genes).image_projection.state_dict()
+    assert not _state_equal(proj0, res.model.image_projection.state_dict())
+    assert all(np.isfinite(h["loss"]) for h in res.history)
+
+
+def test_position_range_checked_before_training():
+    data = synthetic_data()
+    data.pos[0] = (40, 1)
+    with pytest.raises(ValueError, match="n_pos"):
+        tr.train(data, tiny_config(epochs=1), progress=False)
+
+
+# ----------------------------------------------------------------------------- DDP
+def _ddp_worker(rank, world, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/pg",
+                                         rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # identical initial weights on both ranks
+    res = tr.train(synthetic_data(n_per=(16, 16)), tiny_config(epochs=1), progress=False)
+    torch.save(res.model.state_dict(), f"{folder}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_end_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert _state_equal(a, b)
+    torch.manual_seed(0)
+    init = tr.build_model(tiny_config(), 6).state_dict()
+    assert not _state_equal(a, init)
+
+
+# ------------------------------------------------------------------ real patches
+@needs_data
+def test_one_step_on_real_her2_patches_lowers_the_loss(her2_c2):
+    import scanpy as sc
+
+    a = her2_c2.copy()
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    top = np.argsort(-np.asarray(a.X.mean(axis=0)).ravel())[:200]
+    a = a[:, np.sort(top)].copy()
+    data = tr.SpotData.from_anndata({"C2": a}, progress=False)
+    torch.manual_seed(0)
+    model = mdl.MclSTExp(data.n_genes, weights=None)  # paper architecture, random init
+    cfg = tr.TrainConfig(image_size=64, device="cpu", augment=False,
+                         model={"weights": None})
+    idx = np.arange(32)
+    x = tr._prepare_images(data.images(idx), cfg, train=False, generator=None,
+                           channels_last=False)
+    expr = torch.from_numpy(data.expr[idx])
+    pos = torch.from_numpy(data.pos[idx])
+    # training mode throughout (batch statistics; dropout is 0 in the paper setting), so
+    # the two losses differ only by the optimiser step
+    model.train()
+    with torch.no_grad():
+        before = float(model(x, expr, pos)["loss"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-3)
+    model(x, expr, pos)["loss"].backward()
+    opt.step()
+    with torch.no_grad():
+        after = float(model(x, expr, pos)["loss"])
+    assert after < before
