@@ -151,8 +151,9 @@ PROFILES: dict[str, dict] = {
     # Paper settings (GPU, full data, ImageNet weights).
     "paper": {},
     # CPU in about a minute per fold on 2 cores, no pretrained weights: a small ResNet-18
-    # on 64 px inputs (the same ~155 um of tissue, downsampled) and fewer epochs.
-    "quick": {"epochs": 15, "batch_size": 64, "lr": 1e-3, "image_size": 64,
+    # on 64 px inputs (the same ~155 um of tissue, downsampled), batch 64, 12 epochs at
+    # the paper's learning rate (1e-3 collapsed to the chance loss ln(64) in our trials).
+    "quick": {"epochs": 12, "batch_size": 64, "lr": 1e-4, "image_size": 64,
               "model": {"image_arch": "resnet18", "weights": None}},
 }
 
