@@ -100,20 +100,14 @@ def _resolve_root(folder):
 
 
 def cache_dir(data_dir_: str | os.PathLike | None = None) -> Path:
-    """Return a writable folder for derived files (patch cache, unpacked images).
+    """Return the folder for derived files (patch cache, unpacked images, panels).
 
-    ``$MCLSTEXP_CACHE`` wins; otherwise ``<data root>/cache`` when the data root is
-    writable, else ``<user cache>/mclstexp_lite/cache`` (the offline data folder that
-    CI uses is read-only). The folder is created.
+    ``$MCLSTEXP_CACHE`` if set, else ``<user cache>/mclstexp_lite/cache``. Derived files
+    never go inside the data root: it may be a shared or read-only copy of the data. The
+    folder is created. (``data_dir_`` is accepted for symmetry and ignored.)
     """
     env = os.environ.get(ENV_CACHE)
-    if env:
-        out = Path(env).expanduser().resolve()
-    else:
-        root = data_dir(data_dir_)
-        out = root / "cache"
-        if not _writable(root):
-            out = _user_cache() / "cache"
+    out = Path(env).expanduser().resolve() if env else _user_cache() / "cache"
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -122,15 +116,6 @@ def _user_cache() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("mclstexp_lite"))
-
-
-def _writable(folder: Path) -> bool:
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            return False
-        probe = probe.parent
-    return os.access(probe, os.W_OK)
 
 
 # ------------------------------------------------------------------------ manifest

@@ -112,7 +112,13 @@ def _pad_rgb(pad_value) -> np.ndarray:
 
 
 def _as_centers(centers) -> np.ndarray:
-    arr = np.asarray(centers, dtype=np.float64)
+    try:
+        arr = np.asarray(centers, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"centers must hold numbers, (x, y) pixel coordinates of shape (n_spots, 2); got "
+            f"values that are not numbers ({err})."
+        ) from err
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise ValueError(
             f"centers must have shape (n_spots, 2) holding (x, y) pixel coordinates, got shape {arr.shape}."
@@ -435,50 +441,15 @@ def _user_cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("mclstexp_lite"))
 
 
-def _data_root() -> Path:
-    """The package's data root: ``$MCLSTEXP_DATA``, else the downloader's, else a user cache.
-
-    One small function so that the resolution can be swapped in one place.
-    """
-    env = os.environ.get("MCLSTEXP_DATA")
-    if env:
-        return Path(env).expanduser()
-    try:
-        from mclstexp_lite import download
-    except ImportError:
-        download = None
-    data_dir = getattr(download, "data_dir", None)
-    if callable(data_dir):
-        return Path(data_dir()).expanduser()
-    return _user_cache_root()
-
-
-def _is_writable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError:
-        return False
-    return True
-
-
 def _default_cache_dir() -> Path:
-    """Directory for patch cache entries.
+    """Directory for patch cache entries: ``<mclstexp_lite.download.cache_dir()>/patches``.
 
-    ``$MCLSTEXP_CACHE/patches`` if that variable is set; otherwise
-    ``<data root>/cache/patches`` when it can be written, else
-    ``<user cache dir>/patches`` (the shared data folder may be read-only).
+    That is ``$MCLSTEXP_CACHE`` when set, else the per-user cache folder; derived files
+    never go inside the data root, which may be a shared or read-only copy.
     """
-    env = os.environ.get("MCLSTEXP_CACHE")
-    if env:
-        return Path(env).expanduser() / "patches"
-    preferred = _data_root() / "cache" / "patches"
-    if _is_writable_dir(preferred):
-        return preferred
-    fallback = _user_cache_root() / "patches"
-    logger.info("Data root cache %s is not writable; caching patches under %s.", preferred, fallback)
-    return fallback
+    from mclstexp_lite import download
+
+    return download.cache_dir() / "patches"
 
 
 def _file_sha256(path: Path) -> str:
@@ -735,9 +706,7 @@ def patch_cache(
         Side of the stored patches in pixels (the model's input size).
     cache_dir
         Directory for the entries. Default: ``$MCLSTEXP_CACHE/patches`` if that variable
-        is set, else ``<data root>/cache/patches`` (data root: ``$MCLSTEXP_DATA``, else
-        the downloader's data directory, else the user cache directory) if writable, else
-        ``<user cache directory>/patches``.
+        is set, else ``<user cache directory>/cache/patches``; never inside the data root.
     library_id
         Key of ``adata.uns['spatial']``; needed only when there are several.
     overwrite
