@@ -14,6 +14,9 @@ Submodules are imported lazily so that ``import mclstexp_lite`` stays cheap:
 - ``train``     the contrastive trainer
 - ``tl``        retrieval prediction
 - ``metrics``   PCC-ACG, PCC-HEG, MSE, MAE
+- ``cv``, ``baselines``  cross-validation (section / patient schemes) and baselines
+- ``interpret`` gene rankings, clustering against pathologist labels
+- ``pl``        figures; ``workflow`` glue for the notebooks; ``tutorials`` the runner
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ _SUBMODULES = (
     "cv",
     "baselines",
     "pl",
+    "interpret",
+    "workflow",
+    "tutorials",
 )
 
 __all__ = list(_SUBMODULES) + ["__version__"]

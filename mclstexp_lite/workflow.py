@@ -1,0 +1,185 @@
+"""Glue the tutorials use: parameter checks, cached preparation, train-or-load, outputs.
+
+The numbered notebooks pass results forward through files in one output folder
+(``OUTPUT_DIR``), never through hidden state. Each notebook writes to
+``OUTPUT_DIR/<notebook name>/`` and ends with ``metrics.json``; the functions here reuse
+what an earlier notebook wrote, or produce it when the notebook runs alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from . import datasets as ds
+from . import download as dl
+
+log = logging.getLogger(__name__)
+
+PROFILES = ("quick", "paper")
+
+
+# ------------------------------------------------------------------ parameters
+def check_params(*, dataset: str, sections: Sequence[str], profile: str | None = None,
+                 epochs: int | None = None, batch_size: int | None = None,
+                 test_section: str | None = None, data_dir=None, need_images: bool = True,
+                 seed: int | None = None) -> None:
+    """Stop early, with a message that says the fix, on bad notebook parameters.
+
+    Checks the dataset and section names, the profile, positive epochs and batch size,
+    that ``test_section`` is one of ``sections``, and that every section's files are
+    present locally or downloadable (offline: lists the missing files).
+    """
+    valid = {"her2st": ds.HER2ST_SECTIONS, "cscc": ds.CSCC_SECTIONS}
+    if dataset not in valid:
+        raise ValueError(f"DATASET={dataset!r} is not known; use one of {sorted(valid)}")
+    if isinstance(sections, str) or not sections:
+        raise ValueError(f"SECTIONS must be a non-empty list of section names, got {sections!r}")
+    bad = [s for s in sections if s not in valid[dataset]]
+    if bad:
+        raise ValueError(f"SECTIONS has unknown {dataset} section(s) {bad}; valid: "
+                         f"{', '.join(valid[dataset])}")
+    if len(set(sections)) != len(sections):
+        raise ValueError(f"SECTIONS lists a section twice: {list(sections)}")
+    if profile is not None and profile not in PROFILES:
+        raise ValueError(f"PROFILE={profile!r} is not known; use one of {PROFILES}")
+    for name, value in (("EPOCHS", epochs), ("BATCH_SIZE", batch_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"SEED must be an integer, got {seed!r}")
+    if test_section is not None and test_section not in sections:
+        raise ValueError(f"TEST_SECTION={test_section!r} must be one of SECTIONS {list(sections)}")
+    table = ds.list_sections(dataset, data_dir=data_dir).set_index("section")
+    offline = os.environ.get(dl.ENV_OFFLINE, "") in ("1", "true", "yes")
+    if offline:
+        col = "trainable" if need_images else "counts"
+        missing = [s for s in sections if not table.loc[s, col]]
+        if missing:
+            avail = list(table.index[table[col]])
+            raise ValueError(
+                f"offline (MCLSTEXP_OFFLINE=1) and these sections lack local files: {missing}. "
+                f"Sections available under {dl.data_dir(data_dir)}: {avail}. Point "
+                f"MCLSTEXP_DATA at a folder with the data, allow downloads, or pick from those.")
+
+
+# ---------------------------------------------------------------- preparation
+def _panel_hash(genes: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(genes).encode()).hexdigest()[:16]
+
+
+def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
+                      genes: str | Sequence[str] = "published", method: str = "library_size",
+                      data_dir=None, progress: bool = True) -> dict:
+    """Load, subset to the gene panel and normalise each section, cached as .h5ad.
+
+    Files: ``OUTPUT_DIR/prepared/<dataset>_<section>.h5ad`` with ``panel.txt`` beside
+    them. A cached file is reused only when its panel and method match.
+
+    Returns
+    -------
+    dict
+        ``{section: AnnData}`` in the order of ``sections``.
+    """
+    import anndata as ad
+    from tqdm.auto import tqdm
+
+    from . import pp
+
+    if isinstance(genes, str):
+        if genes != "published":
+            raise ValueError("genes must be 'published' or a list of gene names")
+        genes = pp.published_panel(dataset, data_dir=data_dir)
+    genes = list(genes)
+    folder = Path(output_dir) / "prepared"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = {"panel": _panel_hash(genes), "method": method, "n_genes": len(genes)}
+    out = {}
+    for s in tqdm(list(sections), desc="preparing sections", disable=not progress):
+        path = folder / f"{dataset}_{s}.h5ad"
+        if path.exists():
+            a = ad.read_h5ad(path)
+            if a.uns.get("mclstexp_prepared") == key:
+                out[s] = a
+                continue
+            log.info("%s was prepared differently; rebuilding", path)
+        raw = ds.load(dataset, s, data_dir=data_dir, progress=False)
+        a = pp.prepare(raw, genes, method=method, missing="zero")
+        a.uns["mclstexp_prepared"] = key
+        _atomic_h5ad(a, path)
+        out[s] = a
+    pp.save_panel(genes, folder / "panel.txt",
+                  provenance=f"{dataset} panel used by the tutorials ({len(genes)} genes)")
+    return out
+
+
+def _atomic_h5ad(adata, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".h5ad", dir=path.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -------------------------------------------------------------------- training
+def train_or_load(train_adatas: Mapping, config, *, out_dir, progress: bool = True):
+    """Train on ``train_adatas`` into ``out_dir`` or reuse a finished run there.
+
+    A checkpoint trained with the same config for all its epochs is loaded as it is;
+    an interrupted one resumes; a checkpoint from another config is an error (use
+    another folder). Returns ``(model, history, data)``.
+    """
+    from . import train as tr
+
+    data = tr.SpotData.from_anndata(train_adatas, progress=progress)
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / tr.CHECKPOINT
+    if ckpt_path.exists():
+        ck = tr.load_checkpoint(ckpt_path)
+        same = tr._comparable(tr.TrainConfig.from_dict(ck["config"])) == tr._comparable(config)
+        if same and ck["epoch"] >= config.epochs and ck.get("sections") == list(data.sections):
+            log.info("reusing the finished training run in %s", out_dir)
+            return tr.model_from_checkpoint(ckpt_path), list(ck["history"]), data
+    res = tr.train(data, config, out_dir=out_dir, resume=True, progress=progress)
+    return res.model, res.history, data
+
+
+# --------------------------------------------------------------------- outputs
+def notebook_dir(output_dir, name: str) -> Path:
+    """``OUTPUT_DIR/<name>``, created."""
+    path = Path(output_dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_metrics(folder, metrics: dict) -> Path:
+    """Write ``metrics.json`` atomically (values must be JSON-serialisable)."""
+    path = Path(folder) / "metrics.json"
+    json.dumps(metrics, allow_nan=True)  # fail here, with the offending value, not half-way
+    dl.atomic_write_json(path, metrics)
+    return path
+
+
+def save_figure(fig, folder, name: str, *, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as ``<folder>/<name>.png`` atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
