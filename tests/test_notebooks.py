@@ -1,0 +1,184 @@
+"""The tutorials: committed notebooks are clean and parameterised; bad parameters stop
+early with a clear message; the quick profile runs every notebook end to end (papermill)
+and each writes a metrics.json with the documented keys and sane values.
+
+The end-to-end run takes several minutes on 2 CPU cores; it needs the real data
+(MCLSTEXP_DATA) and is skipped with a reason otherwise. Set MCLSTEXP_SKIP_NOTEBOOKS=1 to
+skip it while iterating on other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import nbformat
+import pytest
+import yaml
+
+from mclstexp_lite import tutorials, workflow
+
+from .conftest import REPO, needs_data
+
+NB_DIR = REPO / "notebooks"
+EXPECTED = ["01_data_and_preprocessing", "02_training", "03_evaluation",
+            "04_interpretation_immune_genes", "05_spatial_clustering"]
+
+
+def _params_cell(nb):
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    return cells
+
+
+def test_numbered_notebooks_exist():
+    assert [p.stem for p in tutorials.notebooks()] == EXPECTED
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_committed_notebook_is_clean_and_parameterised(name):
+    nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.cells[0].cell_type == "markdown" and "What you will" in nb.cells[0].source
+    params = _params_cell(nb)
+    assert len(params) == 1, f"{name}: exactly one cell tagged 'parameters'"
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"{name}: committed with outputs"
+    # every profile's keys are parameters of the notebook (UPPER_CASE names)
+    names = {line.split("=")[0].strip() for line in params[0].source.splitlines() if "=" in line}
+    assert all(n.isupper() for n in names)
+    for prof in tutorials.available_profiles():
+        keys = set(tutorials.load_profile(prof))
+        assert keys <= names, f"{name}: profile {prof} sets unknown parameters {keys - names}"
+    assert "OUTPUT_DIR" in names
+
+
+def test_profiles_are_valid_yaml():
+    assert tutorials.available_profiles() == ["paper", "quick"]
+    quick = yaml.safe_load((NB_DIR / "profiles" / "quick.yaml").read_text())
+    assert quick["PROFILE"] == "quick" and quick["EPOCHS"] > 0
+    with pytest.raises(SystemExit, match="unknown profile 'nope'.*quick"):
+        tutorials.load_profile("nope")
+
+
+@needs_data
+@pytest.mark.parametrize("kw, match", [
+    (dict(sections=["Z9"]), "unknown her2st section"),
+    (dict(sections=["C2", "C2"]), "twice"),
+    (dict(dataset="mouse"), "DATASET='mouse'"),
+    (dict(profile="fast"), "PROFILE='fast'"),
+    (dict(epochs=0), "EPOCHS must be a positive integer"),
+    (dict(batch_size=2.5), "BATCH_SIZE"),
+    (dict(test_section="C9"), "TEST_SECTION"),
+    (dict(sections=["B1", "C2"]), "lack local files.*B1"),
+])
+def test_bad_parameters_are_stopped_with_a_clear_message(kw, match):
+    args = dict(dataset="her2st", sections=["C2", "C3"], profile="quick", epochs=1,
+                batch_size=8, test_section=None)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        workflow.check_params(**args)
+
+
+@needs_data
+def test_bad_parameter_stops_the_notebook_in_its_first_cells(tmp_path):
+    import papermill as pm
+
+    out = tmp_path / "bad.ipynb"
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(str(NB_DIR / "01_data_and_preprocessing.ipynb"), str(out),
+                            parameters={"EPOCHS": -1, "OUTPUT_DIR": str(tmp_path / "r")},
+                            progress_bar=False, cwd=str(NB_DIR))
+    assert "EPOCHS must be a positive integer" in str(err.value)
+    nb = nbformat.read(out, as_version=4)
+    failed = [c for c in nb.cells if c.cell_type == "code" and any(
+        o.get("output_type") == "error" for o in c.get("outputs", []))]
+    # it is the first cell after the parameters that fails: the one that checks them
+    assert len(failed) == 1 and "check_params" in failed[0].source
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code.index(failed[0]) <= 2
+
+
+# ---------------------------------------------------------------- full quick run
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    if os.environ.get("MCLSTEXP_SKIP_NOTEBOOKS") == "1":
+        pytest.skip("MCLSTEXP_SKIP_NOTEBOOKS=1")
+    from .conftest import SHARED_DATA
+
+    if SHARED_DATA is None:
+        pytest.skip("real data not found (set MCLSTEXP_DATA)")
+    out = tmp_path_factory.mktemp("tutorials")
+    records = tutorials.run("quick", out, progress=False)
+    return out / "quick", records
+
+
+def _metrics(run, name):
+    path = run[0] / "results" / name / "metrics.json"
+    assert path.exists(), f"{name} wrote no metrics.json"
+    return json.loads(path.read_text())
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@needs_data
+def test_quick_profile_runs_every_notebook(quick_run):
+    out, records = quick_run
+    assert [r["name"] for r in records] == EXPECTED
+    assert all(r["ok"] for r in records), [r["error"] for r in records if not r["ok"]]
+    index = (out / "index.html").read_text()
+    for name in EXPECTED:
+        assert (out / "executed" / f"{name}.ipynb").exists()
+        assert (out / "html" / f"{name}.html").stat().st_size > 10_000
+        assert f"html/{name}.html" in index
+        assert list((out / "results" / name).glob("*.png")), f"{name} saved no figure"
+
+
+@needs_data
+def test_metrics_01(quick_run):
+    m = _metrics(quick_run, "01_data_and_preprocessing")
+    assert m["n_sections"] == 7 and m["n_genes_panel"] == 785
+    assert 2000 < m["n_spots"] < 2000 + 1000
+    assert 0 < m["panel_overlap"] <= 785 and 0 <= m["panel_jaccard"] <= 1
+    assert m["patch_shape"] == [224, 224, 3]
+
+
+@needs_data
+def test_metrics_02(quick_run):
+    m = _metrics(quick_run, "02_training")
+    assert m["epochs"] == 12 and m["n_train_spots"] > 1000
+    assert _finite(m["final_loss"]) and m["final_loss"] < m["first_loss"]
+    assert 0 <= m["heldout_median_rank"] < m["heldout_n_spots"]
+    assert 0 <= m["heldout_top10_hit_rate"] <= 1
+
+
+@needs_data
+def test_metrics_03(quick_run):
+    m = _metrics(quick_run, "03_evaluation")
+    for k in ("heldout_pcc_acg", "heldout_pcc_heg"):
+        assert -1 <= m[k] <= 1
+    assert m["heldout_mse"] > 0 and m["heldout_mae"] > 0
+    assert m["n_folds_section"] == 1 and m["n_folds_patient"] == 1
+    for key, vals in m["cv"].items():
+        assert -1 <= vals["pcc_acg"] <= 1 and vals["mse"] > 0, key
+
+
+@needs_data
+def test_metrics_04(quick_run):
+    m = _metrics(quick_run, "04_interpretation_immune_genes")
+    assert m["n_genes_ranked"] > 700 and len(m["top10_genes"]) == 10
+    assert "PTPRC" in m["immune_genes_in_panel"] and "FASN" in m["cancer_genes_in_panel"]
+    assert -1 <= m["immune_mean_r"] <= 1
+
+
+@needs_data
+def test_metrics_05(quick_run):
+    m = _metrics(quick_run, "05_spatial_clustering")
+    assert m["labelled_section"] == "A1" and m["n_classes"] == 6
+    for k in ("ari_predicted_kmeans", "ari_measured_kmeans"):
+        assert -0.5 <= m[k] <= 1
+    for k in ("nmi_predicted_kmeans", "nmi_measured_kmeans"):
+        assert 0 <= m[k] <= 1
