@@ -361,7 +361,7 @@ def _download(row: ManifestRow, target: Path, *, progress: bool = True,
             raise OSError(f"connection closed after {received} of {expected} bytes")
         digest = verify(tmp, row)
         if not row.has_checksum:
-            _atomic_write_text(_sidecar(target), f"{digest}  {target.name}\n")
+            atomic_write_text(_sidecar(target), f"{digest}  {target.name}\n")
         os.replace(tmp, target)
         log.info("downloaded %s (%d bytes)", target, received)
     except BaseException:
@@ -369,10 +369,16 @@ def _download(row: ManifestRow, target: Path, *, progress: bool = True,
         raise
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    An interrupted write leaves the previous file (if any) untouched and no partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -386,7 +392,7 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as JSON atomically (temp file in the same folder + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def status(dataset: str | None = None, *, data_dir: str | os.PathLike | None = None):

@@ -342,17 +342,9 @@ def _check_gene_list(genes, name: str = "genes", *, allow_empty: bool = False) -
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .download import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def save_panel(genes: Sequence[str], path: str | os.PathLike, *,

@@ -53,10 +53,9 @@ def notebooks(pattern: str | None = None) -> list[Path]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    from .download import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _to_html(nb_path: Path, html_path: Path) -> None:
