@@ -243,6 +243,16 @@ def from_files(
                          f"{list(sp.columns)}")
     if "selected" in sp.columns:
         sp = sp[sp["selected"] == 1]
+    coord_cols = ["x", "y", "pixel_x", "pixel_y"]
+    text_cols = [c for c in coord_cols if not pd.api.types.is_numeric_dtype(sp[c])]
+    if text_cols:
+        raise ValueError(f"{spots}: non-numeric values in column(s) {text_cols}; the spot file "
+                         "must hold numbers in x, y, pixel_x, pixel_y (is it tab-separated?)")
+    no_coord = ~np.isfinite(sp[coord_cols].to_numpy(float)).all(axis=1)
+    if no_coord.any():
+        raise ValueError(f"{spots}: {int(no_coord.sum())} spot row(s) with missing (NaN) x, y, "
+                         f"pixel_x or pixel_y, e.g. row(s) {list(sp.index[no_coord][:5])}; remove "
+                         "them or set their 'selected' column to 0.")
     ax = np.round(sp["x"].to_numpy(float)).astype(int)
     ay = np.round(sp["y"].to_numpy(float)).astype(int)
     sp = sp.assign(array_x=ax, array_y=ay,
@@ -500,6 +510,9 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
     cols = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
             "pxl_col_in_fullres"]
     pos = pd.read_csv(pos_file, header=0 if pos_file.name == "tissue_positions.csv" else None)
+    if pos.shape[1] != len(cols):
+        raise ValueError(f"{pos_file}: expected {len(cols)} columns {cols}, found {pos.shape[1]}; "
+                         "it must be the positions file Space Ranger wrote for this slide.")
     pos.columns = cols
     pos = pos.set_index("barcode")
     if in_tissue_only:
@@ -510,7 +523,20 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
                  library_id, len(missing))
     adata = adata[adata.obs_names.isin(pos.index)].copy()
     pos = pos.loc[adata.obs_names]
-    scale = json.loads((spatial / "scalefactors_json.json").read_text())
+    sf_path = spatial / "scalefactors_json.json"
+    try:
+        scale = json.loads(sf_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"cannot read {sf_path}: {exc}. The file is truncated or not JSON; "
+                         "copy it again from the Space Ranger output.") from exc
+    needed = ["spot_diameter_fullres"] + (
+        [] if image_path is not None
+        else ["tissue_hires_scalef"] if (spatial / "tissue_hires_image.png").exists()
+        else ["tissue_lowres_scalef"] if (spatial / "tissue_lowres_image.png").exists() else [])
+    absent = [k for k in needed if not isinstance(scale, dict) or k not in scale]
+    if absent:
+        raise ValueError(f"{sf_path} lacks {absent}; it must be the scale factors file Space "
+                         "Ranger wrote for this slide.")
     full_xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
 
     if image_path is not None:

@@ -405,3 +405,246 @@ def _weighted_sum(weights: torch.Tensor, expr: torch.Tensor, idx: torch.Tensor, 
         block = expr[idx[:, j : j + step]].to(acc)  # (c, step, G)
         out += torch.bmm(weights[:, None, j : j + step], block).squeeze(1)
     return out
+
+
+# =========================================================== section prediction
+#: Key of ``uns`` where :func:`predict_section` and :func:`prediction_anndata` record
+#: how a prediction was made.
+PREDICTION_KEY = "mclstexp_prediction"
+
+
+def embed_reference(model, reference, *, device="auto") -> np.ndarray:
+    """Spot embeddings of a reference bank, one section at a time.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`mclstexp_lite.models.MclSTExp`.
+    reference
+        :class:`mclstexp_lite.train.SpotData` of the reference (training) sections.
+    device
+        Where to compute (``"auto"``, ``"cpu"``, ``"cuda"``...).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(len(reference), proj_dim)`` float32, row ``i`` the embedding of
+        ``reference.obs_names[i]``. Each section is encoded as one "sentence" (all its
+        spots attend to each other in the Transformer), see
+        :func:`mclstexp_lite.train.embed_spots`.
+    """
+    from . import train as tr
+
+    _check_spotdata(reference, "reference")
+    return np.asarray(tr.embed_spots(model, reference, device=device, per_section=True),
+                      dtype=np.float32)
+
+
+def predict_section(
+    model,
+    reference,
+    test_adata,
+    *,
+    config,
+    top_k: int = 200,
+    metric: str = "l1",
+    test_data=None,
+    device="auto",
+    image_emb=None,
+    reference_emb=None,
+    method: str = "mclstexp",
+    progress: bool = False,
+):
+    """Predict the expression of a held-out section by retrieval.
+
+    The held-out section's H&E patches are embedded with the image encoder
+    (:func:`mclstexp_lite.train.embed_images`), the reference bank is the spot
+    embeddings of the training sections (:func:`embed_reference`), and every test spot
+    gets the weighted mean expression of its ``top_k`` nearest reference spots
+    (:func:`retrieve`, with ``key_expr=reference.expr``).
+
+    Parameters
+    ----------
+    model
+        Trained :class:`mclstexp_lite.models.MclSTExp` (or its BLEEP-style variant
+        ``spot_encoder="none"``). May be ``None`` when both ``image_emb`` and
+        ``reference_emb`` are given.
+    reference
+        :class:`mclstexp_lite.train.SpotData` of the reference sections; its ``expr``
+        is what gets averaged, so it must hold the same genes, in the same order, as
+        ``test_adata``.
+    test_adata
+        The held-out section, prepared like the reference
+        (:func:`mclstexp_lite.pp.prepare`). Only its patches are used for the
+        prediction; its expression is never read.
+    config
+        :class:`mclstexp_lite.train.TrainConfig` used for training (image size and
+        precision of the image pass).
+    top_k, metric
+        Passed to :func:`retrieve` (published evaluation: 200 and ``"l1"``).
+    test_data
+        :class:`mclstexp_lite.train.SpotData` of ``test_adata`` if already built (saves
+        a patch-cache lookup); default built from ``test_adata``.
+    device
+        Where to compute.
+    image_emb, reference_emb
+        Precomputed embeddings (``(n_test, D)`` and ``(len(reference), D)``), e.g.
+        from a cache; each one given skips its encoder pass.
+    method
+        Name recorded in ``uns['mclstexp_prediction']['method']``.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``X``: predicted expression, dense float32 ``(n_spots, n_genes)``. ``obs``,
+        ``var``, ``obsm`` and ``uns['spatial']`` are copies of ``test_adata``'s, so the
+        prediction plots and scores like the truth. ``uns['mclstexp_prediction']``:
+        ``method``, ``top_k``, ``metric``, ``reference_sections`` (list),
+        ``reference_n_spots`` (spots per reference section, same order),
+        ``n_reference``, ``test_section`` and ``model_config`` (JSON string).
+        Writable with ``write_h5ad``.
+
+    Raises
+    ------
+    ValueError
+        If genes differ between reference and test, embedding shapes do not match, or
+        ``model`` is missing while an embedding must be computed.
+    """
+    import json
+
+    from . import train as tr
+
+    _check_spotdata(reference, "reference")
+    _check_adata(test_adata, "test_adata")
+    if list(test_adata.var_names) != list(reference.genes):
+        raise ValueError(
+            "`test_adata` and `reference` have different genes (or gene order); prepare "
+            "both with the same panel: pp.prepare(adata, genes)."
+        )
+    need_model = image_emb is None or reference_emb is None
+    if need_model and model is None:
+        raise ValueError("`model` is None; pass a trained model, or both `image_emb` and "
+                         "`reference_emb`.")
+    dev = tr.resolve_device(device)
+    if image_emb is None:
+        if test_data is None:
+            test_data = tr.SpotData.from_anndata({_section_of(test_adata): test_adata},
+                                                 progress=progress)
+        if len(test_data) != test_adata.n_obs:
+            raise ValueError(f"`test_data` has {len(test_data)} spots but `test_adata` has "
+                             f"{test_adata.n_obs}; build it from the same AnnData.")
+        image_emb = tr.embed_images(model, test_data, config=config, device=dev,
+                                    progress=progress)
+    if reference_emb is None:
+        reference_emb = embed_reference(model, reference, device=dev)
+    image_emb = np.asarray(image_emb, dtype=np.float32)
+    reference_emb = np.asarray(reference_emb, dtype=np.float32)
+    if image_emb.ndim != 2 or image_emb.shape[0] != test_adata.n_obs:
+        raise ValueError(f"`image_emb` must have shape ({test_adata.n_obs}, D), got "
+                         f"{image_emb.shape}.")
+    if reference_emb.ndim != 2 or reference_emb.shape[0] != len(reference):
+        raise ValueError(f"`reference_emb` must have shape ({len(reference)}, D), got "
+                         f"{reference_emb.shape}.")
+    pred = retrieve(image_emb, reference_emb, reference.expr, top_k=top_k, metric=metric,
+                    device=dev, progress=progress)
+    sizes = np.bincount(reference.groups, minlength=len(reference.sections))
+    model_config = model.config if model is not None else {}
+    info = {
+        "method": str(method),
+        "top_k": int(top_k),
+        "metric": str(metric),
+        "reference_sections": [str(s) for s in reference.sections],
+        "reference_n_spots": [int(n) for n in sizes],
+        "n_reference": int(len(reference)),
+        "model_config": json.dumps(model_config, sort_keys=True),
+    }
+    return prediction_anndata(pred, test_adata, info=info)
+
+
+def prediction_anndata(pred, true_adata, *, info: dict):
+    """Wrap a prediction in an AnnData laid out like the truth.
+
+    Parameters
+    ----------
+    pred
+        ``(n_spots, n_genes)`` predicted expression, rows in ``true_adata.obs_names``
+        order, columns in ``true_adata.var_names`` order.
+    true_adata
+        The measured (prepared) section.
+    info
+        How the prediction was made; stored as ``uns['mclstexp_prediction']`` after
+        ``test_section`` is added. Values must be h5ad-writable: str, int, float, bool
+        or lists of them (``None`` is stored as the string ``"None"``).
+
+    Returns
+    -------
+    anndata.AnnData
+        ``X`` float32 dense; copies of ``obs``, ``var``, ``obsm`` and
+        ``uns['spatial']``; ``uns['mclstexp_prediction']``.
+    """
+    import copy
+
+    import anndata as ad
+
+    _check_adata(true_adata, "true_adata")
+    if not isinstance(info, dict):
+        raise TypeError(f"`info` must be a dict, got {type(info).__name__}.")
+    X = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+    if X.shape != (true_adata.n_obs, true_adata.n_vars):
+        raise ValueError(f"`pred` has shape {X.shape} but the section has "
+                         f"{(true_adata.n_obs, true_adata.n_vars)} (spots, genes).")
+    if X.dtype.kind not in "biuf":
+        raise TypeError(f"`pred` must be numeric, got dtype {X.dtype}.")
+    out = ad.AnnData(
+        X=np.ascontiguousarray(X, dtype=np.float32),
+        obs=true_adata.obs.copy(),
+        var=true_adata.var.copy(),
+        obsm={k: np.array(v, copy=True) for k, v in true_adata.obsm.items()},
+    )
+    if "spatial" in true_adata.uns:
+        out.uns["spatial"] = copy.deepcopy(dict(true_adata.uns["spatial"]))
+    record = {k: _h5ad_value(v) for k, v in info.items()}
+    record["test_section"] = _section_of(true_adata)
+    out.uns[PREDICTION_KEY] = record
+    return out
+
+
+def _h5ad_value(v):
+    if v is None:
+        return "None"
+    if isinstance(v, (list, tuple)):
+        return [_h5ad_value(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _section_of(adata) -> str:
+    if "section" in adata.obs and adata.n_obs:
+        values = adata.obs["section"].astype(str).unique()
+        if len(values) == 1:
+            return str(values[0])
+    spatial = adata.uns.get("spatial", {})
+    if len(spatial) == 1:
+        return str(next(iter(spatial)))
+    return "section"
+
+
+def _check_adata(adata, name: str) -> None:
+    import anndata as ad
+
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(f"`{name}` must be an AnnData, got {type(adata).__name__}.")
+
+
+def _check_spotdata(data, name: str) -> None:
+    from . import train as tr
+
+    if not isinstance(data, tr.SpotData):
+        raise TypeError(f"`{name}` must be a mclstexp_lite.train.SpotData, got "
+                        f"{type(data).__name__}; build it with SpotData.from_anndata.")
+
+
+__all__ += ["predict_section", "embed_reference", "prediction_anndata", "PREDICTION_KEY"]

@@ -141,6 +141,9 @@ class TrainConfig:
         base.update({k: v for k, v in prof.items() if k != "model"})
         base["model"] = {**base["model"], **prof.get("model", {})}
         model_over = overrides.pop("model", None) or {}
+        if not isinstance(model_over, Mapping):
+            raise TypeError("TrainConfig.profile: model= must be a dict of MclSTExp keyword "
+                            f"arguments, e.g. {{'n_pos': 128}}; got {type(model_over).__name__}")
         base.update(overrides)
         base["model"] = {**base["model"], **model_over}
         return cls.from_dict(base).validate()
@@ -224,6 +227,10 @@ class SpotData:
 
     def __post_init__(self):
         n = len(self.expr)
+        kind = getattr(getattr(self.expr, "dtype", None), "kind", "")
+        if kind not in ("b", "i", "u", "f"):
+            raise TypeError(f"SpotData: expr must be a numeric (N, G) array (float32), got "
+                            f"dtype {getattr(self.expr, 'dtype', type(self.expr).__name__)}")
         if not (len(self.pos) == len(self.groups) == len(self.obs_names) == n):
             raise ValueError("SpotData: expr, pos, groups and obs_names must have the same length")
         sizes = np.bincount(self.groups, minlength=len(self.sections))
@@ -330,8 +337,11 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read the checkpoint {path}: {exc}. It may be truncated; "
-                         "delete it and train again") from exc
+        raise ValueError(f"cannot read the checkpoint {path}: {type(exc).__name__}: {exc}. It "
+                         "may be truncated; delete it and train again") from exc
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not an mclstexp_lite checkpoint (it holds a "
+                         f"{type(ckpt).__name__}, not a dict)")
     for key in ("model", "model_config", "config", "epoch", "history"):
         if key not in ckpt:
             raise ValueError(f"{path} is not an mclstexp_lite checkpoint (no '{key}')")
@@ -591,10 +601,18 @@ def image_features(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig |
     config = config or TrainConfig()
     device = resolve_device(device or config.device)
     if cache is not None and Path(cache).exists():
-        feats = torch.load(cache, map_location="cpu", weights_only=True)
-        if feats.shape[0] == len(data):
+        try:
+            feats = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or foreign file: it is only a cache
+            log.warning("cannot read the feature cache %s (%s: %s); recomputing", cache,
+                        type(exc).__name__, exc)
+            feats = None
+        if isinstance(feats, torch.Tensor) and feats.shape[0] == len(data):
             return feats
-        log.warning("%s has %d rows, data has %d; recomputing", cache, feats.shape[0], len(data))
+        if feats is not None:
+            log.warning("%s holds %s, not %d rows of features; recomputing", cache,
+                        tuple(feats.shape) if isinstance(feats, torch.Tensor)
+                        else type(feats).__name__, len(data))
     enc = model.image_encoder.to(device).eval()
     out = _batched(lambda x: enc(x), data, config, device, batch_size, progress, "features")
     if cache is not None:
@@ -652,3 +670,67 @@ def _batched(fn, data: SpotData, config: TrainConfig, device, batch_size, progre
                             enabled=amp_dtype is not None):
             outs.append(fn(x).float().cpu())
     return torch.cat(outs)
+
+
+# ============================================================================== CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train one fold from the command line; works under ``torchrun`` for several GPUs.
+
+    One GPU or CPU::
+
+        python -m mclstexp_lite.train --sections B4 C2 C3 C4 C5 C6 --test C3 \\
+            --profile quick --out runs/quick_C3
+
+    Several GPUs on one machine (one process per GPU; gradients are averaged)::
+
+        torchrun --nproc_per_node 4 -m mclstexp_lite.train --profile paper \\
+            --sections A2 A3 ... G3 --test B1 --out runs/paper_B1
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mclstexp_lite.train",
+                                 description="Train mclSTExp on all sections except --test.")
+    ap.add_argument("--dataset", default="her2st")
+    ap.add_argument("--sections", nargs="+", required=True)
+    ap.add_argument("--test", default=None, help="section left out of training")
+    ap.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", required=True, help="output folder (checkpoint, history)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out")
+    args = ap.parse_args(argv)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+    from . import datasets as ds
+    from . import pp
+
+    over = {"seed": args.seed, "device": device}
+    if args.epochs is not None:
+        over["epochs"] = args.epochs
+    if args.batch_size is not None:
+        over["batch_size"] = args.batch_size
+    config = TrainConfig.profile(args.profile, **over)
+    genes = pp.published_panel(args.dataset)
+    names = [s for s in args.sections if s != args.test]
+    adatas = {s: pp.prepare(ds.load(args.dataset, s, progress=False), genes) for s in names}
+    data = SpotData.from_anndata(adatas, progress=_dist_info()[0] == 0)
+    res = train(data, config, out_dir=args.out, resume=args.resume)
+    if _dist_info()[0] == 0:
+        print(json.dumps(res.history[-1]))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -120,7 +120,7 @@ def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
         name = nb.stem
         print(f"[{i}/{len(nbs)}] {name}  (profile {profile})", flush=True)
         executed = out / "executed" / nb.name
-        tmp = executed.with_name(f".{nb.name}.running")
+        tmp = executed.with_name(f".{nb.stem}.running.ipynb")
         t0 = time.time()
         rec = {"name": name, "ok": True, "error": "", "metrics": None}
         try:

@@ -162,11 +162,27 @@ def notebook_dir(output_dir, name: str) -> Path:
 
 
 def write_metrics(folder, metrics: dict) -> Path:
-    """Write ``metrics.json`` atomically (values must be JSON-serialisable)."""
+    """Write ``metrics.json`` atomically; NaN and infinities are written as ``null``."""
     path = Path(folder) / "metrics.json"
-    json.dumps(metrics, allow_nan=True)  # fail here, with the offending value, not half-way
-    dl.atomic_write_json(path, metrics)
+    clean = _no_nan(metrics)
+    json.dumps(clean, allow_nan=False)  # fail here, with the offending value, not half-way
+    dl.atomic_write_json(path, clean)
     return path
+
+
+def _no_nan(obj):
+    """NaN/inf (e.g. a PCC of a constant prediction) become None: strict JSON has no NaN."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return _no_nan(obj.item())
+    return obj
 
 
 def save_figure(fig, folder, name: str, *, dpi: int = 120) -> Path:

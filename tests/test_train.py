@@ -216,3 +216,13 @@ def test_one_step_on_real_her2_patches_lowers_the_loss(her2_c2):
     with torch.no_grad():
         after = float(model(x, expr, pos)["loss"])
     assert after < before
+
+
+@needs_data
+def test_command_line_trains_one_fold(tmp_path, capsys):
+    rc = tr.main(["--sections", "C2", "C3", "--test", "C3", "--profile", "quick", "--epochs",
+                  "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    ck = tr.load_checkpoint(tmp_path / "run")
+    assert ck["sections"] == ["C2"] and ck["epoch"] == 1
+    assert '"epoch": 1' in capsys.readouterr().out

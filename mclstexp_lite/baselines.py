@@ -1,0 +1,257 @@
+"""Baselines that mclSTExp must beat, run on the same folds with the same metrics.
+
+Every baseline predicts a held-out section from the training sections only, and is
+run through :func:`mclstexp_lite.cv.run_cv` (``method=...``), so its numbers sit in the
+same table as mclSTExp's:
+
+``"mean"``
+    Every test spot gets the mean expression of all training spots
+    (:func:`mean_expression`). No image is used: a model that cannot beat this has
+    learnt nothing spot-specific. Its per-gene Pearson correlation is undefined (a
+    constant prediction), so PCC-ACG and PCC-HEG are NaN; MSE and MAE are the
+    reference errors.
+``"ridge_features"``
+    Ridge regression from frozen image-encoder features of each patch to expression
+    (:func:`encoder_features`, :func:`fit_ridge`). The encoder is the one the
+    training config describes, built with the config's seed, i.e. exactly the image
+    encoder mclSTExp *starts* from. With ``weights=None`` (the ``quick`` profile) that
+    encoder is **randomly initialised**: the features are random projections of the
+    image, not learnt ones. With ``weights="imagenet"`` they are ImageNet features.
+``"ridge_color"``
+    Ridge regression from simple colour and stain statistics of each patch
+    (:func:`color_features`): per channel the mean, standard deviation and 10th, 50th
+    and 90th percentiles of the RGB values (scaled to [0, 1]) and of the haematoxylin,
+    eosin and DAB optical densities of a colour deconvolution
+    (``skimage.color.rgb2hed``, Ruifrok and Johnston's stain vectors); 30 features.
+``"bleep"``
+    Not here: the BLEEP-style contrastive model is
+    ``MclSTExp(..., spot_encoder="none")`` trained with the same trainer and predicted
+    with the same retrieval; :func:`mclstexp_lite.cv.run_cv` runs it with
+    ``method="bleep"``.
+
+Ridge details: features are standardised (``StandardScaler`` fitted on the training
+spots) and the penalty is chosen by :class:`sklearn.linear_model.RidgeCV` over
+:data:`DEFAULT_ALPHAS` with leave-one-section-out cross-validation **within the
+training sections** (mean squared error over all genes), so neighbouring, spatially
+correlated spots of one section never sit on both sides of the alpha selection. With a
+single training section RidgeCV's efficient leave-one-spot-out is used instead. One
+alpha is shared by all genes.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_ALPHAS",
+    "COLOR_FEATURE_NAMES",
+    "mean_expression",
+    "color_features",
+    "encoder_features",
+    "fit_ridge",
+]
+
+#: Baselines implemented here (``"bleep"`` is a model variant, see the module notes).
+METHODS = ("mean", "ridge_features", "ridge_color")
+
+#: Ridge penalties searched by :func:`fit_ridge` (on standardised features).
+DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))
+
+_PERCENTILES = (10, 50, 90)
+_CHANNELS = ("R", "G", "B", "H", "E", "D")
+#: Names of the 30 columns of :func:`color_features`, in order.
+COLOR_FEATURE_NAMES = tuple(
+    [f"{c}_mean" for c in _CHANNELS]
+    + [f"{c}_sd" for c in _CHANNELS]
+    + [f"{c}_p{p}" for p in _PERCENTILES for c in _CHANNELS]
+)
+
+
+# ------------------------------------------------------------------------------ mean
+def mean_expression(train_expr) -> np.ndarray:
+    """Mean expression of the training spots, the ``"mean"`` baseline's prediction.
+
+    Parameters
+    ----------
+    train_expr
+        ``(n_spots, n_genes)`` expression of all training spots (stacked sections),
+        dense array or scipy sparse matrix.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_genes,)`` float64 column means; every test spot is predicted as this.
+    """
+    X = _as_2d(train_expr, "train_expr")
+    if X.shape[0] == 0:
+        raise ValueError("`train_expr` has no spots; the mean baseline needs training data.")
+    return X.mean(axis=0, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------- features
+def color_features(patches, *, batch_size: int = 128) -> np.ndarray:
+    """Colour and H&E-stain statistics of each patch (30 features).
+
+    Parameters
+    ----------
+    patches
+        ``uint8`` array ``(n, H, W, 3)`` of RGB patches (e.g. a
+        :func:`mclstexp_lite.patches.patch_cache` memory map).
+    batch_size
+        Patches processed at once (memory only; the result does not depend on it).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, 30)`` float64, columns named by :data:`COLOR_FEATURE_NAMES`: for the
+        channels R, G, B (values / 255) and H, E, D (``skimage.color.rgb2hed`` optical
+        densities) the mean, the standard deviation (population, ``ddof=0``) and the
+        10th, 50th and 90th percentiles over the patch's pixels.
+
+    Raises
+    ------
+    TypeError
+        If ``patches`` is not a uint8 array.
+    ValueError
+        If its shape is not ``(n, H, W, 3)``.
+    """
+    from skimage.color import rgb2hed
+
+    if not hasattr(patches, "dtype") or not hasattr(patches, "shape"):
+        raise TypeError(f"`patches` must be a numpy uint8 array, got {type(patches).__name__}.")
+    if patches.dtype != np.uint8:
+        raise TypeError(f"`patches` must have dtype uint8 (RGB 0-255), got {patches.dtype}.")
+    if patches.ndim != 4 or patches.shape[-1] != 3:
+        raise ValueError(f"`patches` must have shape (n, H, W, 3), got {tuple(patches.shape)}.")
+    batch_size = _positive_int(batch_size, "batch_size")
+    n = patches.shape[0]
+    out = np.empty((n, len(COLOR_FEATURE_NAMES)), dtype=np.float64)
+    for start in range(0, n, batch_size):
+        rgb = np.asarray(patches[start:start + batch_size]).astype(np.float64) / 255.0
+        b = rgb.shape[0]
+        hed = rgb2hed(rgb.reshape(-1, 1, 3)).reshape(rgb.shape)
+        chans = np.concatenate([rgb, hed], axis=-1).reshape(b, -1, 6)  # (b, pixels, 6)
+        pct = np.percentile(chans, _PERCENTILES, axis=1)  # (3, b, 6)
+        out[start:start + b] = np.concatenate(
+            [chans.mean(axis=1), chans.std(axis=1)] + [pct[i] for i in range(len(_PERCENTILES))],
+            axis=1)
+    return out
+
+
+def encoder_features(data, *, config, device="auto", progress: bool = False) -> np.ndarray:
+    """Frozen image-encoder features of every patch (the ``"ridge_features"`` input).
+
+    The encoder is built from ``config.model`` (architecture and ``weights``) after
+    ``torch.manual_seed(config.seed)``, i.e. the image encoder mclSTExp starts from
+    before training. With ``weights=None`` it is randomly initialised.
+
+    Parameters
+    ----------
+    data
+        :class:`mclstexp_lite.train.SpotData`.
+    config
+        :class:`mclstexp_lite.train.TrainConfig`; ``image_size`` sets the input size.
+    device
+        Where to compute.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(len(data), out_dim)`` float32 pooled backbone features (no projection head).
+    """
+    import torch
+
+    from . import train as tr
+
+    if not isinstance(data, tr.SpotData):
+        raise TypeError(f"`data` must be a SpotData, got {type(data).__name__}.")
+    if not isinstance(config, tr.TrainConfig):
+        raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}.")
+    torch.manual_seed(config.seed)
+    model = tr.build_model(config, data.n_genes)
+    feats = tr.image_features(model, data, config=config, device=device, progress=progress)
+    return feats.numpy().astype(np.float32, copy=False)
+
+
+# -------------------------------------------------------------------------- ridge
+def fit_ridge(features, expr, *, groups=None, alphas=DEFAULT_ALPHAS):
+    """Standardise features and fit a multi-output ridge regression.
+
+    Parameters
+    ----------
+    features
+        ``(n_spots, n_features)`` training features.
+    expr
+        ``(n_spots, n_genes)`` training expression (dense or sparse).
+    groups
+        ``(n_spots,)`` section label of each spot. With two or more distinct labels
+        the penalty is chosen by leave-one-section-out cross-validation (mean squared
+        error); otherwise by RidgeCV's efficient leave-one-out.
+    alphas
+        Candidate penalties (positive).
+
+    Returns
+    -------
+    sklearn.pipeline.Pipeline
+        ``StandardScaler`` then ``RidgeCV`` (fitted; ``pipeline[-1].alpha_`` is the
+        chosen penalty). ``pipeline.predict(test_features)`` gives ``(n, n_genes)``.
+
+    Raises
+    ------
+    ValueError
+        On mismatched row counts, non-finite values or bad ``alphas``.
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import LeaveOneGroupOut
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X = _as_2d(features, "features")
+    Y = _as_2d(expr, "expr")
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"`features` has {X.shape[0]} rows but `expr` has {Y.shape[0]}; "
+                         "one row per training spot in both.")
+    if X.shape[0] < 2:
+        raise ValueError("ridge needs at least 2 training spots.")
+    alphas = np.asarray(alphas, dtype=np.float64).ravel()
+    if alphas.size == 0 or not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
+        raise ValueError(f"`alphas` must be positive finite numbers, got {alphas.tolist()}.")
+    cv = None
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (X.shape[0],):
+            raise ValueError(f"`groups` must have one label per spot ({X.shape[0]}), got "
+                             f"shape {groups.shape}.")
+        if len(np.unique(groups)) >= 2:
+            cv = list(LeaveOneGroupOut().split(X, Y, groups))
+    ridge = RidgeCV(alphas=alphas, cv=cv,
+                    scoring="neg_mean_squared_error" if cv is not None else None)
+    model = make_pipeline(StandardScaler(), ridge)
+    model.fit(X, Y)
+    return model
+
+
+# ------------------------------------------------------------------------- helpers
+def _as_2d(x, name: str) -> np.ndarray:
+    if hasattr(x, "toarray") and hasattr(x, "nnz"):
+        x = x.toarray()
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"`{name}` must be a numeric 2-D array.") from err
+    if arr.ndim != 2:
+        raise ValueError(f"`{name}` must be 2-D (spots x columns), got shape {arr.shape}.")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+    return arr
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return int(value)

@@ -1,0 +1,446 @@
+"""Cross-validation: fold construction and the patient rule, the results folder
+(refusals, resume, cached embeddings), section prediction, rescoring and tables.
+
+Data here are SYNTHETIC: tiny random sections (random RGB images, random expression,
+a few dozen spots) built by :func:`synthetic_sections`; they test bookkeeping, not
+biology. The real-data study is ``tools/run_results.py`` (docs/results.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mclstexp_lite import cv, metrics, tl
+from mclstexp_lite import train as tr
+
+SPOTS = {"S1": 14, "S2": 12, "S3": 13}
+PATIENTS = {"S1": "P", "S2": "P", "S3": "Q"}
+GENES = 6
+
+
+def synthetic_sections(folder: Path, *, spots=SPOTS, patients=PATIENTS, genes=GENES, seed=0):
+    """SYNTHETIC prepared sections: a random 240 px RGB image per section (1 um/px),
+    random spot centres, random float32 "expression", obs/obsm/uns as in
+    docs/data_model.md."""
+    import anndata as ad
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, n in spots.items():
+        img = rng.integers(0, 256, (240, 240, 3), dtype=np.uint8)
+        path = folder / f"{name}.png"
+        Image.fromarray(img).save(path)
+        a = ad.AnnData(X=rng.random((n, genes), dtype=np.float32))
+        a.var_names = [f"g{i}" for i in range(genes)]
+        a.obs_names = [f"{name}_{i}" for i in range(n)]
+        a.obs["section"] = pd.Categorical([name] * n)
+        a.obs["patient"] = pd.Categorical([patients[name]] * n)
+        a.obs["array_x"] = rng.integers(0, 12, n)
+        a.obs["array_y"] = rng.integers(0, 12, n)
+        a.obsm["spatial"] = rng.uniform(40, 200, (n, 2))
+        a.uns["spatial"] = {name: {
+            "images": {"hires": img[::4, ::4].copy()},
+            "scalefactors": {"tissue_hires_scalef": 0.25, "spot_diameter_fullres": 50.0},
+            "metadata": {"source_image_path": str(path), "source_image_sha256": "",
+                         "um_per_px": 1.0, "pixel_scale": 1.0, "spot_pitch_um": 200.0}}}
+        out[name] = a
+    return out
+
+
+def tiny_config(**kw) -> tr.TrainConfig:
+    """Tiny training: 1 epoch, 32 px, ResNet-18 (random init). ``mode="lite"`` (frozen
+    encoder, trained heads) keeps the file fast; one test runs ``mode="full"``."""
+    base = dict(epochs=1, batch_size=8, lr=1e-3, image_size=32, device="cpu", seed=0,
+                mode="lite",
+                model={"image_arch": "resnet18", "weights": None, "n_pos": 16})
+    base.update(kw)
+    return tr.TrainConfig.from_dict(base).validate()
+
+
+#: run_cv settings for the synthetic sections (64 um patches cached at 32 px).
+RUN = dict(top_k=5, n_heg=3, progress=False, device="cpu", patch_um=64.0, patch_size=32)
+
+
+@pytest.fixture(scope="module")
+def sections(tmp_path_factory):
+    torch.set_num_threads(2)
+    return synthetic_sections(tmp_path_factory.mktemp("synthetic_images"))
+
+
+@pytest.fixture(scope="module")
+def patient_run(sections, tmp_path_factory):
+    """One complete mclSTExp run under the patient scheme (2 folds, 2 trainings)."""
+    out = tmp_path_factory.mktemp("runs") / "patient_mclstexp"
+    df = cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
+                   out_dir=out, **RUN)
+    return out, df
+
+
+# ============================================================================ folds
+STUDY = {"A1": "A", "B1": "B", "B2": "B", "B3": "B", "C1": "C", "C2": "C"}
+
+
+def test_section_folds_leave_one_out_and_keep_replicates():
+    folds = cv.make_folds(STUDY, "section")
+    assert [f.name for f in folds] == list(STUDY)
+    for f in folds:
+        assert f.test == (f.name,)
+        assert f.train == tuple(s for s in STUDY if s != f.name)
+        assert f.reference == f.train
+    # the section-level leak: replicates of the held-out patient are in training
+    b2 = next(f for f in folds if f.name == "B2")
+    assert {"B1", "B3"} <= set(b2.train) and {"B1", "B3"} <= set(b2.reference)
+
+
+def test_patient_folds_hold_out_every_section_of_the_patient():
+    folds = cv.make_folds(STUDY, "patient")
+    assert [f.name for f in folds] == ["A", "B", "C"]
+    tested = [s for f in folds for s in f.test]
+    assert sorted(tested) == sorted(STUDY)  # every section scored exactly once
+    for f in folds:
+        assert set(f.test) == {s for s, p in STUDY.items() if p == f.name}
+        for s in set(f.train) | set(f.reference):
+            assert STUDY[s] != f.name, f"{s} of patient {f.name} leaked into fold {f.name}"
+        assert set(f.train) == set(STUDY) - set(f.test)
+
+
+@pytest.mark.parametrize("sections, scheme, err, match", [
+    (STUDY, "random", ValueError, "scheme must be one of"),
+    ({"B1": "B", "B2": "B"}, "patient", ValueError, "at least 2 patients"),
+    ({"B1": "B"}, "section", ValueError, "at least 2 sections"),
+    ({"B/1": "B", "C1": "C"}, "section", ValueError, "folder name"),
+    (["B1", "C1"], "section", TypeError, "mapping"),
+    ({"B1": 1, "C1": "C"}, "section", TypeError, "str to str"),
+])
+def test_make_folds_errors(sections, scheme, err, match):
+    with pytest.raises(err, match=match):
+        cv.make_folds(sections, scheme)
+
+
+def test_folds_file_round_trip(tmp_path):
+    folds = cv.make_folds(STUDY, "patient")
+    cv.save_folds(folds, tmp_path / "folds.json", scheme="patient", sections=STUDY)
+    assert cv.load_folds(tmp_path / "folds.json") == folds
+    assert json.loads((tmp_path / "folds.json").read_text())["sections"] == STUDY
+
+
+def test_leakage_guard_refuses_an_edited_fold():
+    bad = cv.Fold("B", ("B1", "B2"), ("A1", "B3"), ("A1", "B3"))
+    with pytest.raises(RuntimeError, match="B3"):
+        cv._check_leakage(bad, STUDY, "patient")
+    cv._check_leakage(bad, STUDY, "section")  # allowed there: replicates may train
+    with pytest.raises(RuntimeError, match="also in"):
+        cv._check_leakage(cv.Fold("B1", ("B1",), ("B1",), ("A1",)), STUDY, "section")
+
+
+def test_method_config():
+    cfg = tiny_config()
+    assert cv.method_config("bleep", cfg).model["spot_encoder"] == "none"
+    assert cv.method_config("mclstexp", cfg) is cfg
+    with pytest.raises(ValueError, match="method='bleep'"):
+        cv.method_config("mclstexp", tiny_config(model={"image_arch": "resnet18",
+                                                        "weights": None,
+                                                        "spot_encoder": "none"}))
+    with pytest.raises(ValueError, match="method must be one of"):
+        cv.method_config("knn", cfg)
+
+
+# ================================================================ end-to-end runs
+def test_patient_run_respects_the_patient_rule(patient_run, sections):
+    """The sections whose spots entered the reference bank never include the held-out
+    patient: read back from embeddings.npz and from each prediction's uns."""
+    import anndata as ad
+
+    out, df = patient_run
+    folds = cv.load_folds(out)
+    assert [f.name for f in folds] == ["P", "Q"]
+    for f in folds:
+        emb = np.load(out / f.name / "embeddings.npz")
+        bank = set(emb["reference_sections"].tolist())
+        assert bank == set(f.reference)
+        assert all(PATIENTS[s] != f.name for s in bank)
+        names = emb["reference_obs_names"].tolist()
+        assert all(PATIENTS[n.split("_")[0]] != f.name for n in names)
+        assert len(names) == sum(SPOTS[s] for s in f.reference)
+        for s in f.test:
+            p = ad.read_h5ad(out / f.name / f"pred_{s}.h5ad")
+            info = p.uns[tl.PREDICTION_KEY]
+            assert all(PATIENTS[r] != f.name for r in info["reference_sections"])
+            assert all(PATIENTS[r] != f.name for r in info["train_sections"])
+            assert info["test_section"] == s and info["top_k"] == RUN["top_k"]
+    assert sorted(df["test_section"]) == sorted(SPOTS)
+
+
+def test_section_run_keeps_replicates_in_the_bank(sections, tmp_path):
+    out = tmp_path / "section"
+    cv.run_cv(sections, scheme="section", method="mclstexp", config=tiny_config(mode="full"),
+              out_dir=out, folds=["S1"], **RUN)
+    emb = np.load(out / "S1" / "embeddings.npz")
+    assert set(emb["reference_sections"].tolist()) == {"S2", "S3"}  # S2: same patient as S1
+
+
+def test_results_folder_layout_and_metrics(patient_run, sections):
+    """metrics.csv equals the metrics recomputed from the written predictions."""
+    import anndata as ad
+
+    out, df = patient_run
+    for name in ("config.json", "folds.json", "metrics.csv", "summary.csv", "summary.md"):
+        assert (out / name).exists(), name
+    for fold in ("P", "Q"):
+        for name in ("checkpoint.pt", "embeddings.npz", "metrics.json", "history.json"):
+            assert (out / fold / name).exists(), name
+    assert list(df.columns) == list(cv.ROW_COLUMNS)
+    pd.testing.assert_frame_equal(cv.load_results(out), df, check_dtype=False)
+    for _, row in df.iterrows():
+        pred = ad.read_h5ad(out / row["fold"] / f"pred_{row['test_section']}.h5ad")
+        truth = sections[row["test_section"]]
+        m = metrics.summarize(pred.X, truth.X, n_heg=RUN["n_heg"])
+        for c in ("pcc_acg", "pcc_heg", "mse", "mae"):
+            assert row[c] == pytest.approx(m[c], rel=1e-12)
+        assert row["n_spots"] == truth.n_obs and row["n_genes"] == GENES
+        assert row["seconds"] > 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["scheme"] == "patient" and cfg["method"] == "mclstexp" and cfg["top_k"] == 5
+    assert cfg["train_config"] == tiny_config().to_dict()
+    assert cfg["genes"]["n"] == GENES and set(cfg["data"]) == set(SPOTS)
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.loc[0, "n_sections"] == 3 and summary.loc[0, "n_folds"] == 2
+    assert summary.loc[0, "mse_mean"] == pytest.approx(df["mse"].mean())
+    assert summary.loc[0, "mse_sd"] == pytest.approx(df["mse"].std(ddof=1))
+    assert "± " in (out / "summary.md").read_text()
+    # atomic writes keep ordinary file permissions (mkstemp alone would give 0600)
+    for f in (out / "metrics.csv", out / "config.json", out / "P" / "pred_S1.h5ad",
+              out / "P" / "embeddings.npz"):
+        assert f.stat().st_mode & 0o777 == cv._umask_mode(), f
+
+
+def test_complete_folder_is_not_overwritten(patient_run, sections):
+    out, _ = patient_run
+    with pytest.raises(FileExistsError, match=f"(?s){out.name}.*overwrite=True"):
+        cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
+                  out_dir=out, **RUN)
+
+
+def test_different_config_is_refused(patient_run, sections):
+    out, _ = patient_run
+    with pytest.raises(ValueError, match="different configuration.*top_k: 5 -> 7"):
+        cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
+                  out_dir=out, **{**RUN, "top_k": 7})
+    with pytest.raises(ValueError, match="different configuration.*lr"):
+        cv.run_cv(sections, scheme="patient", method="mclstexp",
+                  config=tiny_config(lr=5e-4), out_dir=out, **RUN)
+
+
+def test_foreign_folder_is_refused(sections, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a run_cv results folder"):
+        cv.run_cv(sections, scheme="patient", method="mean", config=tiny_config(),
+                  out_dir=tmp_path, **RUN)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_interrupted_run_continues(sections, tmp_path, monkeypatch):
+    """Run one fold, then all: the finished fold is skipped (not retrained, files
+    untouched) and the other is trained."""
+    out = tmp_path / "run"
+    first = cv.run_cv(sections, scheme="patient", method="bleep", config=tiny_config(),
+                      out_dir=out, folds=["P"], **RUN)
+    assert sorted(first["fold"]) == ["P", "P"]
+    done = out / "P" / "metrics.json"
+    stamp = done.stat().st_mtime_ns
+    trained = []
+    real_train = tr.train
+
+    def counting_train(data, *a, **k):
+        trained.append(tuple(data.sections))
+        return real_train(data, *a, **k)
+
+    monkeypatch.setattr(tr, "train", counting_train)
+    full = cv.run_cv(sections, scheme="patient", method="bleep", config=tiny_config(),
+                     out_dir=out, **RUN)
+    assert trained == [("S1", "S2")]  # only fold Q (trained on patient P: S1, S2)
+    assert done.stat().st_mtime_ns == stamp
+    assert sorted(full["fold"]) == ["P", "P", "Q"]
+    ck = tr.load_checkpoint(out / "Q")
+    assert ck["model_config"]["spot_encoder"] == "none"
+
+
+def test_rerun_reuses_embeddings_and_checkpoint(sections, tmp_path, monkeypatch):
+    """A fold interrupted after its embeddings were saved: the rerun neither trains
+    nor embeds again, and predicts the same."""
+    import anndata as ad
+
+    out = tmp_path / "run"
+    cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
+              out_dir=out, folds=["Q"], **RUN)
+    fold = out / "Q"
+    before = ad.read_h5ad(fold / "pred_S3.h5ad").X
+    ckpt_stamp = (fold / "checkpoint.pt").stat().st_mtime_ns
+    emb_stamp = (fold / "embeddings.npz").stat().st_mtime_ns
+    for name in ("metrics.json", "pred_S3.h5ad"):
+        (fold / name).unlink()
+
+    def forbidden(*a, **k):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(tr, "embed_images", forbidden)
+    monkeypatch.setattr(tl, "embed_reference", forbidden)
+    df = cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
+                   out_dir=out, folds=["Q"], **RUN)
+    assert (fold / "checkpoint.pt").stat().st_mtime_ns == ckpt_stamp
+    assert (fold / "embeddings.npz").stat().st_mtime_ns == emb_stamp
+    np.testing.assert_array_equal(ad.read_h5ad(fold / "pred_S3.h5ad").X, before)
+    assert list(df["test_section"]) == ["S3"]
+
+
+def test_stale_embeddings_are_recomputed(sections, tmp_path):
+    """An embeddings.npz from other weights (checkpoint hash differs) is not used."""
+    out = tmp_path / "run"
+    cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
+              out_dir=out, folds=["Q"], **RUN)
+    fold = out / "Q"
+    z = dict(np.load(fold / "embeddings.npz"))
+    z["checkpoint_sha256"] = np.array("0" * 64)
+    z["reference"] = np.zeros_like(z["reference"])
+    np.savez(fold / "embeddings.npz", **z)
+    (fold / "metrics.json").unlink()
+    cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
+              out_dir=out, folds=["Q"], **RUN)
+    again = np.load(fold / "embeddings.npz")
+    assert str(again["checkpoint_sha256"]) != "0" * 64
+    assert np.abs(again["reference"]).sum() > 0
+
+
+def test_overwrite_recomputes(sections, tmp_path):
+    out = tmp_path / "run"
+    cv.run_cv(sections, scheme="patient", method="mean", config=tiny_config(), out_dir=out,
+              **RUN)
+    stamp = (out / "Q" / "metrics.json").stat().st_mtime_ns
+    cv.run_cv(sections, scheme="patient", method="mean", config=tiny_config(), out_dir=out,
+              overwrite=True, **RUN)
+    assert (out / "Q" / "metrics.json").stat().st_mtime_ns != stamp
+
+
+def test_no_partial_files_when_a_write_fails(sections, tmp_path, monkeypatch):
+    import anndata as ad
+
+    def broken(self, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", broken)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="disk full"):
+        cv.run_cv(sections, scheme="patient", method="mean", config=tiny_config(),
+                  out_dir=out, **RUN)
+    leftovers = [p.name for p in (out / "P").iterdir()]
+    assert leftovers == []  # no half-written prediction, no metrics.json
+
+
+# ============================================================== predict_section
+def test_predict_section_is_retrieval_aligned_with_truth(patient_run, sections, tmp_path):
+    """predict_section == retrieve(embed_images, embed_spots per section, ref expr),
+    laid out like the truth, and survives an h5ad round trip."""
+    import anndata as ad
+
+    out, _ = patient_run
+    model = tr.model_from_checkpoint(out / "Q")
+    cfg = tiny_config()
+    geo = dict(patch_um=RUN["patch_um"], patch_size=RUN["patch_size"], progress=False)
+    ref = tr.SpotData.from_anndata({s: sections[s] for s in ("S1", "S2")}, **geo)
+    test = tr.SpotData.from_anndata({"S3": sections["S3"]}, **geo)
+    truth = sections["S3"]
+    pred = tl.predict_section(model, ref, truth, config=cfg, top_k=4, test_data=test,
+                              device="cpu")
+    q = tr.embed_images(model, test, config=cfg, device="cpu", progress=False)
+    keys = np.concatenate([tr.embed_spots(model, tr.SpotData(
+        patches=[ref.patches[i]], expr=ref.expr[ref.groups == i], pos=ref.pos[ref.groups == i],
+        groups=np.zeros((ref.groups == i).sum(), dtype=np.int64), sections=[ref.sections[i]],
+        genes=ref.genes, obs_names=[n for n, g in zip(ref.obs_names, ref.groups) if g == i]),
+        device="cpu") for i in range(2)])
+    expected = tl.retrieve(q, keys, ref.expr, top_k=4)
+    np.testing.assert_allclose(pred.X, expected, rtol=1e-5, atol=1e-6)
+    assert pred.X.dtype == np.float32
+    assert list(pred.obs_names) == list(truth.obs_names)
+    assert list(pred.var_names) == list(truth.var_names)
+    np.testing.assert_array_equal(pred.obsm["spatial"], truth.obsm["spatial"])
+    np.testing.assert_array_equal(pred.uns["spatial"]["S3"]["images"]["hires"],
+                                  truth.uns["spatial"]["S3"]["images"]["hires"])
+    pd.testing.assert_frame_equal(pred.obs, truth.obs)
+    info = pred.uns[tl.PREDICTION_KEY]
+    assert info["reference_sections"] == ["S1", "S2"]
+    assert info["reference_n_spots"] == [SPOTS["S1"], SPOTS["S2"]]
+    assert info["top_k"] == 4 and info["test_section"] == "S3"
+    pred.write_h5ad(tmp_path / "p.h5ad")
+    back = ad.read_h5ad(tmp_path / "p.h5ad")
+    np.testing.assert_array_equal(back.X, pred.X)
+    assert list(back.obs_names) == list(truth.obs_names)
+    np.testing.assert_array_equal(back.obsm["spatial"], truth.obsm["spatial"])
+    assert list(back.uns[tl.PREDICTION_KEY]["reference_sections"]) == ["S1", "S2"]
+    # precomputed embeddings give the same answer without a model
+    again = tl.predict_section(None, ref, truth, config=cfg, top_k=4, image_emb=q,
+                               reference_emb=keys)
+    np.testing.assert_allclose(again.X, expected, rtol=1e-6)
+
+
+def test_predict_section_errors(sections):
+    geo = dict(patch_um=RUN["patch_um"], patch_size=RUN["patch_size"], progress=False)
+    ref = tr.SpotData.from_anndata({"S1": sections["S1"]}, **geo)
+    other = sections["S3"][:, list(range(GENES))[::-1]].copy()  # same genes, other order
+    with pytest.raises(ValueError, match="different genes"):
+        tl.predict_section(None, ref, other, config=tiny_config(), top_k=2)
+    with pytest.raises(ValueError, match="model.*is None"):
+        tl.predict_section(None, ref, sections["S3"], config=tiny_config(), top_k=2)
+    with pytest.raises(TypeError, match="SpotData"):
+        tl.predict_section(None, {"S1": sections["S1"]}, sections["S3"], config=tiny_config())
+    with pytest.raises(ValueError, match="shape"):
+        tl.prediction_anndata(np.zeros((3, 3)), sections["S3"], info={})
+
+
+# =================================================================== rescore/tables
+def test_rescore_with_the_same_top_k_reproduces_the_run(patient_run, sections, tmp_path):
+    out, df = patient_run
+    same = cv.rescore(sections, out, top_k=RUN["top_k"], out_dir=tmp_path / "k5",
+                      progress=False, device="cpu")
+    for c in ("pcc_acg", "pcc_heg", "mse", "mae"):
+        np.testing.assert_allclose(same[c], df[c], rtol=1e-6)
+    other = cv.rescore(sections, out, top_k=2, out_dir=tmp_path / "k2", progress=False,
+                       device="cpu")
+    assert not np.allclose(other["mse"], df["mse"])
+    shuffled = {s: a.copy() for s, a in sections.items()}
+    shuffled["S1"].X = shuffled["S1"].X[::-1].copy()
+    with pytest.raises(ValueError, match="not the sections"):
+        cv.rescore(shuffled, out, top_k=2, out_dir=tmp_path / "bad")
+    table = cv.compare([out, tmp_path / "k2"])
+    assert list(table["top_k"]) == [2, 5]
+    assert set(table["method"]) == {"mclstexp"} and (table["n_sections"] == 3).all()
+    md = cv.summary_markdown(table)
+    assert md.count("\n") == 3 and "PCC-HEG" in md
+
+
+def test_run_cv_argument_errors(sections, tmp_path):
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        cv.run_cv(sections, scheme="loso", config=tiny_config(), out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="unknown fold"):
+        cv.run_cv(sections, scheme="patient", config=tiny_config(), out_dir=tmp_path / "a",
+                  folds=["R"], **RUN)
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        cv.run_cv(sections, scheme="patient", config=tiny_config(), out_dir=tmp_path / "a",
+                  **{**RUN, "top_k": 0})
+    bad = dict(sections)
+    bad["S2"] = sections["S2"][:, :3].copy()
+    with pytest.raises(ValueError, match="other genes"):
+        cv.run_cv(bad, scheme="patient", config=tiny_config(), out_dir=tmp_path / "a", **RUN)
+    with pytest.raises(TypeError, match="TrainConfig"):
+        cv.run_cv(sections, scheme="patient", config={"epochs": 1}, out_dir=tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="run_cv"):
+        cv.load_results(tmp_path / "nothing")
+    assert not (tmp_path / "a").exists()
