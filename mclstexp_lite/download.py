@@ -362,11 +362,19 @@ def _download(row: ManifestRow, target: Path, *, progress: bool = True,
         digest = verify(tmp, row)
         if not row.has_checksum:
             atomic_write_text(_sidecar(target), f"{digest}  {target.name}\n")
+        _normal_permissions(tmp)
         os.replace(tmp, target)
         log.info("downloaded %s (%d bytes)", target, received)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _normal_permissions(path: str | os.PathLike) -> None:
+    """mkstemp creates 0600 files; give the final file the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -382,6 +390,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        _normal_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

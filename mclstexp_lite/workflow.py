@@ -207,23 +207,23 @@ def cv_or_load(adatas: Mapping, *, scheme: str, method: str, config, out_dir, fo
     """Run :func:`mclstexp_lite.cv.run_cv`, or read its results if every asked-for fold
     is already complete in ``out_dir`` (a rerun of a notebook then costs nothing).
 
-    A folder holding results of another configuration is an error (choose another
-    ``OUTPUT_DIR``); an incomplete one is resumed.
+    :func:`~mclstexp_lite.cv.run_cv` checks the saved configuration: a folder holding
+    results of another configuration is an error (choose another ``OUTPUT_DIR``); an
+    incomplete one is resumed.
     """
-    import json
-
     from . import cv
 
     out_dir = Path(out_dir)
-    cfg_path = out_dir / "config.json"
-    if cfg_path.exists():
+    try:
+        return cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=out_dir,
+                         folds=folds, top_k=top_k, progress=progress)
+    except FileExistsError:
+        # run_cv compared the saved config with this one (a different config raises
+        # ValueError) and found every asked-for fold complete: read those results
+        if not (out_dir / "config.json").exists():
+            raise
         names = folds if folds is not None else [
             f.name for f in cv.make_folds(cv.patients_of(adatas), scheme)]
         names = [names] if isinstance(names, str) else list(names)
-        complete = all((out_dir / n / "metrics.json").exists() for n in names)
-        saved = json.loads(cfg_path.read_text())
-        if complete and saved.get("method") == method and saved.get("top_k") in (None, top_k):
-            table = cv.load_results(out_dir)
-            return table[table["fold"].astype(str).isin(names)].reset_index(drop=True)
-    return cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=out_dir,
-                     folds=folds, top_k=top_k, progress=progress)
+        table = cv.load_results(out_dir)
+        return table[table["fold"].astype(str).isin(names)].reset_index(drop=True)

@@ -217,3 +217,12 @@ def test_manifest_agrees_with_offline_sources_and_files_verify():
     assert sorted(r.path for r in present) == sorted(on_disk)
     got = dl.fetch(present, data_dir=SHARED_DATA, download=False)
     assert len(got) == len(present)
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+
+    dl.atomic_write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
