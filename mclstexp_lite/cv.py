@@ -61,7 +61,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -70,6 +69,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from . import download
 
 log = logging.getLogger(__name__)
 
@@ -383,36 +384,16 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_write(path: Path, suffix: str, write) -> None:
-    """Write via ``write(tmp_path)`` to a temporary file beside ``path``, fsync, rename.
-
-    The temporary file gets the permissions a plain ``open`` would give (``mkstemp``
-    creates it 0600).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, ".part", lambda tmp: Path(tmp).write_text(text))
+    download.atomic_write_text(path, text)
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    download.atomic_write_json(path, obj)
 
 
 def _atomic_write_h5ad(adata, path: Path) -> None:
-    _atomic_write(path, ".h5ad", adata.write_h5ad)
+    download.atomic_write(path, adata.write_h5ad, suffix=".h5ad")
 
 
 def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -420,15 +401,11 @@ def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
-    _atomic_write(path, ".npz", write)
+    download.atomic_write(path, write, suffix=".npz")
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return download.sha256_file(path)
 
 
 # ========================================================================== run_cv

@@ -20,7 +20,6 @@ import gzip
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -129,14 +128,11 @@ def _unpack_gz(path: Path) -> Path:
     out = out_dir / path.name[:-3]
     if out.exists() and out.stat().st_mtime >= path.stat().st_mtime:
         return out
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out_dir)
-    try:
-        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+    def unpack(tmp):
+        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    dl.atomic_write(out, unpack)
     return out
 
 
@@ -485,7 +481,6 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
     """
     import json
 
-    import anndata as ad
     import pandas as pd
     import scanpy as sc
     from scipy import sparse

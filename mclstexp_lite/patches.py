@@ -38,9 +38,8 @@ import numbers
 import os
 import re
 import secrets
-import tempfile
 import threading
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 import numpy as np

@@ -43,13 +43,13 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from . import download as dl
+from .download import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -341,12 +341,6 @@ def _check_gene_list(genes, name: str = "genes", *, allow_empty: bool = False) -
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    from .download import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
 def save_panel(genes: Sequence[str], path: str | os.PathLike, *,
                provenance: str | Sequence[str] | None = None) -> Path:
     """Write a gene panel as text, one gene per line, atomically.
@@ -379,7 +373,7 @@ def save_panel(genes: Sequence[str], path: str | os.PathLike, *,
         provenance = provenance.splitlines() or [""]
     header = [f"# {line}".rstrip() for line in provenance] + [f"# n_genes: {len(genes)}"]
     path = Path(path)
-    _atomic_write(path, "\n".join(header + genes) + "\n")
+    atomic_write_text(path, "\n".join(header + genes) + "\n")
     return path
 
 

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from . import models as mdl
 from . import patches as pt
+from .download import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -302,17 +302,7 @@ class SpotData:
 
 # ======================================================================== checkpoint
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _rng_state() -> dict:
@@ -567,7 +557,7 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
                 "epoch": epoch + 1, "history": history, "rng": _rng_state(),
                 "genes": list(data.genes), "sections": list(data.sections),
             }, ckpt_path)
-            _write_json(out / "history.json", history)
+            atomic_write_json(out / "history.json", history)
         if callback is not None:
             callback(epoch + 1, history)
     if world > 1:
@@ -584,12 +574,6 @@ def _comparable(config: TrainConfig) -> dict:
     d.pop("epochs")  # a resumed run may extend the number of epochs
     d.pop("device")
     return d
-
-
-def _write_json(path: Path, obj) -> None:
-    from .download import atomic_write_json
-
-    atomic_write_json(path, obj)
 
 
 # ========================================================================= inference

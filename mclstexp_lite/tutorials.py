@@ -17,9 +17,10 @@ import html
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from .download import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -52,19 +53,13 @@ def notebooks(pattern: str | None = None) -> list[Path]:
     return found
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    from .download import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
 def _to_html(nb_path: Path, html_path: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(nb_path, as_version=4)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
-    _atomic_write(html_path, body)
+    atomic_write_text(html_path, body)
 
 
 def _index(out: Path, profile: str, records: list[dict]) -> Path:
@@ -88,7 +83,7 @@ def _index(out: Path, profile: str, records: list[dict]) -> Path:
         "<table><tr><th>notebook</th><th>status</th><th>time</th><th>metrics.json</th></tr>"
         + "".join(rows) + "</table>")
     path = out / "index.html"
-    _atomic_write(path, page)
+    atomic_write_text(path, page)
     return path
 
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -120,14 +119,7 @@ def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
 
 
 def _atomic_h5ad(adata, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".h5ad", dir=path.parent)
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    dl.atomic_write(path, adata.write_h5ad, suffix=".h5ad")
 
 
 # -------------------------------------------------------------------- training
@@ -187,18 +179,9 @@ def _no_nan(obj):
 
 def save_figure(fig, folder, name: str, *, dpi: int = 120) -> Path:
     """Save a matplotlib figure as ``<folder>/<name>.png`` atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return dl.atomic_write(Path(folder) / f"{name}.png",
+                           lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"),
+                           suffix=".png")
 
 
 # --------------------------------------------------------------------------- CV
