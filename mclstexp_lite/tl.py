@@ -20,9 +20,16 @@ import torch.nn.functional as F
 __all__ = ["retrieve", "default_chunk_size"]
 
 #: Memory budget in bytes for one block of work in :func:`retrieve`: the float32
-#: query-by-key similarity block of a chunk, and separately the float64 blocks of
-#: gathered key embeddings / key expression and the prediction of a chunk.
+#: query-by-key similarity block of a chunk (allocated once per call and reused), and
+#: separately the float64 prediction block of a chunk. On devices other than the CPU
+#: it also bounds each gathered block of key embeddings / key expression.
 BLOCK_BYTES = 256 * 2**20
+
+#: On the CPU, gathered key embeddings and key expression are processed in blocks of
+#: at most this many bytes (float64), a few queries at a time, so that each block stays
+#: in the processor's cache. Large temporaries are much slower there: every fresh
+#: allocation of hundreds of MiB is zero-filled page by page by the kernel.
+CPU_GATHER_BYTES = 2 * 2**20
 
 _METRICS = ("l1", "l2")
 
@@ -82,13 +89,14 @@ def retrieve(
         ``chunk x G`` prediction block each stay within :data:`BLOCK_BYTES`
         (256 MiB), e.g. 671 queries for ``K = 100_000`` keys and up to 50 000 genes
         (see :func:`default_chunk_size`). The full ``Q x K`` similarity matrix is
-        never allocated. Gathered key embeddings and key expression
-        (``chunk x top_k x D`` and ``chunk x top_k x G``) are processed in slices
-        along ``top_k`` sized to the same budget (peak about 1.5 times it, the
-        gathered copy plus its float64 cast). Rows with exact ties at the
-        ``top_k`` boundary add an int32 and a boolean mask of the block's size.
-        Apart from floating-point rounding, the result does not depend on the
-        chunking.
+        never allocated; one similarity block is allocated per call and reused.
+        Gathered key embeddings and key expression (``chunk x top_k x D`` and
+        ``chunk x top_k x G``) are processed a few queries at a time in blocks of
+        at most :data:`CPU_GATHER_BYTES` (2 MiB) on the CPU, :data:`BLOCK_BYTES` on
+        other devices (peak about 1.5 times that: the gathered copy plus its
+        float64 cast). Rows with exact ties at the ``top_k`` boundary add an int32
+        and a boolean mask of their similarity rows. Apart from floating-point
+        rounding, the result does not depend on the chunking.
     device
         Where to compute (``"cpu"``, ``"cuda"``, a ``torch.device``). ``None`` uses
         the device of the first ``torch.Tensor`` among ``query``, ``keys``,
@@ -234,19 +242,25 @@ def retrieve(
         else None
     )
     starts = range(0, n_query, chunk_size)
+    gather_bytes = CPU_GATHER_BYTES if device.type == "cpu" else BLOCK_BYTES
     with torch.no_grad(), _full_precision_matmul():
         keys_dev = k_all.detach().to(device)
         keys_unit = F.normalize(keys_dev.float(), p=2, dim=1)
         expr_dev = e_all.detach().to(device)
+        # One similarity buffer for all chunks: a fresh block per chunk would be
+        # zero-filled by the kernel every time (about 3x the matrix product's cost).
+        sims_buffer = torch.empty((chunk_size, n_keys), dtype=torch.float32, device=device)
         for start in tqdm(starts, desc="retrieve", unit="chunk", disable=not progress):
             stop = min(start + chunk_size, n_query)
             q = q_all[start:stop].detach().to(device)
-            sims = _similarity_block(F.normalize(q.float(), p=2, dim=1), keys_unit)
+            sims = _similarity_block(
+                F.normalize(q.float(), p=2, dim=1), keys_unit, out=sims_buffer[: stop - start]
+            )
             idx = _topk_lowest_index(sims, top_k)
             del sims
-            dist = _distances(q.to(acc), keys_dev, idx, metric, acc)
+            dist = _distances(q.to(acc), keys_dev, idx, metric, acc, gather_bytes)
             weights = _inverse_square_weights(dist)
-            pred[start:stop] = _weighted_sum(weights, expr_dev, idx, acc).to(
+            pred[start:stop] = _weighted_sum(weights, expr_dev, idx, acc, gather_bytes).to(
                 device=out_device, dtype=torch.float32
             )
             if indices is not None:
@@ -334,9 +348,13 @@ def _full_precision_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def _similarity_block(query_unit: torch.Tensor, keys_unit: torch.Tensor) -> torch.Tensor:
+def _similarity_block(
+    query_unit: torch.Tensor, keys_unit: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cosine similarities of a chunk of unit queries to all unit keys, ``(c, K)``."""
-    return query_unit @ keys_unit.T
+    if out is None:
+        return query_unit @ keys_unit.T
+    return torch.mm(query_unit, keys_unit.T, out=out)
 
 
 def _topk_lowest_index(sims: torch.Tensor, k: int) -> torch.Tensor:
@@ -345,44 +363,63 @@ def _topk_lowest_index(sims: torch.Tensor, k: int) -> torch.Tensor:
     Rows are returned ordered by decreasing value, equal values by increasing index,
     i.e. the first ``k`` entries of a stable descending sort of each row.
     """
-    vals, idx = torch.topk(sims, k, dim=1, largest=True, sorted=True)
-    kth = vals[:, -1:]
-    # A row is ambiguous when a key outside the selection ties with the k-th value.
-    ambiguous = (sims == kth).sum(dim=1) > (vals == kth).sum(dim=1)
-    if bool(ambiguous.any()):
-        rows = ambiguous.nonzero().squeeze(1)
-        s, t = sims[rows], kth[rows]
-        above = s > t
-        equal = s == t
-        n_free = k - above.sum(dim=1, keepdim=True, dtype=torch.int32)
-        rank = equal.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
-        keep = above | (equal & (rank <= n_free))
-        cols = keep.nonzero()[:, 1].view(rows.numel(), k)  # row-major: ascending columns
-        idx[rows] = cols
-        vals[rows] = s.gather(1, cols)
-    # Canonical order: sort by index, then stable sort by decreasing similarity.
-    by_index = torch.argsort(idx, dim=1)
-    idx, vals = idx.gather(1, by_index), vals.gather(1, by_index)
-    by_value = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    return idx.gather(1, by_value)
+    n_cols = sims.shape[1]
+    # One extra place tells whether a key outside the selection ties with the k-th.
+    vals, idx = torch.topk(sims, min(k + 1, n_cols), dim=1, largest=True, sorted=True)
+    if vals.shape[1] > k:
+        ambiguous = vals[:, k] == vals[:, k - 1]
+        vals, idx = vals[:, :k], idx[:, :k]
+        if bool(ambiguous.any()):
+            rows = ambiguous.nonzero().squeeze(1)
+            s, t = sims[rows], vals[rows, k - 1 :]
+            above = s > t
+            equal = s == t
+            n_free = k - above.sum(dim=1, keepdim=True, dtype=torch.int32)
+            rank = equal.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
+            keep = above | (equal & (rank <= n_free))
+            cols = keep.nonzero()[:, 1].view(rows.numel(), k)  # row-major: ascending
+            idx[rows] = cols
+            vals[rows] = s.gather(1, cols)
+    # ``topk`` orders by decreasing value; only rows with equal values inside the
+    # selection (or rebuilt above) need the canonical order of equal values.
+    unsorted = (vals[:, 1:] >= vals[:, :-1]).any(dim=1)
+    if bool(unsorted.any()):
+        rows = unsorted.nonzero().squeeze(1)
+        i, v = idx[rows], vals[rows]
+        by_index = torch.argsort(i, dim=1)
+        i, v = i.gather(1, by_index), v.gather(1, by_index)
+        by_value = torch.sort(v, dim=1, descending=True, stable=True).indices
+        idx[rows] = i.gather(1, by_value)
+    return idx
 
 
-def _slice_width(n_rows: int, width: int, k: int) -> int:
-    """Slice of the top-k axis such that an ``n_rows x slice x width`` float64 block fits."""
-    return max(1, min(k, BLOCK_BYTES // (8 * max(n_rows, 1) * max(width, 1))))
+def _row_blocks(n_rows: int, k: int, width: int, budget: int):
+    """Blocks ``(rows, cols)`` of a ``n_rows x k`` index array such that the gathered
+    ``rows x cols x width`` float64 block stays within ``budget`` bytes (at least one
+    row and one column per block)."""
+    per_row = 8 * k * max(width, 1)
+    if per_row <= budget:
+        step = max(1, budget // per_row)
+        for i in range(0, n_rows, step):
+            yield slice(i, i + step), slice(0, k)
+    else:
+        step = max(1, budget // (8 * max(width, 1)))
+        for i in range(n_rows):
+            for j in range(0, k, step):
+                yield slice(i, i + 1), slice(j, j + step)
 
 
-def _distances(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, metric: str, acc):
+def _distances(q, keys, idx, metric: str, acc, budget: int = BLOCK_BYTES):
     """Distances between each query row and its selected keys, ``(c, k)`` in ``acc``."""
     n_rows, k = idx.shape
     out = torch.empty((n_rows, k), dtype=acc, device=q.device)
-    step = _slice_width(n_rows, q.shape[1], k)
-    for j in range(0, k, step):
-        diff = keys[idx[:, j : j + step]].to(acc) - q[:, None, :]
+    for rows, cols in _row_blocks(n_rows, k, q.shape[1], budget):
+        diff = keys[idx[rows, cols]].to(acc)  # a new tensor: safe to change in place
+        diff.sub_(q[rows, None, :])
         if metric == "l1":
-            out[:, j : j + step] = diff.abs().sum(dim=-1)
+            out[rows, cols] = diff.abs_().sum(dim=-1)
         else:
-            out[:, j : j + step] = diff.square().sum(dim=-1).sqrt()
+            out[rows, cols] = diff.square_().sum(dim=-1).sqrt_()
     return out
 
 
@@ -396,14 +433,13 @@ def _inverse_square_weights(dist: torch.Tensor) -> torch.Tensor:
     return ratio / ratio.sum(dim=1, keepdim=True)
 
 
-def _weighted_sum(weights: torch.Tensor, expr: torch.Tensor, idx: torch.Tensor, acc):
-    """``sum_j weights[:, j] * expr[idx[:, j]]`` in ``acc``, sliced along ``j``."""
+def _weighted_sum(weights, expr, idx, acc, budget: int = BLOCK_BYTES):
+    """``sum_j weights[:, j] * expr[idx[:, j]]`` in ``acc``, in bounded blocks."""
     n_rows, k = idx.shape
     out = torch.zeros((n_rows, expr.shape[1]), dtype=acc, device=weights.device)
-    step = _slice_width(n_rows, expr.shape[1], k)
-    for j in range(0, k, step):
-        block = expr[idx[:, j : j + step]].to(acc)  # (c, step, G)
-        out += torch.bmm(weights[:, None, j : j + step], block).squeeze(1)
+    for rows, cols in _row_blocks(n_rows, k, expr.shape[1], budget):
+        block = expr[idx[rows, cols]].to(acc)  # (r, j, G)
+        out[rows].unsqueeze(1).baddbmm_(weights[rows, None, cols], block)
     return out
 
 

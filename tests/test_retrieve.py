@@ -130,9 +130,9 @@ def test_similarity_blocks_are_bounded(monkeypatch):
     shapes = []
     original = tl._similarity_block
 
-    def recording(query_unit, keys_unit):
+    def recording(query_unit, keys_unit, **kwargs):
         shapes.append(tuple(query_unit.shape[:1]) + tuple(keys_unit.shape[:1]))
-        return original(query_unit, keys_unit)
+        return original(query_unit, keys_unit, **kwargs)
 
     monkeypatch.setattr(tl, "_similarity_block", recording)
     rng = np.random.default_rng(3)
@@ -182,6 +182,47 @@ def test_topk_ties_go_to_lower_index():
     # all values equal: the first k columns
     idx = tl._topk_lowest_index(torch.zeros(2, 50), 4)
     np.testing.assert_array_equal(idx.numpy(), [[0, 1, 2, 3], [0, 1, 2, 3]])
+
+
+@pytest.mark.parametrize("k", [1, 7, 64, 199, 200])
+def test_topk_mixed_ties_match_stable_sort(k):
+    """Synthetic: rows with ties inside the selection only, at the boundary only,
+    both, or none; every row must equal a stable descending sort."""
+    rng = np.random.default_rng(11)
+    rows = [
+        rng.normal(size=200),                      # no ties
+        rng.integers(0, 40, size=200) / 8.0,       # many ties everywhere
+        np.r_[np.full(5, 9.0), rng.normal(size=195)],  # ties at the top only
+        np.r_[rng.normal(size=195) + 20, np.full(5, 3.0)],  # ties near the bottom
+        np.zeros(200),                             # one big tie
+    ]
+    sims = torch.tensor(np.stack(rows), dtype=torch.float32)
+    idx = tl._topk_lowest_index(sims, k)
+    expected = np.argsort(-sims.numpy(), axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(idx.numpy(), expected)
+
+
+@pytest.mark.parametrize("budget", [8, 8 * 24 * 3, 8 * 24 * 50 * 4])
+def test_gather_blocks_do_not_change_the_result(gaussian, monkeypatch, budget):
+    """Synthetic: tiny CPU gather budgets (down to one key of one query per block)
+    give the same prediction as the default blocks."""
+    q, k, e = gaussian["query"], gaussian["keys"], gaussian["key_expr"]
+    default = retrieve(q, k, e, top_k=50)
+    monkeypatch.setattr(tl, "CPU_GATHER_BYTES", budget)
+    blocked = retrieve(q, k, e, top_k=50)
+    np.testing.assert_allclose(blocked, default, rtol=1e-12, atol=1e-12)
+    ref, _ = reference_retrieve(q, k, e, 50, "l1")
+    np.testing.assert_allclose(blocked, ref, rtol=0, atol=1e-5)
+
+
+def test_row_blocks_cover_every_entry_once():
+    for n_rows, k, width, budget in [(7, 5, 3, 8 * 5 * 3 * 2), (4, 9, 10, 8 * 10 * 2), (3, 4, 2, 1)]:
+        seen = np.zeros((n_rows, k), dtype=int)
+        for rows, cols in tl._row_blocks(n_rows, k, width, budget):
+            block = seen[rows, cols]
+            assert block.size * width * 8 <= max(budget, width * 8)
+            seen[rows, cols] += 1
+        assert (seen == 1).all()
 
 
 def test_duplicate_keys_tie_break_in_retrieve():
