@@ -285,17 +285,26 @@ class SpotData:
                    groups=np.concatenate(groups), sections=[n for n, _ in items], genes=genes,
                    obs_names=list(names))
 
-    def images(self, idx: np.ndarray, *, device=None) -> torch.Tensor:
-        """uint8 NCHW batch of the patches of spots ``idx`` (batch order kept)."""
+    def images(self, idx: np.ndarray, *, device=None,
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """uint8 NCHW batch of the patches of spots ``idx`` (batch order kept).
+
+        ``memory_format=torch.channels_last`` keeps the cache's pixel-interleaved
+        layout (same shape and values) and saves a transposing copy.
+        """
         idx = np.asarray(idx, dtype=np.int64)
         g = self.groups[idx]
+        sections = np.unique(g)
+        if len(sections) == 1 and memory_format == torch.channels_last:
+            s = sections[0]
+            return pt.to_torch_batch(self.patches[s], idx - self._offsets[s], device=device)
         out = None
-        for s in np.unique(g):
+        for s in sections:
             sel = np.nonzero(g == s)[0]
             part = pt.to_torch_batch(self.patches[s], idx[sel] - self._offsets[s], device=device)
             if out is None:
                 out = torch.empty((len(idx),) + tuple(part.shape[1:]), dtype=torch.uint8,
-                                  device=part.device)
+                                  device=part.device, memory_format=memory_format)
             out[torch.as_tensor(sel, device=part.device)] = part
         return out
 
@@ -354,6 +363,32 @@ def build_model(config: TrainConfig, n_genes: int) -> mdl.MclSTExp:
 
 
 # ========================================================================= the loop
+#: Images resized together by :func:`_resize_u8` on the CPU. Each image is resized on
+#: its own, so the result does not depend on this; a few at a time keep the float32
+#: copy in the processor's cache (the whole batch at once took 3x longer on a CPU,
+#: ``benchmarks/bench_encoder.py``).
+_RESIZE_GROUP = 8
+
+
+def _resize_u8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a uint8 NCHW batch, rounded back to uint8.
+
+    Computed in float32 (the same numbers on every device); on the CPU in groups of
+    :data:`_RESIZE_GROUP` images, bitwise equal to resizing the whole batch at once.
+    """
+    def one(part):
+        part = part.to(torch.float32, memory_format=torch.contiguous_format)
+        return F.interpolate(part, size=(size, size), mode="bilinear",
+                             antialias=True, align_corners=False).round_().clamp_(0, 255)
+
+    if x.device.type != "cpu":
+        return one(x).to(torch.uint8)
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
+    for i in range(0, x.shape[0], _RESIZE_GROUP):
+        out[i:i + _RESIZE_GROUP] = one(x[i:i + _RESIZE_GROUP])
+    return out
+
+
 def _prepare_images(batch_u8: torch.Tensor, config: TrainConfig, *, train: bool,
                     generator: torch.Generator | None, channels_last: bool) -> torch.Tensor:
     """uint8 NCHW patches -> normalised float model input (resize, augment, normalise)."""
@@ -361,14 +396,14 @@ def _prepare_images(batch_u8: torch.Tensor, config: TrainConfig, *, train: bool,
     x = batch_u8
     if x.shape[-1] != size or x.shape[-2] != size:
         # resize first so augmentation works on the (usually smaller) model input
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+        x = _resize_u8(x, size)
     if train and config.augment:
         x = pt.gpu_augment(x, generator=generator, rotation=config.rotation,
                            brightness=config.jitter, contrast=config.jitter,
                            saturation=config.jitter)
     else:
-        x = x.float().div_(255.0)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = x.to(torch.float32, memory_format=fmt).div_(255.0)
     mean = torch.tensor(mdl.IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(mdl.IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     x = (x - mean) / std
@@ -648,8 +683,8 @@ def _batched(fn, data: SpotData, config: TrainConfig, device, batch_size, progre
     idx = np.arange(len(data))
     for i in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not progress, leave=False):
         b = idx[i:i + batch_size]
-        x = _prepare_images(data.images(b, device=device), config, train=False, generator=None,
-                            channels_last=channels_last)
+        x = _prepare_images(data.images(b, device=device, memory_format=torch.channels_last),
+                            config, train=False, generator=None, channels_last=channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             outs.append(fn(x).float().cpu())

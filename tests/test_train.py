@@ -226,3 +226,40 @@ def test_command_line_trains_one_fold(tmp_path, capsys):
     ck = tr.load_checkpoint(tmp_path / "run")
     assert ck["sections"] == ["C2"] and ck["epoch"] == 1
     assert '"epoch": 1' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 19])
+def test_grouped_resize_is_bitwise_equal_to_whole_batch(n):
+    """SYNTHETIC uint8 patches: resizing a few images at a time (for speed on the CPU)
+    gives exactly the whole-batch float32 resize, whatever the batch size."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g)
+    whole = F.interpolate(x.float(), size=(64, 64), mode="bilinear", antialias=True,
+                          align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    got = tr._resize_u8(x, 64)
+    assert got.dtype == torch.uint8 and got.shape == (n, 3, 64, 64)
+    assert torch.equal(got, whole)
+
+
+@pytest.mark.parametrize("size", [32, 16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_gather_gives_identical_model_input(size, channels_last):
+    """SYNTHETIC: the inference path gathers patches without the transposing copy;
+    the normalised model input must be bitwise what the NCHW gather gives, with and
+    without a resize, for batches from one section and from several."""
+    data = synthetic_data(size=32)
+    cfg = tr.TrainConfig(image_size=size, device="cpu", model={"weights": None})
+    for idx in (np.array([3, 0, 7, 7]), np.array([15, 2, 20, 11, 0])):
+        nchw = data.images(idx)
+        cl = data.images(idx, memory_format=torch.channels_last)
+        assert cl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(cl, nchw)
+        a = tr._prepare_images(nchw, cfg, train=False, generator=None,
+                               channels_last=channels_last)
+        b = tr._prepare_images(cl, cfg, train=False, generator=None,
+                               channels_last=channels_last)
+        assert torch.equal(a, b)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert b.is_contiguous(memory_format=fmt)
