@@ -976,7 +976,6 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
         raise ValueError(f"metric must be 'l1' or 'l2', got {metric!r}.")
     all_folds = load_folds(src / _FOLDS)
     scheme = src_cfg["scheme"]
-    config = tr.TrainConfig.from_dict(src_cfg["train_config"])
     run_cfg = dict(src_cfg)
     run_cfg.update({"top_k": top_k, "metric": metric, "rescored_from": str(src.resolve()),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(device)})

@@ -53,6 +53,10 @@ def _open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 2_000_000_000)
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"image file not found: {path}. Check the path, or fetch the section's files "
+            "with mclstexp_lite.download.fetch(dataset, section) (see data_manifest.csv).")
     try:
         img = Image.open(path)
         img.size  # noqa: B018 - forces the header to be read
@@ -592,7 +596,13 @@ def list_sections(dataset: str | None = None, *, data_dir: str | os.PathLike | N
     """
     import pandas as pd
 
-    datasets = [dataset] if dataset else ["her2st", "cscc"]
+    sectioned = ("her2st", "cscc")
+    if dataset is not None and dataset not in sectioned:
+        raise ValueError(
+            f"list_sections: unknown dataset {dataset!r}; datasets with sections in the "
+            f"manifest: {', '.join(sectioned)}. 10x Visium data is loaded from its own "
+            "Space Ranger folder with datasets.visium(path).")
+    datasets = [dataset] if dataset else list(sectioned)
     st = pd.concat([dl.status(d, data_dir=data_dir) for d in datasets], ignore_index=True)
     st = st[st["kind"].isin(["counts", "spots", "image", "image_reduced", "labels"])]
     wide = st.pivot_table(index=["dataset", "section", "patient"], columns="kind",

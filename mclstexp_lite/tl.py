@@ -31,6 +31,12 @@ BLOCK_BYTES = 256 * 2**20
 #: allocation of hundreds of MiB is zero-filled page by page by the kernel.
 CPU_GATHER_BYTES = 2 * 2**20
 
+#: On the CPU the weighted expression sum is a sparse (CSR) weight matrix times the
+#: float64 expression bank when a float64 copy of the bank takes at most this many
+#: bytes (or the bank is float64 already): it uses all threads, where the blocked
+#: gather of :data:`CPU_GATHER_BYTES` runs on one. ``None`` always uses the gather.
+CPU_SPARSE_BANK_BYTES: int | None = 1024 * 2**20
+
 _METRICS = ("l1", "l2")
 
 
@@ -95,8 +101,12 @@ def retrieve(
         at most :data:`CPU_GATHER_BYTES` (2 MiB) on the CPU, :data:`BLOCK_BYTES` on
         other devices (peak about 1.5 times that: the gathered copy plus its
         float64 cast). Rows with exact ties at the ``top_k`` boundary add an int32
-        and a boolean mask of their similarity rows. Apart from floating-point
-        rounding, the result does not depend on the chunking.
+        and a boolean mask of their similarity rows. On the CPU the weighted
+        expression sum is instead one sparse product per chunk with a float64 copy
+        of ``key_expr``, made once per call when it takes at most
+        :data:`CPU_SPARSE_BANK_BYTES` (1 GiB; no copy when ``key_expr`` is float64).
+        Apart from floating-point rounding, the result does not depend on the
+        chunking.
     device
         Where to compute (``"cpu"``, ``"cuda"``, a ``torch.device``). ``None`` uses
         the device of the first ``torch.Tensor`` among ``query``, ``keys``,
@@ -247,6 +257,11 @@ def retrieve(
         keys_dev = k_all.detach().to(device)
         keys_unit = F.normalize(keys_dev.float(), p=2, dim=1)
         expr_dev = e_all.detach().to(device)
+        expr_sparse = None  # float64 bank for the sparse weighted sum (CPU only)
+        if device.type == "cpu" and CPU_SPARSE_BANK_BYTES is not None and (
+            expr_dev.dtype == acc or 8 * n_keys * n_genes <= CPU_SPARSE_BANK_BYTES
+        ):
+            expr_sparse = expr_dev.to(acc)
         # One similarity buffer for all chunks: a fresh block per chunk would be
         # zero-filled by the kernel every time (about 3x the matrix product's cost).
         sims_buffer = torch.empty((chunk_size, n_keys), dtype=torch.float32, device=device)
@@ -260,9 +275,11 @@ def retrieve(
             del sims
             dist = _distances(q.to(acc), keys_dev, idx, metric, acc, gather_bytes)
             weights = _inverse_square_weights(dist)
-            pred[start:stop] = _weighted_sum(weights, expr_dev, idx, acc, gather_bytes).to(
-                device=out_device, dtype=torch.float32
-            )
+            if expr_sparse is not None:
+                chunk_pred = _weighted_sum_sparse(weights, expr_sparse, idx)
+            else:
+                chunk_pred = _weighted_sum(weights, expr_dev, idx, acc, gather_bytes)
+            pred[start:stop] = chunk_pred.to(device=out_device, dtype=torch.float32)
             if indices is not None:
                 indices[start:stop] = idx.to(out_device)
 
@@ -441,6 +458,24 @@ def _weighted_sum(weights, expr, idx, acc, budget: int = BLOCK_BYTES):
         block = expr[idx[rows, cols]].to(acc)  # (r, j, G)
         out[rows].unsqueeze(1).baddbmm_(weights[rows, None, cols], block)
     return out
+
+
+def _weighted_sum_sparse(weights, expr, idx):
+    """The same as :func:`_weighted_sum` as one product of a CSR matrix (``c x K``,
+    ``top_k`` weights per row) with the bank ``expr`` (already in the weights' dtype)."""
+    import warnings
+
+    n_rows, k = idx.shape
+    cols, order = torch.sort(idx, dim=1)  # CSR wants ascending columns in each row
+    weights = weights.gather(1, order)
+    crow = torch.arange(0, n_rows * k + 1, k, dtype=torch.int64, device=idx.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        matrix = torch.sparse_csr_tensor(
+            crow, cols.reshape(-1), weights.reshape(-1), size=(n_rows, expr.shape[0]),
+            check_invariants=False,
+        )
+        return matrix @ expr
 
 
 # =========================================================== section prediction

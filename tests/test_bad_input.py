@@ -354,6 +354,26 @@ def test_unknown_names_are_refused_with_the_valid_ones(call, error, bad, valid):
     assert bad in str(err.value) and valid in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["visium_fixture", "mclstexp_panels", "x"])
+def test_list_sections_accepts_only_datasets_with_sections(name):
+    """Manifest entries without sections (a gene panel, the Visium fixture) are not
+    offered as valid names, and Visium users are told how to load their data."""
+    with pytest.raises(ValueError) as err:
+        ds.list_sections(name)
+    msg = str(err.value)
+    assert repr(name) in msg and "her2st, cscc" in msg and "datasets.visium(" in msg
+    assert "mclstexp_panels" not in msg.replace(repr(name), "")
+
+
+def test_from_files_missing_image_says_not_found(tmp_path):
+    c, s, img = write_section(tmp_path)
+    img.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        ds.from_files(c, s, img, section="S")
+    assert str(img) in str(err.value) and "not found" in str(err.value)
+    assert "corrupt" not in str(err.value)
+
+
 def test_invalid_notebook_parameters():
     from mclstexp_lite import tutorials
 

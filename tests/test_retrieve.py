@@ -208,11 +208,37 @@ def test_gather_blocks_do_not_change_the_result(gaussian, monkeypatch, budget):
     give the same prediction as the default blocks."""
     q, k, e = gaussian["query"], gaussian["keys"], gaussian["key_expr"]
     default = retrieve(q, k, e, top_k=50)
+    monkeypatch.setattr(tl, "CPU_SPARSE_BANK_BYTES", None)  # use the blocked gather
     monkeypatch.setattr(tl, "CPU_GATHER_BYTES", budget)
     blocked = retrieve(q, k, e, top_k=50)
-    np.testing.assert_allclose(blocked, default, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(blocked, default, rtol=1e-6, atol=1e-7)
     ref, _ = reference_retrieve(q, k, e, 50, "l1")
     np.testing.assert_allclose(blocked, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_and_gathered_sums_agree(gaussian, monkeypatch, dtype):
+    """Synthetic: the CPU's two ways to form the weighted sum (a CSR product with a
+    float64 bank, or blocked gathers) agree, for float32 and float64 banks, and the
+    sparse one is used only while the float64 bank fits its budget."""
+    q, k = gaussian["query"], gaussian["keys"]
+    e = gaussian["key_expr"].astype(dtype)
+    calls = []
+    original = tl._weighted_sum_sparse
+    monkeypatch.setattr(tl, "_weighted_sum_sparse",
+                        lambda *a: calls.append(1) or original(*a))
+    sparse = retrieve(q, k, e, top_k=50, chunk_size=16)
+    assert len(calls) == 3
+    monkeypatch.setattr(tl, "CPU_SPARSE_BANK_BYTES", 8 * e.size - 1)  # one byte short
+    calls.clear()
+    limited = retrieve(q, k, e, top_k=50, chunk_size=16)
+    assert len(calls) == (3 if dtype == np.float64 else 0)  # float64: no copy needed
+    monkeypatch.setattr(tl, "CPU_SPARSE_BANK_BYTES", None)
+    calls.clear()
+    gathered = retrieve(q, k, e, top_k=50, chunk_size=16)
+    assert not calls
+    np.testing.assert_allclose(sparse, gathered, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(limited, gathered, rtol=1e-6, atol=1e-7)
 
 
 def test_row_blocks_cover_every_entry_once():
