@@ -4,9 +4,9 @@ Pipeline
     :func:`mclstexp_lite.train.embed_images` (projected embeddings) and
     :func:`mclstexp_lite.train.image_features` (backbone features, the ``lite`` mode's
     input) on a :class:`mclstexp_lite.train.SpotData` of real HER2+ spots: each batch is
-    gathered from the memory-mapped patch cache as uint8, resized on the device to the
-    model's input size when that differs from the cached 224 px, normalised, encoded and
-    copied back to the CPU.
+    gathered from the memory-mapped patch cache as uint8 and resized to the model's
+    input size when that differs from the cached 224 px (on the CPU a few spots at a
+    time, on a GPU on the device), normalised, encoded and copied back to the CPU.
 
 Model only
     The same model (``eval``, ``torch.no_grad``) on SYNTHETIC float32 tensors of the
@@ -116,22 +116,29 @@ def measure(label, profile, overrides, n_spots, batch, args, timings_out):
     over_f = statistics.median(np.divide(times["features_pipeline"], times["features_model"])) - 1
     cpu_over_e = sum(cpu["embed_pipeline"]) / sum(cpu["embed_model"]) - 1
     cpu_over_f = sum(cpu["features_pipeline"]) / sum(cpu["features_model"]) - 1
-    # where the pipeline's extra time goes: gather, and gather + resize + normalise
+    # where the pipeline's extra time goes, as embed_images / image_features do it:
+    # gather (and, when the model input is smaller than the cache, resize a few spots
+    # at a time), then normalise; and the full-size gather alone, for reference
     idx = np.arange(min(batch, n_spots))
-    gather, prep = [], []
+    gather_resize, normalise, gather = [], [], []
     for _ in range(args.reps):
         t = C.Timer()
-        with t:  # as embed_images / image_features gather (no transposing copy)
-            u8 = data.images(idx, memory_format=torch.channels_last)
-        gather.append(t.seconds)
+        with t:
+            x8 = tr._batch_images(data, idx, size, None, memory_format=torch.channels_last)
+        gather_resize.append(t.seconds)
         t = C.Timer()
         with t:
-            tr._prepare_images(u8, config, train=False, generator=None, channels_last=False)
-        prep.append(t.seconds)
+            tr._prepare_images(x8, config, train=False, generator=None, channels_last=False)
+        normalise.append(t.seconds)
+        t = C.Timer()
+        with t:
+            u8 = data.images(idx, memory_format=torch.channels_last)
+        gather.append(t.seconds)
     n_batches = len(synthetic)
-    extra = {"gather_ms_per_batch": statistics.median(gather) * 1000,
-             "resize_normalise_ms_per_batch": statistics.median(prep) * 1000,
-             "model_ms_per_batch": med["embed_model"] / n_batches * 1000}
+    extra = {"gather_and_resize_ms_per_batch": statistics.median(gather_resize) * 1000,
+             "normalise_ms_per_batch": statistics.median(normalise) * 1000,
+             "model_ms_per_batch": med["embed_model"] / n_batches * 1000,
+             "full_size_gather_alone_ms_per_batch": statistics.median(gather) * 1000}
     if size != u8.shape[-1]:
         # the resize alone: as the pipeline does it (float32, a few images at a time),
         # the whole batch at once in float32 (before 2026-11-24; same result) and, for

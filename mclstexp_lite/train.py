@@ -389,6 +389,26 @@ def _resize_u8(x: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
+def _batch_images(data: SpotData, idx: np.ndarray, size: int, device, *,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 batch of spots ``idx`` at the model's input ``size``, NCHW shape.
+
+    On the CPU, when the cached patches must be resized, a few spots are gathered and
+    resized at a time, so no full-size copy of the batch is made; the result is bitwise
+    what :func:`_resize_u8` gives for the whole gathered batch.
+    """
+    cached = data.patches[0].shape[1] if len(data.patches) else size
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if cached == size or not on_cpu:
+        return data.images(idx, device=device, memory_format=memory_format)
+    idx = np.asarray(idx, dtype=np.int64)
+    out = torch.empty((len(idx), 3, size, size), dtype=torch.uint8)
+    for i in range(0, len(idx), _RESIZE_GROUP):
+        part = data.images(idx[i:i + _RESIZE_GROUP], memory_format=torch.channels_last)
+        out[i:i + _RESIZE_GROUP] = _resize_u8(part, size)
+    return out
+
+
 def _prepare_images(batch_u8: torch.Tensor, config: TrainConfig, *, train: bool,
                     generator: torch.Generator | None, channels_last: bool) -> torch.Tensor:
     """uint8 NCHW patches -> normalised float model input (resize, augment, normalise)."""
@@ -558,7 +578,8 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 if features is None:
-                    imgs = _prepare_images(data.images(b, device=device), config, train=True,
+                    imgs = _prepare_images(_batch_images(data, b, config.image_size, device),
+                                           config, train=True,
                                            generator=aug_gen, channels_last=channels_last)
                     out_d = net(imgs, expr, pos, grp)
                     loss = out_d["loss"]
@@ -683,7 +704,8 @@ def _batched(fn, data: SpotData, config: TrainConfig, device, batch_size, progre
     idx = np.arange(len(data))
     for i in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not progress, leave=False):
         b = idx[i:i + batch_size]
-        x = _prepare_images(data.images(b, device=device, memory_format=torch.channels_last),
+        x = _prepare_images(_batch_images(data, b, config.image_size, device,
+                                          memory_format=torch.channels_last),
                             config, train=False, generator=None, channels_last=channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):

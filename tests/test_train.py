@@ -263,3 +263,16 @@ def test_channels_last_gather_gives_identical_model_input(size, channels_last):
         assert torch.equal(a, b)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         assert b.is_contiguous(memory_format=fmt)
+
+
+def test_batch_images_gathers_and_resizes_in_groups_bitwise():
+    """SYNTHETIC: gathering and resizing a few spots at a time equals gathering the
+    whole batch and resizing it, for batches across sections, with repeats."""
+    data = synthetic_data(size=32)
+    idx = np.array([21, 3, 3, 17, 0, 9, 12, 11, 20, 5, 14])  # 11 spots: groups of 8 + 3
+    whole = tr._resize_u8(data.images(idx), 16)
+    assert torch.equal(tr._batch_images(data, idx, 16, torch.device("cpu")), whole)
+    # no resize needed: the plain gather, in the requested memory format
+    same = tr._batch_images(data, idx, 32, None, memory_format=torch.channels_last)
+    assert torch.equal(same, data.images(idx))
+    assert same.is_contiguous(memory_format=torch.channels_last)
