@@ -94,6 +94,27 @@ def _short(v) -> str:
     return s if len(s) < 80 else s[:77] + "..."
 
 
+#: Environment variables holding paths that the notebooks' kernels read.
+PATH_VARIABLES = ("MCLSTEXP_DATA", "MCLSTEXP_CACHE", "MCLSTEXP_MANIFEST")
+
+
+def absolute_path_variables(environ=None) -> dict:
+    """Make relative paths in :data:`PATH_VARIABLES` absolute, in place.
+
+    The notebooks run with ``notebooks/`` as their working directory, so a relative
+    ``MCLSTEXP_DATA=../shared/data`` given where the command was typed would point
+    somewhere else inside the kernel. Paths are resolved against the current working
+    directory (where ``make tutorials`` was called). Returns the changed variables.
+    """
+    environ = os.environ if environ is None else environ
+    changed = {}
+    for var in PATH_VARIABLES:
+        value = environ.get(var)
+        if value and not os.path.isabs(os.path.expanduser(value)):
+            environ[var] = changed[var] = os.path.abspath(os.path.expanduser(value))
+    return changed
+
+
 def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
         only: str | None = None, extra: dict | None = None, kernel_name: str = "python3",
         progress: bool = True) -> list[dict]:
@@ -102,6 +123,8 @@ def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
 
     params = load_profile(profile)
     params.update(extra or {})
+    for var, value in absolute_path_variables().items():
+        print(f"{var}={value} (made absolute: the notebooks run in {NOTEBOOKS})", flush=True)
     out = Path(out).resolve() / profile
     results = out / "results"
     for d in (out / "executed", out / "html", results):

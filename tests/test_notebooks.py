@@ -100,6 +100,17 @@ def test_bad_parameter_stops_the_notebook_in_its_first_cells(tmp_path):
     assert code.index(failed[0]) <= 2
 
 
+def test_relative_path_variables_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {"MCLSTEXP_DATA": "../shared/data", "MCLSTEXP_CACHE": "/abs/cache",
+           "MCLSTEXP_MANIFEST": "m.csv", "OTHER": "rel"}
+    changed = tutorials.absolute_path_variables(env)
+    assert env["MCLSTEXP_DATA"] == str(tmp_path.parent / "shared" / "data")
+    assert env["MCLSTEXP_MANIFEST"] == str(tmp_path / "m.csv")
+    assert env["MCLSTEXP_CACHE"] == "/abs/cache" and env["OTHER"] == "rel"
+    assert set(changed) == {"MCLSTEXP_DATA", "MCLSTEXP_MANIFEST"}
+
+
 # ---------------------------------------------------------------- full quick run
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
@@ -110,7 +121,13 @@ def quick_run(tmp_path_factory):
     if SHARED_DATA is None:
         pytest.skip("real data not found (set MCLSTEXP_DATA)")
     out = tmp_path_factory.mktemp("tutorials")
-    records = tutorials.run("quick", out, progress=False)
+    # Give the data folder as a path relative to where the command runs, as users type
+    # it (MCLSTEXP_DATA=../shared/data make tutorials): the kernels run in notebooks/,
+    # so this works only because tutorials.run makes it absolute first.
+    relative = os.path.relpath(SHARED_DATA, os.getcwd())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MCLSTEXP_DATA", relative)
+        records = tutorials.run("quick", out, progress=False)
     return out / "quick", records
 
 
