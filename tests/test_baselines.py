@@ -119,6 +119,30 @@ def test_ridge_alpha_is_chosen_by_leaving_sections_out():
     assert model[-1].alpha_ == alphas[int(np.argmin(errs))]
 
 
+def test_ridge_penalty_at_the_grid_edge_is_logged(caplog):
+    """SYNTHETIC: pure-noise targets want the largest penalty; the fit says the grid
+    may be too small. An interior choice logs nothing."""
+    rng = np.random.default_rng(4)
+    X, Y = rng.normal(size=(90, 20)), rng.normal(size=(90, 3))
+    groups = np.repeat([0, 1, 2], 30)
+    with caplog.at_level("WARNING", logger="mclstexp_lite.baselines"):
+        model = bl.fit_ridge(X, Y, groups=groups, alphas=[0.1, 1.0, 10.0])
+    assert model[-1].alpha_ == 10.0
+    assert "alpha=10 is the largest of the 3 searched" in caplog.text
+    caplog.clear()
+    Y = X[:, :2] @ rng.normal(size=(2, 3)) + rng.normal(size=(90, 3))  # signal + noise
+    with caplog.at_level("WARNING", logger="mclstexp_lite.baselines"):
+        model = bl.fit_ridge(X, Y, groups=groups)
+    assert min(bl.DEFAULT_ALPHAS) < model[-1].alpha_ < max(bl.DEFAULT_ALPHAS)
+    assert caplog.text == ""
+
+
+def test_default_alphas_extend_the_old_grid_exactly():
+    old = np.logspace(-2, 5, 15)
+    assert set(old.tolist()) <= set(bl.DEFAULT_ALPHAS)  # the same floats, not just close
+    assert max(bl.DEFAULT_ALPHAS) == 1e7 and len(bl.DEFAULT_ALPHAS) == 19
+
+
 def test_ridge_errors():
     X, Y, _ = _linear_problem(30, 0)
     with pytest.raises(ValueError, match="one row per training spot"):
