@@ -244,7 +244,7 @@ def fit_ridge(features, expr, *, groups=None, alphas=DEFAULT_ALPHAS):
     if alphas.size > 1 and chosen in (alphas.min(), alphas.max()):
         side = "largest" if chosen == alphas.max() else "smallest"
         log.warning(
-            "ridge: the chosen penalty alpha=%g is the %s of the %d searched (alphas=...); "
+            "ridge: the chosen penalty alpha=%g is the %s of the %d searched; "
             "the best value may lie beyond the grid, so extend `alphas` in that direction.",
             chosen, side, alphas.size)
     return model

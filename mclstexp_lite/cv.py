@@ -378,10 +378,7 @@ def _short(v) -> str:
 
 
 # ====================================================================== atomic I/O
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+_umask_mode = download._umask_mode
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -392,8 +389,7 @@ def _atomic_write_json(path: Path, obj) -> None:
     download.atomic_write_json(path, obj)
 
 
-def _atomic_write_h5ad(adata, path: Path) -> None:
-    download.atomic_write(path, adata.write_h5ad, suffix=".h5ad")
+_atomic_write_h5ad = download.atomic_write_h5ad
 
 
 def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -652,7 +648,6 @@ def _load_npz(path: Path, expect: Mapping[str, np.ndarray]) -> dict | None:
 def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top_k, metric,
               device, geometry, n_heg, progress) -> dict:
     from . import baselines as bl
-    from . import metrics as mt
     from . import tl
     from . import train as tr
 
@@ -758,17 +753,22 @@ def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top
         with warnings.catch_warnings():
             if method == "mean":  # a constant prediction has no correlation, by design
                 warnings.simplefilter("ignore", RuntimeWarning)
-            m = mt.summarize(pred_ad.X, _dense_f32(adatas[s].X),
-                             genes=list(adatas[s].var_names), n_heg=n_heg)
-        row = {"method": method, "scheme": scheme, "fold": fold.name, "test_section": s,
-               **{c: m[c] for c in ("pcc_acg", "pcc_heg", "mse", "mae", "n_spots", "n_genes",
-                                    "n_constant_genes")},
-               "seconds": fit_seconds + embed_seconds + extra_secs[s]}
-        rows.append(row)
-        per_section[s] = {k: m[k] for k in ("n_heg", "n_constant_heg", "heg_genes")}
+            scores, per_section[s] = _score(pred_ad, adatas[s], n_heg)
+        rows.append({"method": method, "scheme": scheme, "fold": fold.name, "test_section": s,
+                     **scores, "seconds": fit_seconds + embed_seconds + extra_secs[s]})
     details.update({"rows": rows, "per_section": per_section, "fit_seconds": fit_seconds,
                     "embed_seconds": embed_seconds})
     return details
+
+
+def _score(pred_ad, truth, n_heg: int) -> tuple[dict, dict]:
+    """Metrics of one predicted section: the metric columns of its ``metrics.csv`` row,
+    and what ``metrics.json`` keeps per section (the HEG genes)."""
+    from . import metrics as mt
+
+    m = mt.summarize(pred_ad.X, _dense_f32(truth.X), genes=list(truth.var_names), n_heg=n_heg)
+    return ({c: m[c] for c in ROW_COLUMNS[4:11]},
+            {k: m[k] for k in ("n_heg", "n_constant_heg", "heg_genes")})
 
 
 def _features(method, data, config, device, progress) -> np.ndarray:
@@ -953,7 +953,6 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
     pandas.DataFrame
         The new ``metrics.csv``.
     """
-    from . import metrics as mt
     from . import tl
     from . import train as tr
 
@@ -977,7 +976,9 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
     all_folds = load_folds(src / _FOLDS)
     scheme = src_cfg["scheme"]
     run_cfg = dict(src_cfg)
-    run_cfg.update({"top_k": top_k, "metric": metric, "rescored_from": str(src.resolve()),
+    source = str(src.resolve())
+    run_device = tr.resolve_device(device)
+    run_cfg.update({"top_k": top_k, "metric": metric, "rescored_from": source,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(device)})
     out = Path(out_dir)
     _prepare_out_dir(out, run_cfg, all_folds, all_folds, overwrite)
@@ -1001,29 +1002,24 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
             raise ValueError(f"{npz}: reference spots differ from the folds' sections.")
         k = min(top_k, len(ref))
         rows, per_section = [], {}
+        sizes = np.bincount(ref.groups, minlength=len(ref.sections))
         for s in fold.test:
             t0 = time.time()
             pred = tl.retrieve(emb[f"test__{s}"], emb["reference"], ref.expr, top_k=k,
-                               metric=metric, device=tr.resolve_device(device))
-            sizes = np.bincount(ref.groups, minlength=len(ref.sections))
+                               metric=metric, device=run_device)
             info = {"method": method, "scheme": scheme, "fold": fold.name, "top_k": k,
                     "metric": metric, "train_sections": list(fold.train),
                     "reference_sections": list(fold.reference),
                     "reference_n_spots": [int(n) for n in sizes], "n_reference": len(ref),
-                    "rescored_from": str(src.resolve())}
+                    "rescored_from": source}
             pred_ad = tl.prediction_anndata(pred, adatas[s], info=info)
             _atomic_write_h5ad(pred_ad, fold_dir / f"pred_{s}.h5ad")
-            m = mt.summarize(pred_ad.X, _dense_f32(adatas[s].X),
-                             genes=list(adatas[s].var_names), n_heg=src_cfg.get("n_heg", 50))
+            scores, per_section[s] = _score(pred_ad, adatas[s], src_cfg.get("n_heg", 50))
             rows.append({"method": method, "scheme": scheme, "fold": fold.name,
-                         "test_section": s,
-                         **{c: m[c] for c in ("pcc_acg", "pcc_heg", "mse", "mae", "n_spots",
-                                              "n_genes", "n_constant_genes")},
-                         "seconds": time.time() - t0})
-            per_section[s] = {kk: m[kk] for kk in ("n_heg", "n_constant_heg", "heg_genes")}
+                         "test_section": s, **scores, "seconds": time.time() - t0})
         _atomic_write_json(fold_dir / _METRICS, {
             "method": method, "scheme": scheme, "fold": fold.to_dict(), "rows": rows,
-            "per_section": per_section, "top_k_used": k, "rescored_from": str(src.resolve())})
+            "per_section": per_section, "top_k_used": k, "rescored_from": source})
     return _aggregate(out, all_folds)
 
 

@@ -338,43 +338,41 @@ def _download(row: ManifestRow, target: Path, *, progress: bool = True,
     import requests
     from tqdm.auto import tqdm
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
-                                    dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, requests.get(row.url, stream=True,
-                                                       timeout=timeout) as resp:
+    received = 0
+
+    def fetch(tmp):
+        nonlocal received
+        with open(tmp, "wb") as out, requests.get(row.url, stream=True,
+                                                  timeout=timeout) as resp:
             resp.raise_for_status()
             expected = int(resp.headers.get("Content-Length", 0)) or row.size
             bar = tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=target.name, disable=not progress, leave=False)
-            received = 0
             with bar:
                 for chunk in resp.iter_content(chunk_size=_CHUNK):
                     out.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
         if expected and received != expected:
             raise OSError(f"connection closed after {received} of {expected} bytes")
         digest = verify(tmp, row)
         if not row.has_checksum:
             atomic_write_text(_sidecar(target), f"{digest}  {target.name}\n")
-        _normal_permissions(tmp)
-        os.replace(tmp, target)
-        log.info("downloaded %s (%d bytes)", target, received)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(target, fetch)  # temp file beside target, fsync, rename; none left on error
+    log.info("downloaded %s (%d bytes)", target, received)
+
+
+def _umask_mode() -> int:
+    """The mode a new file gets under the process's umask (``0o666 & ~umask``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _normal_permissions(path: str | os.PathLike) -> None:
     """mkstemp creates 0600 files; give the final file the usual umask-based mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, _umask_mode())
 
 
 def atomic_write(path: str | os.PathLike, write, *, suffix: str = ".part") -> Path:
@@ -403,6 +401,11 @@ def atomic_write(path: str | os.PathLike, write, *, suffix: str = ".part") -> Pa
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_h5ad(adata, path: str | os.PathLike) -> None:
+    """Write an AnnData to ``.h5ad`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, adata.write_h5ad, suffix=".h5ad")
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

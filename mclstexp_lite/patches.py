@@ -432,14 +432,6 @@ def extract_patches(
 # --------------------------------------------------------------------------------------
 # cache location and keys
 # --------------------------------------------------------------------------------------
-def _user_cache_root() -> Path:
-    try:
-        import platformdirs
-    except ImportError:  # pragma: no cover - platformdirs ships with jupyter/pip
-        return Path.home() / ".cache" / "mclstexp_lite"
-    return Path(platformdirs.user_cache_dir("mclstexp_lite"))
-
-
 def _default_cache_dir() -> Path:
     """Directory for patch cache entries: ``<mclstexp_lite.download.cache_dir()>/patches``.
 
@@ -497,15 +489,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _atomic_write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .download import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def _write_entry(directory: Path, key: str, shape: tuple, fill_fn, meta: dict) -> None:

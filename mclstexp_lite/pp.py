@@ -49,7 +49,6 @@ from pathlib import Path
 import numpy as np
 
 from . import download as dl
-from .download import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -373,7 +372,7 @@ def save_panel(genes: Sequence[str], path: str | os.PathLike, *,
         provenance = provenance.splitlines() or [""]
     header = [f"# {line}".rstrip() for line in provenance] + [f"# n_genes: {len(genes)}"]
     path = Path(path)
-    atomic_write_text(path, "\n".join(header + genes) + "\n")
+    dl.atomic_write_text(path, "\n".join(header + genes) + "\n")
     return path
 
 
@@ -460,7 +459,7 @@ def published_panel(dataset: str = "her2st", *,
     if digest != row.sha256:  # pragma: no cover - verify raises first
         raise dl.ChecksumError(f"{npy}: sha256 {digest} != manifest {row.sha256}")
 
-    txt = dl.cache_dir(data_dir) / "panels" / f"{dataset}_{Path(row.path).stem}.txt"
+    txt = dl.cache_dir() / "panels" / f"{dataset}_{Path(row.path).stem}.txt"
     if txt.is_file():
         genes, header = _read_panel(txt)
         if f"sha256: {digest}" in header:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -463,8 +464,6 @@ def _weighted_sum(weights, expr, idx, acc, budget: int = BLOCK_BYTES):
 def _weighted_sum_sparse(weights, expr, idx):
     """The same as :func:`_weighted_sum` as one product of a CSR matrix (``c x K``,
     ``top_k`` weights per row) with the bank ``expr`` (already in the weights' dtype)."""
-    import warnings
-
     n_rows, k = idx.shape
     cols, order = torch.sort(idx, dim=1)  # CSR wants ascending columns in each row
     weights = weights.gather(1, order)

@@ -349,7 +349,11 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
 
 def model_from_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> mdl.MclSTExp:
     """Rebuild the model from a checkpoint's saved config and load its weights."""
-    ckpt = load_checkpoint(path, map_location=map_location)
+    return _model_from_ckpt(load_checkpoint(path, map_location=map_location))
+
+
+def _model_from_ckpt(ckpt: dict) -> mdl.MclSTExp:
+    """The model of an already loaded checkpoint (see :func:`model_from_checkpoint`)."""
     model = mdl.MclSTExp.from_config(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     return model.eval()

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import download as dl
 from .download import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +96,7 @@ def _short(v) -> str:
 
 
 #: Environment variables holding paths that the notebooks' kernels read.
-PATH_VARIABLES = ("MCLSTEXP_DATA", "MCLSTEXP_CACHE", "MCLSTEXP_MANIFEST")
+PATH_VARIABLES = (dl.ENV_DATA, dl.ENV_CACHE, dl.ENV_MANIFEST)
 
 
 def absolute_path_variables(environ=None) -> dict:

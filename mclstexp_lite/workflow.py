@@ -55,9 +55,9 @@ def check_params(*, dataset: str, sections: Sequence[str], profile: str | None =
         raise ValueError(f"SEED must be an integer, got {seed!r}")
     if test_section is not None and test_section not in sections:
         raise ValueError(f"TEST_SECTION={test_section!r} must be one of SECTIONS {list(sections)}")
-    table = ds.list_sections(dataset, data_dir=data_dir).set_index("section")
     offline = os.environ.get(dl.ENV_OFFLINE, "") in ("1", "true", "yes")
     if offline:
+        table = ds.list_sections(dataset, data_dir=data_dir).set_index("section")
         col = "trainable" if need_images else "counts"
         missing = [s for s in sections if not table.loc[s, col]]
         if missing:
@@ -111,15 +111,11 @@ def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
         raw = ds.load(dataset, s, data_dir=data_dir, progress=False)
         a = pp.prepare(raw, genes, method=method, missing="zero")
         a.uns["mclstexp_prepared"] = key
-        _atomic_h5ad(a, path)
+        dl.atomic_write_h5ad(a, path)
         out[s] = a
     pp.save_panel(genes, folder / "panel.txt",
                   provenance=f"{dataset} panel used by the tutorials ({len(genes)} genes)")
     return out
-
-
-def _atomic_h5ad(adata, path: Path) -> None:
-    dl.atomic_write(path, adata.write_h5ad, suffix=".h5ad")
 
 
 # -------------------------------------------------------------------- training
@@ -140,7 +136,7 @@ def train_or_load(train_adatas: Mapping, config, *, out_dir, progress: bool = Tr
         same = tr._comparable(tr.TrainConfig.from_dict(ck["config"])) == tr._comparable(config)
         if same and ck["epoch"] >= config.epochs and ck.get("sections") == list(data.sections):
             log.info("reusing the finished training run in %s", out_dir)
-            return tr.model_from_checkpoint(ckpt_path), list(ck["history"]), data
+            return tr._model_from_ckpt(ck), list(ck["history"]), data
     res = tr.train(data, config, out_dir=out_dir, resume=True, progress=progress)
     return res.model, res.history, data
 

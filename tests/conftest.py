@@ -40,15 +40,21 @@ def data_root() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
     """Derived files (patch cache, unpacked images) go to a per-session temp folder,
-    never to the user's cache, and nothing is ever downloaded unless a test says so."""
+    never to the user's cache, and nothing is ever downloaded unless a test says so.
+
+    Session-scoped, so that module- and session-scoped fixtures (which pytest sets up
+    before function-scoped ones) see these settings too; a test's own ``monkeypatch``
+    changes are undone after it as usual."""
     cache = tmp_path_factory.getbasetemp() / "mclstexp_cache"
-    monkeypatch.setenv("MCLSTEXP_CACHE", str(cache))
-    monkeypatch.setenv("MCLSTEXP_OFFLINE", "1")
-    if SHARED_DATA is not None:
-        monkeypatch.setenv("MCLSTEXP_DATA", str(SHARED_DATA))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MCLSTEXP_CACHE", str(cache))
+        mp.setenv("MCLSTEXP_OFFLINE", "1")
+        if SHARED_DATA is not None:
+            mp.setenv("MCLSTEXP_DATA", str(SHARED_DATA))
+        yield
 
 
 @pytest.fixture(scope="session")

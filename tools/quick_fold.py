@@ -16,7 +16,6 @@ import json
 import time
 
 import numpy as np
-import torch
 
 
 def main() -> None:
@@ -28,6 +27,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    import torch
+
     torch.set_num_threads(args.threads)
 
     from mclstexp_lite import datasets, metrics, pp, tl, train
