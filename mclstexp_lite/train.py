@@ -436,6 +436,11 @@ def _prepare_images(batch_u8: torch.Tensor, config: TrainConfig, *, train: bool,
     return x
 
 
+def _short_list(items, n: int = 6) -> str:
+    items = [str(x) for x in items]
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -479,7 +484,8 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
         Folder for ``checkpoint.pt`` (written after every epoch) and ``history.json``.
         ``None`` keeps everything in memory.
     resume
-        Continue from ``out_dir/checkpoint.pt`` if it exists (its config must match).
+        Continue from ``out_dir/checkpoint.pt`` if it exists (its config, sections and
+        genes must match the ones given).
     overwrite
         Start afresh even though ``out_dir`` holds a checkpoint (it is replaced after the
         first epoch). Without ``resume`` or ``overwrite`` an existing checkpoint is an
@@ -511,6 +517,14 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
                         if _comparable(config).get(k) != v}
                 raise ValueError(f"{ckpt_path} was trained with a different config {diff}; "
                                  "resume with the same config, or use another out_dir")
+            for what, mine in (("sections", list(data.sections)), ("genes", list(data.genes))):
+                theirs = ckpt.get(what)
+                if theirs is not None and list(theirs) != mine:
+                    raise ValueError(
+                        f"{ckpt_path} was trained on other {what} ({len(theirs)}: "
+                        f"{_short_list(theirs)}) than the data given ({len(mine)}: "
+                        f"{_short_list(mine)}); resume with the same data, or use another "
+                        "out_dir (or overwrite=True to start afresh).")
             start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
         elif not overwrite:
             raise FileExistsError(

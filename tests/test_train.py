@@ -276,3 +276,22 @@ def test_batch_images_gathers_and_resizes_in_groups_bitwise():
     same = tr._batch_images(data, idx, 32, None, memory_format=torch.channels_last)
     assert torch.equal(same, data.images(idx))
     assert same.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_resume_refuses_a_checkpoint_of_other_sections_or_genes(tmp_path):
+    """SYNTHETIC: the same config on other data must not silently continue (or return)
+    the model trained on the first data."""
+    data = synthetic_data()
+    cfg = tiny_config(epochs=1)
+    tr.train(data, cfg, out_dir=tmp_path / "run", progress=False)
+    other = synthetic_data()
+    other.sections = ["S0", "T1"]
+    with pytest.raises(ValueError, match=r"other sections .*S0, S1.*S0, T1"):
+        tr.train(other, cfg, out_dir=tmp_path / "run", resume=True, progress=False)
+    renamed = synthetic_data()
+    renamed.genes = [f"h{i}" for i in range(len(renamed.genes))]
+    with pytest.raises(ValueError, match="other genes"):
+        tr.train(renamed, cfg, out_dir=tmp_path / "run", resume=True, progress=False)
+    # the same data still resumes (here: nothing left to do)
+    assert len(tr.train(data, cfg, out_dir=tmp_path / "run", resume=True,
+                        progress=False).history) == 1
