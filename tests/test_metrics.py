@@ -303,3 +303,334 @@ def test_fmt():
     assert metrics.fmt(0.5, float("nan")) == "0.500 ± nan"
     with pytest.raises(ValueError, match="digits"):
         metrics.fmt(1, 1, digits=-1)
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def loop_mean_r(r):
+    valid = r[~np.isnan(r)]
+    return float(valid.mean()) if valid.size else float("nan")
+
+
+def loop_section_metrics(pred, true, top):
+    """Plain metrics of one (possibly resampled) section; ``top`` = HEG columns."""
+    r, _ = loop_pearson(pred, true)
+    return {"pcc_acg": loop_mean_r(r), "pcc_heg": loop_mean_r(r[top]),
+            "mse": float(np.mean((pred - true) ** 2)),
+            "mae": float(np.mean(np.abs(pred - true)))}
+
+
+def loop_bootstrap(pred_a, pred_b, truth, *, n_heg, unit, n_boot, level, seed):
+    """Obviously-correct reference: one replicate at a time, spots indexed, scipy per gene.
+
+    Draws in the documented order: for each replicate, for each section,
+    ``rng.integers(n_spots, size=n_spots)`` (spot) or ``rng.integers(n_sections,
+    size=n_sections)`` (section).
+    """
+    rng = np.random.default_rng(seed)
+    secs = list(truth)
+    top = {s: np.argsort(-truth[s].mean(axis=0), kind="stable")[:n_heg] for s in secs}
+    full = {k: [loop_section_metrics(p[s], truth[s], top[s]) for s in secs]
+            for k, p in (("a", pred_a), ("b", pred_b))}
+    names = ("pcc_acg", "pcc_heg", "mse", "mae")
+    point = {k: {m: np.mean([v[m] for v in full[k]]) for m in names} for k in "ab"}
+    reps = {m: [] for m in names}
+    for _ in range(n_boot):
+        if unit == "spot":
+            vals = {"a": [], "b": []}
+            for s in secs:
+                idx = rng.integers(len(truth[s]), size=len(truth[s]))
+                for k, p in (("a", pred_a), ("b", pred_b)):
+                    vals[k].append(loop_section_metrics(p[s][idx], truth[s][idx], top[s]))
+        else:
+            pick = rng.integers(len(secs), size=len(secs))
+            vals = {k: [full[k][j] for j in pick] for k in "ab"}
+        for m in names:
+            reps[m].append(np.mean([v[m] for v in vals["a"]])
+                           - np.mean([v[m] for v in vals["b"]]))
+    out = {}
+    for m in names:
+        d = np.array(reps[m])
+        lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+        out[m] = {"a": point["a"][m], "b": point["b"][m],
+                  "diff": point["a"][m] - point["b"][m], "ci_low": lo, "ci_high": hi}
+    return out
+
+
+def make_sections(seed=0, sizes=(6, 9, 12), n_genes=10, noise_b=1.0):
+    """Synthetic held-out sections whose resamples hit every constant-gene case.
+
+    Gene 0 is sparse in truth (one non-zero spot: resamples that miss it are constant),
+    gene 1 takes two values, half the spots each (resamples can be constant on either
+    value), gene 2 holds zeros, one tiny value and one large one (resamples without
+    the large one have a tiny but non-zero variance), gene 3 is constant in
+    prediction A. Other genes are Gaussian with spread means.
+    """
+    rng = np.random.default_rng(seed)
+    truth, a, b = {}, {}, {}
+    for j, n in enumerate(sizes):
+        t = rng.normal(size=(n, n_genes)) + np.arange(n_genes) * 0.3
+        t[:, 0] = 0.0
+        t[rng.integers(n), 0] = 2.0
+        t[:, 1] = np.arange(n) % 2
+        t[:, 2] = 0.0
+        t[:2, 2] = [1e-4, 100.0]
+        pa = t + 0.5 * rng.normal(size=t.shape)
+        pa[:, 3] = 1.5
+        truth[f"s{j}"] = t
+        a[f"s{j}"] = pa
+        b[f"s{j}"] = t + noise_b * rng.normal(size=t.shape)
+    return a, b, truth
+
+
+def test_pearson_r_resampled_matches_scipy():
+    """Synthetic: the weighted per-gene r of each resample equals scipy on the drawn spots."""
+    a, _, truth = make_sections(sizes=(6,))
+    p, t = a["s0"], truth["s0"]
+    rng = np.random.default_rng(1)
+    idx = rng.integers(6, size=(400, 6))
+    counts = np.stack([np.bincount(i, minlength=6) for i in idx])
+    r, constant = metrics._pearson_r(p, t, counts)
+    assert r.shape == constant.shape == (400, 10)
+    for b in range(400):
+        ref, _ = loop_pearson(p[idx[b]], t[idx[b]])
+        np.testing.assert_allclose(r[b], ref, rtol=0, atol=1e-10, equal_nan=True)
+        assert (constant[b] == np.isnan(ref)).all()
+    # the data reach every path: constant at the most frequent value, constant at
+    # another value, and tiny non-zero variance
+    drawn = t[idx]  # (replicates, spots, genes)
+    assert (drawn[:, :, 0] == 0).all(axis=1).any()
+    assert (drawn[:, :, 1] == 1).all(axis=1).any()
+    tiny = (drawn[:, :, 2] == 1e-4).any(axis=1) & (drawn[:, :, 2] != 100.0).all(axis=1)
+    assert tiny.any() and np.isfinite(r[tiny, 2]).all()
+    # unit weights give the plain correlation
+    r1, _ = metrics._pearson_r(p, t, np.ones((1, 6), dtype=int))
+    np.testing.assert_allclose(r1[0], metrics._pearson_r(p, t)[0], atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("unit", ["spot", "section"])
+def test_paired_bootstrap_matches_loop(unit):
+    """Synthetic: equal to a plain loop over replicates with the same draws."""
+    a, b, truth = make_sections()
+    res = metrics.paired_bootstrap(a, b, truth, n_heg=4, unit=unit, n_boot=60, seed=7)
+    ref = loop_bootstrap(a, b, truth, n_heg=4, unit=unit, n_boot=60, level=0.95, seed=7)
+    assert list(res.columns) == ["metric", "a", "b", "diff", "ci_low", "ci_high", "n_boot",
+                                 "unit", "n_sections"]
+    assert res["metric"].tolist() == ["pcc_acg", "pcc_heg", "mse", "mae"]
+    assert (res["unit"] == unit).all() and (res["n_sections"] == 3).all()
+    assert (res["n_boot"] == 60).all()
+    for _, row in res.iterrows():
+        for col in ("a", "b", "diff", "ci_low", "ci_high"):
+            assert row[col] == pytest.approx(ref[row.metric][col], abs=1e-10), (row.metric, col)
+
+
+def test_paired_bootstrap_point_estimates_match_summarize():
+    """Synthetic: a and b are summarize's per-section values averaged over sections."""
+    a, b, truth = make_sections(seed=3)
+    res = metrics.paired_bootstrap(a, b, truth, n_heg=5, n_boot=5).set_index("metric")
+    for col, pred in (("a", a), ("b", b)):
+        per = [metrics.summarize(pred[s], truth[s], n_heg=5) for s in truth]
+        for m in ("pcc_acg", "pcc_heg", "mse", "mae"):
+            assert res.loc[m, col] == np.mean([x[m] for x in per])
+    assert (res["diff"] == res["a"] - res["b"]).all()
+
+
+def test_paired_bootstrap_deterministic_and_level():
+    a, b, truth = make_sections(seed=4)
+    one = metrics.paired_bootstrap(a, b, truth, n_heg=4, n_boot=50, seed=11)
+    two = metrics.paired_bootstrap(a, b, truth, n_heg=4, n_boot=50, seed=11)
+    pd.testing.assert_frame_equal(one, two)
+    other = metrics.paired_bootstrap(a, b, truth, n_heg=4, n_boot=50, seed=12)
+    assert not np.allclose(one["ci_low"], other["ci_low"])
+    narrow = metrics.paired_bootstrap(a, b, truth, n_heg=4, n_boot=50, seed=11, level=0.5)
+    assert ((narrow["ci_high"] - narrow["ci_low"]) <= (one["ci_high"] - one["ci_low"])).all()
+    sub = metrics.paired_bootstrap(a, b, truth, n_heg=4, n_boot=50, seed=11, metrics="mse")
+    assert sub["metric"].tolist() == ["mse"]
+    assert sub.iloc[0]["ci_low"] == one.set_index("metric").loc["mse", "ci_low"]
+
+
+@pytest.mark.parametrize("unit", ["spot", "section"])
+def test_paired_bootstrap_same_method_is_zero(unit):
+    a, _, truth = make_sections(seed=5)
+    res = metrics.paired_bootstrap(a, a, truth, n_heg=4, unit=unit, n_boot=40)
+    assert (res["diff"] == 0).all()
+    assert (res["ci_low"] == 0).all() and (res["ci_high"] == 0).all()
+
+
+@pytest.mark.parametrize("unit", ["spot", "section"])
+def test_paired_bootstrap_better_method(unit):
+    """Synthetic: B = A + large noise; the interval excludes 0 in A's favour."""
+    rng = np.random.default_rng(6)
+    truth = {f"s{j}": rng.normal(size=(60, 30)) + np.arange(30) for j in range(4)}
+    a = {s: t + 0.3 * rng.normal(size=t.shape) for s, t in truth.items()}
+    b = {s: p + 2.0 * rng.normal(size=p.shape) for s, p in a.items()}
+    res = metrics.paired_bootstrap(a, b, truth, n_heg=10, unit=unit, n_boot=200)
+    res = res.set_index("metric")
+    assert res.loc["pcc_acg", "ci_low"] > 0 and res.loc["pcc_heg", "ci_low"] > 0
+    assert res.loc["mse", "ci_high"] < 0 and res.loc["mae", "ci_high"] < 0
+    assert (res["ci_low"] <= res["diff"]).all() and (res["diff"] <= res["ci_high"]).all()
+
+
+def test_paired_bootstrap_constant_prediction_is_nan_quietly():
+    """Synthetic: a 'mean'-style prediction (same value at every spot) has no correlation."""
+    a, _, truth = make_sections(seed=8)
+    flat = {s: np.tile(t.mean(axis=0), (len(t), 1)) for s, t in truth.items()}
+    for unit in ("spot", "section"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            res = metrics.paired_bootstrap(a, flat, truth, n_heg=4, unit=unit, n_boot=30)
+        res = res.set_index("metric")
+        for m in ("pcc_acg", "pcc_heg"):
+            assert np.isnan(res.loc[m, ["b", "diff", "ci_low", "ci_high"]].astype(float)).all()
+            assert res.loc[m, "n_boot"] == 0 and np.isfinite(res.loc[m, "a"])
+        for m in ("mse", "mae"):
+            assert np.isfinite(res.loc[m, ["b", "diff", "ci_low", "ci_high"]].astype(float)).all()
+            assert res.loc[m, "n_boot"] == 30
+
+
+def test_paired_bootstrap_sparse_input():
+    a, b, truth = make_sections(seed=9)
+    dense = metrics.paired_bootstrap(a, b, truth, n_heg=4, n_boot=20)
+    sparse = metrics.paired_bootstrap({s: sp.csr_matrix(x) for s, x in a.items()},
+                                      {s: sp.csr_matrix(x) for s, x in b.items()},
+                                      {s: sp.csr_matrix(x) for s, x in truth.items()},
+                                      n_heg=4, n_boot=20)
+    pd.testing.assert_frame_equal(dense, sparse)
+
+
+def test_paired_bootstrap_validation():
+    a, b, truth = make_sections(seed=10)
+    pb = metrics.paired_bootstrap
+    with pytest.raises(ValueError, match=r"`pred_b` and `truth` hold different sections"):
+        pb(a, {s: b[s] for s in ("s0", "s1")}, truth, n_heg=4)
+    with pytest.raises(ValueError, match=r"`pred_a` lists the sections in the order"):
+        pb({s: a[s] for s in ("s2", "s1", "s0")}, b, truth, n_heg=4)
+    with pytest.raises(ValueError, match=r"section 's1', `pred_b` vs `truth`: `pred` has shape"):
+        pb(a, {**b, "s1": b["s1"][:, 1:]}, truth, n_heg=4)
+    with pytest.raises(TypeError, match=r"`truth` must be a mapping"):
+        pb(a, b, list(truth.values()), n_heg=4)
+    with pytest.raises(ValueError, match=r"`unit` must be 'spot' or 'section'"):
+        pb(a, b, truth, n_heg=4, unit="spots")
+    with pytest.raises(ValueError, match=r"`n_boot`=0 must be at least 1"):
+        pb(a, b, truth, n_heg=4, n_boot=0)
+    with pytest.raises(TypeError, match=r"`n_boot` must be an integer"):
+        pb(a, b, truth, n_heg=4, n_boot=10.5)
+    for level in (0, 1, 95):
+        with pytest.raises(ValueError, match=r"`level`=.* strictly between 0 and 1"):
+            pb(a, b, truth, n_heg=4, level=level)
+    with pytest.raises(ValueError, match=r"`metrics` must be a non-empty subset"):
+        pb(a, b, truth, n_heg=4, metrics=("pcc",))
+    with pytest.raises(ValueError, match=r"`n_heg`=11 must be between 1 and"):
+        pb(a, b, truth, n_heg=11)
+
+
+def test_paired_bootstrap_drops_undefined_replicates():
+    """Synthetic: the only HEG gene is non-zero at one spot; resamples missing it have
+    no PCC-HEG and are left out of that interval (n_boot counts the rest)."""
+    rng = np.random.default_rng(12)
+    t = rng.normal(size=(8, 3))
+    t[:, 0] = 0.0
+    t[0, 0] = 50.0
+    truth = {"s": t}
+    a = {"s": t + 0.1 * rng.normal(size=t.shape)}
+    b = {"s": t + rng.normal(size=t.shape)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = metrics.paired_bootstrap(a, b, truth, n_heg=1, n_boot=100).set_index("metric")
+    assert 0 < res.loc["pcc_heg", "n_boot"] < 100
+    assert np.isfinite(res.loc["pcc_heg", ["diff", "ci_low", "ci_high"]].astype(float)).all()
+    assert res.loc["pcc_acg", "n_boot"] == 100
+
+
+# ----------------------------------------------------- tools/run_results.py differences
+
+
+def load_run_results():
+    """Import tools/run_results.py (cheap: its heavy imports are inside functions)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "run_results.py"
+    spec = importlib.util.spec_from_file_location("run_results_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(root, scheme, name, method, top_k, adatas, preds, *, complete=None, **extra):
+    """A results folder laid out like run_cv's: config.json, folds.json, per fold
+    metrics.json (completeness marker) and pred_<section>.h5ad (synthetic values)."""
+    from mclstexp_lite import cv
+
+    d = root / scheme / name
+    d.mkdir(parents=True)
+    patients = {s: str(a.obs["patient"].iloc[0]) for s, a in adatas.items()}
+    (d / "config.json").write_text(json.dumps(
+        {"scheme": scheme, "method": method, "top_k": top_k, "n_heg": 4, **extra}))
+    folds = cv.make_folds(patients, scheme)
+    cv.save_folds(folds, d / "folds.json", scheme=scheme, sections=patients)
+    for fold in folds:
+        (d / fold.name).mkdir()
+        if complete is None or fold.name in complete:
+            (d / fold.name / "metrics.json").write_text("{}")
+        for s in fold.test:
+            pred = ad.AnnData(preds[s].astype(np.float32), obs=adatas[s].obs.copy(),
+                              var=adatas[s].var.copy())
+            pred.write_h5ad(d / fold.name / f"pred_{s}.h5ad")
+    return d
+
+
+def test_run_results_differences(tmp_path):
+    """Synthetic results folders: what tools/run_results.py compares, skips and writes."""
+    tool = load_run_results()
+    a, b, truth = make_sections(seed=13, sizes=(6, 8, 7))
+    adatas = {}
+    for j, (s, t) in enumerate(truth.items()):
+        x = ad.AnnData(sp.csr_matrix(t.astype(np.float32)))
+        x.obs_names = [f"{s}_spot{i}" for i in range(len(t))]
+        x.var_names = [f"G{g}" for g in range(t.shape[1])]
+        x.obs["patient"] = "P" + "ABB"[j]
+        adatas[s] = x
+    flat = {s: np.tile(t.mean(axis=0), (len(t), 1)) for s, t in truth.items()}
+    shuffled = {s: x[::-1] for s, x in adatas.items()}  # spots in another order
+    dirs = [
+        fake_run(tmp_path, "section", "mclstexp", "mclstexp", 200, adatas, a),
+        fake_run(tmp_path, "section", "mclstexp_k50", "mclstexp", 50, adatas, b,
+                 rescored_from="x"),
+        fake_run(tmp_path, "section", "mean", "mean", None, adatas, flat),
+        fake_run(tmp_path, "section", "bleep", "bleep", 200, adatas, b, complete=["s0"]),
+        fake_run(tmp_path, "section", "ridge_color", "ridge_color", None, shuffled,
+                 {s: b[s][::-1] for s in b}),
+        fake_run(tmp_path, "patient", "mean", "mean", None, adatas, flat),
+    ]
+    diffs, notes = tool.bootstrap_differences(dirs, adatas, top_k=200, n_boot=25)
+    assert list(diffs.columns) == list(tool.DIFF_COLUMNS)
+    assert sorted(set(diffs["comparison"])) == ["mclstexp − mclstexp k=50",
+                                                 "mclstexp − mean"]
+    assert len(diffs) == 2 * 2 * 4 and set(diffs["unit"]) == {"spot", "section"}
+    assert (diffs["method_a"] == "mclstexp k=200").all() and (diffs["n_sections"] == 3).all()
+    assert any("bleep k=200 skipped: held-out sections ['s0']" in n for n in notes)
+    assert any("ridge_color skipped" in n and "obs_names differ" in n for n in notes)
+    assert any(n.startswith("patient: no mclstexp run at top_k=200") for n in notes)
+    # the same numbers as paired_bootstrap on the float32 predictions and truth
+    f32 = {k: {s: v[s].astype(np.float32) for s in v} for k, v in (("a", a), ("b", b),
+                                                                   ("t", truth))}
+    cols = ["a", "b", "diff", "ci_low", "ci_high"]
+    for unit in ("spot", "section"):
+        ref = metrics.paired_bootstrap(f32["a"], f32["b"], f32["t"], n_heg=4, unit=unit,
+                                       n_boot=25)
+        got = diffs[(diffs.comparison == "mclstexp − mclstexp k=50") & (diffs.unit == unit)]
+        np.testing.assert_array_equal(got[cols].to_numpy(float), ref[cols].to_numpy(float))
+    mean_rows = diffs[diffs.comparison == "mclstexp − mean"].set_index(["unit", "metric"])
+    assert mean_rows.loc[("spot", "pcc_acg"), ["diff", "ci_low"]].isna().all()
+    text = tool.differences_markdown(diffs, notes, top_k=200, n_boot=25)
+    assert "| section | mclstexp − mean | PCC-ACG | undefined | undefined | 3 |" in text
+    assert "Skipped:" in text and "- patient: no mclstexp run" in text
+    row = got.set_index("metric").loc["mse"]
+    assert f"{row['diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" in text
+    # without mclstexp among the runs: nothing computed, one note
+    none, why = tool.bootstrap_differences(dirs[2:3], adatas, top_k=200, n_boot=5)
+    assert none.empty and list(none.columns) == list(tool.DIFF_COLUMNS)
+    assert why == ["mclstexp is not among the methods run; no differences computed."]
+    assert "No differences were computed." in tool.differences_markdown(none, why, top_k=200)
