@@ -10,7 +10,9 @@ Submodules are imported lazily so that ``import mclstexp_lite`` stays cheap:
 - ``download``  the data manifest and the checksum-verifying downloader
 - ``pp``        normalisation and gene panels
 - ``patches``   H&E patch extraction and the on-disk patch cache
-- ``models``    encoders, the mclSTExp model and the contrastive loss
+- ``encoders``  the image-encoder registry: backbones, pretrained weights, preprocessing
+- ``features``  frozen-encoder features, computed once and cached on disk
+- ``models``    the image and spot encoders, the mclSTExp model and the contrastive loss
 - ``train``     the contrastive trainer
 - ``tl``        retrieval prediction
 - ``metrics``   PCC-ACG, PCC-HEG, MSE, MAE
@@ -30,6 +32,8 @@ _SUBMODULES = (
     "download",
     "pp",
     "patches",
+    "encoders",
+    "features",
     "models",
     "train",
     "tl",

@@ -11,12 +11,15 @@ same table as mclSTExp's:
     constant prediction), so PCC-ACG and PCC-HEG are NaN; MSE and MAE are the
     reference errors.
 ``"ridge_features"``
-    Ridge regression from frozen image-encoder features of each patch to expression
-    (:func:`encoder_features`, :func:`fit_ridge`). The encoder is the one the
-    training config describes, built with the config's seed, i.e. exactly the image
-    encoder mclSTExp *starts* from. With ``weights=None`` (the ``quick`` profile) that
-    encoder is **randomly initialised**: the features are random projections of the
-    image, not learnt ones. With ``weights="imagenet"`` they are ImageNet features.
+    The linear probe of HEST-Benchmark / STP-Bench: ridge regression from the frozen
+    image encoder's pooled features of each patch to expression
+    (:func:`encoder_features`, :func:`fit_ridge`). The encoder is the one the training
+    config describes (architecture, weights, input size), built with the config's seed,
+    i.e. exactly the image encoder mclSTExp *starts* from, and its features come from
+    the same on-disk feature cache (:mod:`mclstexp_lite.features`) as a frozen
+    mclSTExp's: in the ``quick`` profile both read the *same* EfficientNet-Lite0
+    ImageNet features. With ``weights=None`` the encoder is randomly initialised and the
+    features are random projections of the image.
 ``"ridge_color"``
     Ridge regression from simple colour and stain statistics of each patch
     (:func:`color_features`): per channel the mean, standard deviation and 10th, 50th
@@ -149,9 +152,11 @@ def color_features(patches, *, batch_size: int = 128) -> np.ndarray:
 def encoder_features(data, *, config, device="auto", progress: bool = False) -> np.ndarray:
     """Frozen image-encoder features of every patch (the ``"ridge_features"`` input).
 
-    The encoder is built from ``config.model`` (architecture and ``weights``) after
+    The encoder is built from ``config`` (architecture, ``weights``, input size) after
     ``torch.manual_seed(config.seed)``, i.e. the image encoder mclSTExp starts from
-    before training. With ``weights=None`` it is randomly initialised.
+    before training. With ``weights=None`` it is randomly initialised. Features come
+    from the feature cache (view 0), so a frozen mclSTExp with the same encoder and
+    this baseline compute them once.
 
     Parameters
     ----------
@@ -177,9 +182,12 @@ def encoder_features(data, *, config, device="auto", progress: bool = False) -> 
         raise TypeError(f"`data` must be a SpotData, got {type(data).__name__}.")
     if not isinstance(config, tr.TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}.")
+    from . import features as fx
+
     torch.manual_seed(config.seed)
     model = tr.build_model(config, data.n_genes)
-    feats = tr.image_features(model, data, config=config, device=device, progress=progress)
+    feats = fx.spot_features(model.image_encoder, data, views=1, device=device,
+                             amp=config.amp, progress=progress)[0]
     return feats.numpy().astype(np.float32, copy=False)
 
 

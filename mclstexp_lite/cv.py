@@ -344,7 +344,7 @@ def _run_config(*, adatas, patients, scheme, method, config, top_k, metric, patc
                       "alpha_selection": "leave-one-training-section-out, MSE",
                       "features": (list(bl.COLOR_FEATURE_NAMES) if method == "ridge_color"
                                    else "frozen image encoder of train_config.model, "
-                                        "seed train_config.seed")}
+                                        "seed train_config.seed, view 0 of the feature cache")}
                      if method in _RIDGE else None),
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -547,7 +547,7 @@ def run_cv(
     patch_um, patch_size
         Patch geometry for :meth:`mclstexp_lite.train.SpotData.from_anndata`
         (default: the package default tissue width, cached at 224 px and resized to
-        ``config.image_size`` on the fly).
+        the image encoder's input size on the fly).
 
     Returns
     -------

@@ -32,11 +32,9 @@ Examples
 
 from __future__ import annotations
 
-import http.client
 import math
 import os
 import re
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import encoders as enc
+from .encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -63,18 +64,12 @@ __all__ = [
     "normalize_uint8",
 ]
 
-#: Per-channel RGB mean of ImageNet, used by torchvision's pretrained weights.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-#: Per-channel RGB standard deviation of ImageNet.
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Built-in image backbones and their pooled feature sizes (the full registry, with
+#: weights and preprocessing, is :data:`mclstexp_lite.encoders.ENCODERS`; any timm model
+#: is available as ``"timm:<name>"``).
+IMAGE_ARCHS = {name: spec.feature_dim for name, spec in ENCODERS.items()}
 
-#: Supported image backbones and their pooled feature sizes.
-IMAGE_ARCHS = {"densenet121": 1024, "resnet18": 512, "resnet50": 2048}
-
-# Same switch as mclstexp_lite.download: "1" means never touch the network.
-_ENV_OFFLINE = "MCLSTEXP_OFFLINE"
-
-_WEIGHT_CHOICES = ("None", "'imagenet'", "a path to a state-dict file")
+_WEIGHT_CHOICES = ("None", "'imagenet'", "'pretrained'", "a path to a state-dict file")
 
 #: Parameter counts of the published mclSTExp implementation (``model.py``,
 #: ``mclSTExp_Attention`` with DenseNet-121 and 785 genes, as built by its ``train.py``).
@@ -98,11 +93,14 @@ def normalize_uint8(
     *,
     layout: str = "auto",
     dtype: torch.dtype = torch.float32,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
 ) -> torch.Tensor:
     """Turn a uint8 image batch into the float input the image encoders expect.
 
-    Scales to [0, 1], then subtracts :data:`IMAGENET_MEAN` and divides by
-    :data:`IMAGENET_STD` per channel. The work happens on the device the batch is on.
+    Scales to [0, 1], then subtracts ``mean`` and divides by ``std`` per channel
+    (default :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`; an encoder's own values are
+    ``ImageEncoder.mean`` / ``.std``). The work happens on the device the batch is on.
 
     Parameters
     ----------
@@ -166,27 +164,16 @@ def normalize_uint8(
         batch = batch.permute(0, 3, 1, 2)
     elif batch.shape[1] != 3:
         raise ValueError(f"layout='nchw' needs shape (B, 3, H, W), got {tuple(batch.shape)}.")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=batch.device).reshape(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=batch.device).reshape(1, 3, 1, 1)
+    mean = torch.tensor(tuple(mean), dtype=dtype, device=batch.device).reshape(1, 3, 1, 1)
+    std = torch.tensor(tuple(std), dtype=dtype, device=batch.device).reshape(1, 3, 1, 1)
     return (batch.to(dtype) / 255.0 - mean) / std
-
-
-def _torchvision_builder(arch: str):
-    """Return ``(model builder, ImageNet weights enum member)`` for ``arch``."""
-    import torchvision.models as tvm
-
-    if arch == "densenet121":
-        return tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1
-    if arch == "resnet18":
-        return tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1
-    if arch == "resnet50":
-        return tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1
-    raise ValueError(f"arch must be one of {sorted(IMAGE_ARCHS)}, got {arch!r}.")
 
 
 # Old DenseNet checkpoints (including torchvision's own densenet121-a639ec97.pth) name
 # the layers of a dense layer "norm.1", "conv.2", ...; current modules use "norm1", "conv2".
 _OLD_DENSENET_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
+#: Classifier parameter prefixes dropped when a full model's state dict is loaded.
+_HEAD_PREFIXES = ("classifier.", "fc.", "head.", "_fc.")
 
 
 def _format_keys(keys: list[str], limit: int = 10) -> str:
@@ -196,47 +183,60 @@ def _format_keys(keys: list[str], limit: int = 10) -> str:
 
 
 class ImageEncoder(nn.Module):
-    """A torchvision CNN without its classifier, globally average pooled.
+    """An image backbone from the encoder registry, without its classifier, pooled.
 
-    - ``"densenet121"``: ``features`` -> ReLU -> global average pool -> 1024-d, the path
-      torchvision's own ``DenseNet.forward`` takes before its classifier.
-    - ``"resnet18"`` / ``"resnet50"``: everything up to and including the global average
-      pool (``fc`` removed) -> 512-d / 2048-d.
+    - ``"densenet121"``: ``features`` -> (optional ReLU) -> global average pool -> 1024-d.
+    - ``"resnet18"`` / ``"resnet50"``: everything up to the global average pool -> 512-d /
+      2048-d.
+    - ``"efficientnet_lite0"``: EfficientNet-Lite0 (timm) up to its pooled 1280-d head
+      features; ImageNet weights from a pip package, offline.
+    - ``"timm:<name>"``: any timm model, pooled features (``num_classes=0``).
 
     Parameters
     ----------
     arch
-        One of :data:`IMAGE_ARCHS`.
+        A name of :data:`mclstexp_lite.encoders.ENCODERS` or ``"timm:<model>"``.
     weights
-        ``None``: random initialisation (torchvision's). ``"imagenet"``: torchvision's
-        ``IMAGENET1K_V1`` weights, fetched and cached by torchvision
-        (``torch.hub.get_dir()/checkpoints``); if they are neither cached nor
-        downloadable (or ``$MCLSTEXP_OFFLINE`` is ``1`` and they are not cached) a
-        :class:`RuntimeError` says which file to place where.
-        A ``str`` or :class:`~pathlib.Path`: a file holding a state dict, either of a
-        full torchvision model of this ``arch`` (classifier keys are dropped; the old
-        ``norm.1``-style DenseNet keys are renamed) or of this encoder (keys starting
-        with ``backbone.``). Loaded with ``torch.load(..., weights_only=True)``.
+        ``None``: random initialisation. ``"imagenet"`` (or ``"pretrained"``): the
+        registry's pretrained weights (torchvision's ``IMAGENET1K_V1``, fetched and cached
+        by torchvision; the pip package's for ``efficientnet_lite0``; timm's default for
+        timm models). Weights that are neither cached nor downloadable raise a
+        :class:`RuntimeError` that says which file to place where; a missing weights
+        package raises :class:`ImportError` naming it. Never a silent fallback.
+        A ``str`` or :class:`~pathlib.Path`: a file holding a state dict, either of the
+        full model of this ``arch`` (classifier keys are dropped; old ``norm.1``-style
+        DenseNet keys and ``efficientnet_pytorch``-style Lite keys are renamed) or of this
+        encoder (keys starting with ``backbone.``). Loaded with ``weights_only=True``.
     freeze
         If True the backbone gets ``requires_grad=False`` and stays in eval mode (batch-norm
         statistics frozen) even when a parent module calls ``.train()``.
     pre_pool_relu
         DenseNet only: apply a ReLU before pooling, as torchvision's own forward does.
         Default False: the published mclSTExp code pools the pre-ReLU ``norm5`` output,
-        and we follow it. ResNet feature maps already end in a ReLU, so the flag changes
-        nothing there.
+        and we follow it.
+    image_size
+        Side of the input in pixels; ``None``: the encoder's own (:attr:`EncoderSpec.
+        input_size`, 224 for the built-in ones). Cached patches are resized to it.
+    encoder_kwargs
+        Extra keyword arguments for ``timm.create_model`` (timm encoders only).
 
     Attributes
     ----------
     out_dim : int
         Size of the pooled feature vector.
+    spec : mclstexp_lite.encoders.EncoderSpec
+        The registry row.
+    image_size : int
+        Input side in pixels.
+    mean, std : tuple of float
+        Per-channel normalisation of pixels scaled to [0, 1].
     backbone : torch.nn.Module
-        The torchvision model with its classifier replaced by :class:`torch.nn.Identity`.
+        The network with its classifier removed.
 
     Notes
     -----
-    Input is a float tensor ``(B, 3, H, W)`` already ImageNet-normalised (see
-    :func:`normalize_uint8`). Channels-last input is fine: nothing calls ``.view``.
+    Input is a float tensor ``(B, 3, H, W)`` already normalised with :attr:`mean` and
+    :attr:`std` (see :func:`normalize_uint8`). Channels-last input is fine.
     """
 
     def __init__(
@@ -246,20 +246,21 @@ class ImageEncoder(nn.Module):
         weights: str | os.PathLike | None = None,
         freeze: bool = False,
         pre_pool_relu: bool = False,
+        image_size: int | None = None,
+        encoder_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        if arch not in IMAGE_ARCHS:
-            raise ValueError(f"arch must be one of {sorted(IMAGE_ARCHS)}, got {arch!r}.")
-        if isinstance(weights, str) and weights == "imagenet":
-            mode = "imagenet"
+        spec = enc.get_spec(arch)
+        if isinstance(weights, str) and weights in ("imagenet", "pretrained"):
+            mode = "pretrained"
         elif weights is None:
             mode = "random"
         elif isinstance(weights, (str, os.PathLike)):
             path = Path(weights)
             if not path.is_file():
                 raise ValueError(
-                    f"weights={str(weights)!r} is neither 'imagenet' nor an existing file. "
-                    f"Valid values: {', '.join(_WEIGHT_CHOICES)}."
+                    f"weights={str(weights)!r} is neither 'imagenet'/'pretrained' nor an existing "
+                    f"file. Valid values: {', '.join(_WEIGHT_CHOICES)}."
                 )
             mode = "file"
         else:
@@ -268,22 +269,20 @@ class ImageEncoder(nn.Module):
             )
         if not isinstance(freeze, bool):
             raise TypeError(f"freeze must be a bool, got {type(freeze).__name__}.")
+        if encoder_kwargs is not None and not isinstance(encoder_kwargs, dict):
+            raise TypeError(f"encoder_kwargs must be a dict, got {type(encoder_kwargs).__name__}.")
 
         self.arch = arch
-        self.out_dim = IMAGE_ARCHS[arch]
+        self.spec = spec
         self.freeze = freeze
         self.pre_pool_relu = bool(pre_pool_relu)
-
-        builder, imagenet_weights = _torchvision_builder(arch)
-        if mode == "imagenet":
-            model = self._build_imagenet(builder, imagenet_weights)
-        else:
-            model = builder(weights=None)
-        if arch == "densenet121":
-            model.classifier = nn.Identity()
-        else:
-            model.fc = nn.Identity()
-        self.backbone = model
+        self.image_size = spec.input_size if image_size is None else _positive_int(image_size, "image_size")
+        self.mean = tuple(float(v) for v in spec.mean)
+        self.std = tuple(float(v) for v in spec.std)
+        self.backbone = enc.build_backbone(
+            arch, "pretrained" if mode == "pretrained" else None, encoder_kwargs=encoder_kwargs
+        )
+        self.out_dim = int(spec.feature_dim or self.backbone.num_features)
         if mode == "file":
             self._load_file(path)
 
@@ -292,26 +291,16 @@ class ImageEncoder(nn.Module):
                 p.requires_grad_(False)
             self.backbone.eval()
 
-    @staticmethod
-    def _build_imagenet(builder, imagenet_weights):
-        file_name = os.path.basename(urllib.parse.urlparse(imagenet_weights.url).path)
-        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    @property
+    def preprocessing(self) -> dict:
+        """Input size and normalisation, as stored in checkpoints."""
+        return {"arch": self.arch, "image_size": self.image_size, "mean": list(self.mean),
+                "std": list(self.std), "scale": "pixels / 255",
+                "resize": "bilinear, antialiased, from the cached patch"}
 
-        def failure(reason: str) -> RuntimeError:
-            return RuntimeError(
-                f"The ImageNet weights for {builder.__name__} could not be downloaded "
-                f"({reason}). Either place the file {file_name} (from {imagenet_weights.url}) "
-                f"in {folder}/ and try again, or pass weights=None explicitly to train from "
-                "scratch (random initialisation)."
-            )
-
-        cached = os.path.exists(os.path.join(folder, file_name))
-        if not cached and os.environ.get(_ENV_OFFLINE) == "1":
-            raise failure(f"downloads are switched off by {_ENV_OFFLINE}=1")
-        try:
-            return builder(weights=imagenet_weights)
-        except (OSError, http.client.HTTPException) as err:  # URLError is an OSError
-            raise failure(f"{type(err).__name__}: {err}") from err
+    def fingerprint(self) -> str:
+        """sha256 of the backbone's weights (:func:`mclstexp_lite.encoders.state_fingerprint`)."""
+        return enc.state_fingerprint(self.backbone)
 
     def _load_file(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -324,10 +313,16 @@ class ImageEncoder(nn.Module):
         if keys and all(k.startswith("backbone.") for k in keys):
             converted = dict(state)  # already this encoder's layout
         else:
-            head = "classifier." if self.arch == "densenet121" else "fc."
+            if self.arch == "efficientnet_lite0" and any(k.startswith("_blocks.") for k in keys):
+                import timm
+
+                full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+                full.reset_classifier(0)
+                state = enc.lite_state_dict_to_timm(
+                    {k: v for k, v in state.items() if not k.startswith("_fc.")}, full)
             converted = {}
             for key, value in state.items():
-                if key.startswith(head):
+                if key.startswith(_HEAD_PREFIXES) and "backbone." + key not in self.state_dict():
                     continue
                 if self.arch == "densenet121":
                     key = _OLD_DENSENET_KEY.sub(r"\1\2.", key)
@@ -341,7 +336,7 @@ class ImageEncoder(nn.Module):
                 f"The state dict in {path} does not fit ImageEncoder(arch={self.arch!r}). "
                 f"Missing keys: {_format_keys(missing)}. "
                 f"Unexpected keys: {_format_keys(unexpected)}. "
-                "Expected a full torchvision model state dict for this arch, or the "
+                "Expected a full model state dict for this arch, or the "
                 "state_dict() of an ImageEncoder with the same arch."
             )
         wrong_shape = [
@@ -390,7 +385,7 @@ class ImageEncoder(nn.Module):
             if self.pre_pool_relu:
                 fmap = F.relu(fmap)
             return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
-        return self.backbone(images)  # torchvision ResNet: ... avgpool, flatten, fc=Identity
+        return self.backbone(images)  # ResNet / timm: pooled features, classifier removed
 
 
 # --------------------------------------------------------------------------------------
@@ -753,10 +748,17 @@ class MclSTExp(nn.Module):
     n_genes
         Genes per spot (785 for the published HER2+ panel).
     image_arch
-        Image backbone, one of :data:`IMAGE_ARCHS` (paper: ``"densenet121"``).
+        Image backbone: a name of :data:`mclstexp_lite.encoders.ENCODERS` (paper:
+        ``"densenet121"``; offline with ImageNet weights: ``"efficientnet_lite0"``) or
+        ``"timm:<model>"``.
     weights
-        **Required keyword.** ``"imagenet"`` (paper), ``None`` (random init, for offline
-        work and tests) or a path to a state-dict file; see :class:`ImageEncoder`.
+        **Required keyword.** ``"imagenet"`` (paper) / ``"pretrained"``, ``None`` (random
+        init) or a path to a state-dict file; see :class:`ImageEncoder`.
+    image_size
+        Input side of the image encoder; ``None``: the encoder's own (224 for the
+        built-in ones). Stored in :attr:`config`, so a checkpoint says how to feed it.
+    encoder_kwargs
+        Extra ``timm.create_model`` arguments (timm encoders only).
     freeze_image
         Freeze the image backbone (parameters and batch-norm statistics).
     image_relu
@@ -816,6 +818,8 @@ class MclSTExp(nn.Module):
         learn_temperature: bool = False,
         sentence: str = "batch",
         spot_encoder: str = "transformer",
+        image_size: int | None = None,
+        encoder_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         if weights is _REQUIRED:
@@ -867,10 +871,13 @@ class MclSTExp(nn.Module):
             "learn_temperature": bool(learn_temperature),
             "sentence": sentence,
             "spot_encoder": spot_encoder,
+            "image_size": None if image_size is None else _positive_int(image_size, "image_size"),
+            "encoder_kwargs": None if encoder_kwargs is None else dict(encoder_kwargs),
         }
 
         self.image_encoder = ImageEncoder(
-            image_arch, weights=weights, freeze=freeze_image, pre_pool_relu=image_relu
+            image_arch, weights=weights, freeze=freeze_image, pre_pool_relu=image_relu,
+            image_size=image_size, encoder_kwargs=encoder_kwargs,
         )
         if spot_encoder == "transformer":
             self.spot_encoder: SpotEncoder | None = SpotEncoder(
@@ -927,9 +934,28 @@ class MclSTExp(nn.Module):
     def _finish(self, emb: torch.Tensor) -> torch.Tensor:
         return F.normalize(emb, dim=-1) if self.normalize_embeddings else emb
 
+    @property
+    def preprocessing(self) -> dict:
+        """How patches must be fed to the image encoder (size, mean, std)."""
+        return self.image_encoder.preprocessing
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Project normalised image patches ``(B, 3, H, W)`` into the shared space ``(B, proj_dim)``."""
-        return self._finish(self.image_projection(self.image_encoder(images)))
+        return self.encode_features(self.image_encoder(images))
+
+    def encode_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Project pooled backbone features ``(B, out_dim)`` into the shared space.
+
+        The image path after the backbone: ``encode_image(x) == encode_features(
+        image_encoder(x))``. Used with cached frozen features
+        (:mod:`mclstexp_lite.features`).
+        """
+        if features.ndim != 2 or features.shape[1] != self.image_encoder.out_dim:
+            raise ValueError(
+                f"features must have shape (B, {self.image_encoder.out_dim}) (pooled "
+                f"{self.config['image_arch']} features), got {tuple(features.shape)}."
+            )
+        return self._finish(self.image_projection(features))
 
     def encode_spot(
         self, expr: torch.Tensor, pos: torch.Tensor | None = None, groups: Any = None
@@ -969,12 +995,18 @@ class MclSTExp(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         expr: torch.Tensor,
         pos: torch.Tensor | None = None,
         groups: Any = None,
+        *,
+        features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Encode a batch of paired patches and spots and compute the loss.
+
+        Pass ``images`` (normalised patches), or ``images=None`` and ``features`` (the
+        frozen backbone's pooled features of the same patches, e.g. from the feature
+        cache): the rest of the computation is the same.
 
         Returns
         -------
@@ -983,11 +1015,15 @@ class MclSTExp(nn.Module):
             ``logits`` (``(B, B)``, rows = spots, columns = images:
             ``spot_emb @ image_emb.T / temperature``) and ``temperature`` (scalar).
         """
-        if images.shape[0] != expr.shape[0]:
+        if (images is None) == (features is None):
+            raise ValueError("pass exactly one of images (normalised patches) and features "
+                             "(pooled backbone features).")
+        x = images if images is not None else features
+        if x.shape[0] != expr.shape[0]:
             raise ValueError(
-                f"images and expr must have the same batch size, got {images.shape[0]} and {expr.shape[0]}."
+                f"images and expr must have the same batch size, got {x.shape[0]} and {expr.shape[0]}."
             )
-        image_emb = self.encode_image(images)
+        image_emb = self.encode_image(images) if images is not None else self.encode_features(features)
         spot_emb = self.encode_spot(expr, pos, groups)
         temperature = self.temperature
         logits = spot_emb @ image_emb.T / temperature

@@ -515,7 +515,7 @@ def predict_section(
     reference,
     test_adata,
     *,
-    config,
+    config=None,
     top_k: int = 200,
     metric: str = "l1",
     test_data=None,
@@ -548,8 +548,9 @@ def predict_section(
         (:func:`mclstexp_lite.pp.prepare`). Only its patches are used for the
         prediction; its expression is never read.
     config
-        :class:`mclstexp_lite.train.TrainConfig` used for training (image size and
-        precision of the image pass).
+        Optional :class:`mclstexp_lite.train.TrainConfig`: only the device and precision
+        settings of the image pass are read. The input size and normalisation come from
+        the model itself (``model.preprocessing``).
     top_k, metric
         Passed to :func:`retrieve` (published evaluation: 200 and ``"l1"``).
     test_data

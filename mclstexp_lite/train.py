@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import features as fx
 from . import models as mdl
 from . import patches as pt
 from .download import atomic_write, atomic_write_json
@@ -50,7 +51,8 @@ class TrainConfig:
 
     The defaults are the paper's: 90 epochs, batch 128, learning rate 1e-4, weight decay
     1e-3, Adam (as in the published code; the paper's text says AdamW, select it with
-    ``optimizer="adamw"``), DenseNet-121 with ImageNet weights at 224 px.
+    ``optimizer="adamw"``), DenseNet-121 with ImageNet weights at 224 px, fine-tuned end
+    to end. Named profiles (:data:`PROFILES`) change numbers, not code paths.
 
     Attributes
     ----------
@@ -58,17 +60,25 @@ class TrainConfig:
         Keyword arguments for :class:`mclstexp_lite.models.MclSTExp` (``n_genes`` is
         taken from the data).
     image_size
-        Side of the model's input. Cached patches (224 px) are resized on the device
-        when this differs; the tissue area stays the same.
+        Side of the image encoder's input; ``None`` (default): the encoder's own
+        (224 px for the built-in encoders, :mod:`mclstexp_lite.encoders`). Cached patches
+        (224 px) are resized when this differs; the tissue area stays the same. Stored
+        in the model's config, so the checkpoint says how to feed the encoder.
     mode
-        ``"full"`` trains everything end to end; ``"lite"`` freezes the image encoder,
-        computes its features once per patch (no augmentation) and trains only the
-        projection heads and the spot encoder: the fast path on a CPU when pretrained
-        weights exist.
+        ``"full"`` trains everything end to end (the paper). ``"frozen"`` freezes the
+        image encoder, takes its features of every patch from the on-disk feature cache
+        (:mod:`mclstexp_lite.features`, computed once per section, encoder and weights)
+        and trains the projection heads and the spot encoder on them: the field's
+        frozen-encoder protocol, and seconds per epoch on a CPU.
+    feature_views
+        ``"frozen"`` only: dihedral views of each patch (1-8; view 0 is the patch as
+        cut) whose features are cached; each epoch every spot uses one of them at
+        random. 1 (default) means no augmentation.
     augment, rotation, jitter
-        Random flips, rotations (``"90"``: multiples of 90 degrees, ``"any"``: any angle,
-        as the published RandomRotation(180)) and colour jitter of brightness, contrast
-        and saturation (0.5 each in the published code), applied on the device.
+        ``"full"`` only: random flips, rotations (``"90"``: multiples of 90 degrees,
+        ``"any"``: any angle, as the published RandomRotation(180)) and colour jitter of
+        brightness, contrast and saturation (0.5 each in the published code), applied on
+        the device.
     amp
         ``"auto"``: bf16 autocast on CUDA devices that support it, off elsewhere;
         ``"bf16"`` or ``"off"`` force it.
@@ -85,8 +95,9 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     channels_last: bool | None = None
-    image_size: int = 224
+    image_size: int | None = None
     mode: str = "full"
+    feature_views: int = 1
     augment: bool = True
     rotation: str | None = "90"
     jitter: float = 0.5
@@ -96,10 +107,18 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad field."""
-        for name in ("epochs", "batch_size", "image_size", "min_batch"):
+        for name in ("epochs", "batch_size", "image_size", "min_batch", "feature_views"):
             v = getattr(self, name)
+            if v is None and name == "image_size":
+                continue
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        if self.feature_views > fx.N_VIEWS:
+            raise ValueError(f"TrainConfig.feature_views must be at most {fx.N_VIEWS} (the "
+                             f"dihedral views of a patch), got {self.feature_views}")
+        if self.mode == "lite":
+            raise ValueError("TrainConfig.mode='lite' was renamed 'frozen' (frozen encoder, "
+                             "features from the on-disk cache); use mode='frozen'")
         for name in ("lr", "weight_decay", "jitter"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
@@ -107,13 +126,17 @@ class TrainConfig:
         if self.lr == 0:
             raise ValueError("TrainConfig.lr must be > 0")
         choices = {"optimizer": ("adam", "adamw"), "amp": ("auto", "bf16", "off"),
-                   "mode": ("full", "lite"), "rotation": ("90", "any", None)}
+                   "mode": ("full", "frozen"), "rotation": ("90", "any", None)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got "
                                  f"{getattr(self, name)!r}")
         if "weights" not in self.model:
             raise ValueError("TrainConfig.model must say weights='imagenet', None or a path")
+        if "image_size" in self.model and self.image_size is not None \
+                and self.model["image_size"] != self.image_size:
+            raise ValueError(f"TrainConfig.image_size={self.image_size} and "
+                             f"model['image_size']={self.model['image_size']} disagree; set one")
         resolve_device(self.device)
         return self
 
@@ -130,7 +153,7 @@ class TrainConfig:
 
     @classmethod
     def profile(cls, name: str, **overrides) -> "TrainConfig":
-        """A named profile (``"paper"`` or ``"quick"``) with optional overrides.
+        """A named profile of :data:`PROFILES` with optional overrides.
 
         ``model`` overrides are merged into the profile's model settings.
         """
@@ -151,13 +174,19 @@ class TrainConfig:
 
 #: Named profiles: overrides of the same dataclass, not a second code path.
 PROFILES: dict[str, dict] = {
-    # Paper settings (GPU, full data, ImageNet weights).
+    # The paper: DenseNet-121 with ImageNet weights, fine-tuned end to end at 224 px, 90
+    # epochs, batch 128 (GPU, full data, weights downloaded by torchvision).
     "paper": {},
-    # CPU in about a minute per fold on 2 cores, no pretrained weights: a small ResNet-18
-    # on 64 px inputs (the same ~155 um of tissue, downsampled), batch 64, 12 epochs at
-    # the paper's learning rate (1e-3 collapsed to the chance loss ln(64) in our trials).
-    "quick": {"epochs": 12, "batch_size": 64, "lr": 1e-4, "image_size": 64,
-              "model": {"image_arch": "resnet18", "weights": None}},
+    # Every machine, offline, a laptop CPU: EfficientNet-Lite0 with the ImageNet weights
+    # of its pip package, frozen; its features of each 224 px patch are computed once and
+    # cached, then the heads and the spot Transformer train on them (seconds per epoch).
+    # lr and epochs from the sweep in docs/architecture.md ("Choosing the quick profile").
+    "quick": {"mode": "frozen", "epochs": 20, "batch_size": 128, "lr": 1e-4,
+              "model": {"image_arch": "efficientnet_lite0", "weights": "imagenet"}},
+    # A CPU with internet: the paper's DenseNet-121 (ImageNet weights from torchvision),
+    # frozen, the same cached-feature path and numbers as "quick".
+    "densenet_frozen": {"mode": "frozen", "epochs": 20, "batch_size": 128, "lr": 1e-4,
+                        "model": {"image_arch": "densenet121", "weights": "imagenet"}},
 }
 
 
@@ -187,14 +216,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def _amp_dtype(config: TrainConfig, device: torch.device):
-    if config.amp == "off":
+def _amp_for(amp: str, device: torch.device):
+    """Autocast dtype for an ``amp`` setting (``"auto"``, ``"bf16"``, ``"off"``) on ``device``."""
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+    if amp == "off":
         return None
-    if config.amp == "bf16":
+    if amp == "bf16":
         return torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device):
+    return _amp_for(config.amp, device)
 
 
 # ============================================================================= data
@@ -354,69 +390,47 @@ def model_from_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> mdl
 
 def _model_from_ckpt(ckpt: dict) -> mdl.MclSTExp:
     """The model of an already loaded checkpoint (see :func:`model_from_checkpoint`)."""
-    model = mdl.MclSTExp.from_config(ckpt["model_config"])
+    mc = ckpt["model_config"]
+    try:
+        model = mdl.MclSTExp.from_config(mc)
+    except (ValueError, ImportError, RuntimeError, OSError) as exc:
+        raise ValueError(
+            f"the checkpoint's image encoder {mc.get('image_arch')!r} cannot be rebuilt here "
+            f"({type(exc).__name__}: {exc}). Install what it needs (for 'timm:' encoders the "
+            "same timm version and, for hub models, access to the model), or use the "
+            "mclstexp_lite version that wrote the checkpoint.") from exc
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
 
 def build_model(config: TrainConfig, n_genes: int) -> mdl.MclSTExp:
+    """The :class:`~mclstexp_lite.models.MclSTExp` that ``config`` trains (``n_genes`` genes).
+
+    ``mode="frozen"`` freezes the image encoder; ``config.image_size`` (if set) becomes
+    the model's ``image_size``.
+    """
     kw = dict(config.model)
-    if config.mode == "lite":
+    if config.mode == "frozen":
         kw["freeze_image"] = True
+    if config.image_size is not None:
+        kw["image_size"] = int(config.image_size)
     return mdl.MclSTExp(n_genes, **kw)
 
 
 # ========================================================================= the loop
-#: Images resized together by :func:`_resize_u8` on the CPU. Each image is resized on
-#: its own, so the result does not depend on this; a few at a time keep the float32
-#: copy in the processor's cache (the whole batch at once took 3x longer on a CPU,
-#: ``benchmarks/bench_encoder.py``).
-_RESIZE_GROUP = 8
+# The uint8 resize and batch gather live in mclstexp_lite.features (also used there).
+_RESIZE_GROUP = fx._RESIZE_GROUP
+_resize_u8 = fx.resize_u8
+_batch_images = fx.batch_images
 
 
-def _resize_u8(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Antialiased bilinear resize of a uint8 NCHW batch, rounded back to uint8.
-
-    Computed in float32 (the same numbers on every device); on the CPU in groups of
-    :data:`_RESIZE_GROUP` images, bitwise equal to resizing the whole batch at once.
-    """
-    def one(part):
-        part = part.to(torch.float32, memory_format=torch.contiguous_format)
-        return F.interpolate(part, size=(size, size), mode="bilinear",
-                             antialias=True, align_corners=False).round_().clamp_(0, 255)
-
-    if x.device.type != "cpu":
-        return one(x).to(torch.uint8)
-    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
-    for i in range(0, x.shape[0], _RESIZE_GROUP):
-        out[i:i + _RESIZE_GROUP] = one(x[i:i + _RESIZE_GROUP])
-    return out
-
-
-def _batch_images(data: SpotData, idx: np.ndarray, size: int, device, *,
-                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """uint8 batch of spots ``idx`` at the model's input ``size``, NCHW shape.
-
-    On the CPU, when the cached patches must be resized, a few spots are gathered and
-    resized at a time, so no full-size copy of the batch is made; the result is bitwise
-    what :func:`_resize_u8` gives for the whole gathered batch.
-    """
-    cached = data.patches[0].shape[1] if len(data.patches) else size
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if cached == size or not on_cpu:
-        return data.images(idx, device=device, memory_format=memory_format)
-    idx = np.asarray(idx, dtype=np.int64)
-    out = torch.empty((len(idx), 3, size, size), dtype=torch.uint8)
-    for i in range(0, len(idx), _RESIZE_GROUP):
-        part = data.images(idx[i:i + _RESIZE_GROUP], memory_format=torch.channels_last)
-        out[i:i + _RESIZE_GROUP] = _resize_u8(part, size)
-    return out
-
-
-def _prepare_images(batch_u8: torch.Tensor, config: TrainConfig, *, train: bool,
-                    generator: torch.Generator | None, channels_last: bool) -> torch.Tensor:
-    """uint8 NCHW patches -> normalised float model input (resize, augment, normalise)."""
-    size = config.image_size
+def _prepare_images(batch_u8: torch.Tensor, encoder: mdl.ImageEncoder, config: TrainConfig, *,
+                    train: bool, generator: torch.Generator | None,
+                    channels_last: bool) -> torch.Tensor:
+    """uint8 NCHW patches -> normalised float input of ``encoder`` (resize to its
+    ``image_size``, augment as ``config`` says when ``train``, normalise with its mean
+    and std)."""
+    size = encoder.image_size
     x = batch_u8
     if x.shape[-1] != size or x.shape[-2] != size:
         # resize first so augmentation works on the (usually smaller) model input
@@ -428,8 +442,8 @@ def _prepare_images(batch_u8: torch.Tensor, config: TrainConfig, *, train: bool,
     else:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = x.to(torch.float32, memory_format=fmt).div_(255.0)
-    mean = torch.tensor(mdl.IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(mdl.IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(encoder.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     x = (x - mean) / std
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -551,7 +565,10 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
     amp_dtype = _amp_dtype(config, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    # the fused kernel: same update, one pass over the parameters (1.6x faster per step on
+    # a 2-core CPU for the quick profile's heads and spot Transformer)
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
     if ckpt is not None and "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
     net = model
@@ -559,14 +576,17 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    features = None
-    if config.mode == "lite" and world > 1:
-        raise ValueError("mode='lite' trains only small heads; run it in one process, not "
-                         "under torchrun")
-    if config.mode == "lite":
-        features = image_features(model, data, config=config, device=device,
-                                  cache=(out / "image_features.pt") if out is not None else None,
-                                  progress=progress and rank == 0)
+    bank = None
+    if config.mode == "frozen" and world > 1:
+        raise ValueError("mode='frozen' trains only small heads on cached features; run it in "
+                         "one process, not under torchrun")
+    if config.mode == "frozen":
+        if not model.image_encoder.freeze:
+            raise ValueError("mode='frozen' needs a model whose image encoder is frozen "
+                             "(MclSTExp(..., freeze_image=True)); build it with build_model")
+        bank = fx.spot_features(model.image_encoder, data, views=config.feature_views,
+                                device=device, amp=config.amp, progress=progress and rank == 0)
+    size = model.image_encoder.image_size
 
     from tqdm.auto import tqdm
 
@@ -578,6 +598,7 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
         torch.manual_seed(config.seed * 100_003 + epoch)  # dropout etc.: resumable
         aug_gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
         aug_gen.manual_seed(config.seed * 7_919 + epoch)
+        view_gen = torch.Generator().manual_seed(config.seed * 6_007 + epoch)
         batches = _epoch_batches(len(data), config, epoch, rank, world)
         net.train()
         t0, seen, total = time.time(), 0, 0.0
@@ -595,17 +616,16 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
             grp = grp.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
-                if features is None:
-                    imgs = _prepare_images(_batch_images(data, b, config.image_size, device),
-                                           config, train=True,
+                if bank is None:  # "full": pixels through the whole model
+                    imgs = _prepare_images(_batch_images(data, b, size, device),
+                                           model.image_encoder, config, train=True,
                                            generator=aug_gen, channels_last=channels_last)
-                    out_d = net(imgs, expr, pos, grp)
-                    loss = out_d["loss"]
-                else:
-                    image_emb = model._finish(model.image_projection(features[bt].to(device)))
-                    spot_emb = model.encode_spot(expr, pos, grp)
-                    loss = mdl.contrastive_loss(spot_emb, image_emb,
-                                                temperature=model.temperature)
+                    loss = net(imgs, expr, pos, grp)["loss"]
+                else:  # "frozen": the encoder's cached features of one view per spot
+                    view = (torch.randint(len(bank), (len(b),), generator=view_gen)
+                            if len(bank) > 1 else torch.zeros(len(b), dtype=torch.long))
+                    feats = bank[view, bt].to(device, non_blocking=True)
+                    loss = net(None, expr, pos, grp, features=feats)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -630,6 +650,7 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
                 "model_config": model.config, "config": config.to_dict(),
                 "epoch": epoch + 1, "history": history, "rng": _rng_state(),
                 "genes": list(data.genes), "sections": list(data.sections),
+                "preprocessing": model.preprocessing,
             }, ckpt_path)
             atomic_write_json(out / "history.json", history)
         if callback is not None:
@@ -652,40 +673,30 @@ def _comparable(config: TrainConfig) -> dict:
 
 # ========================================================================= inference
 @torch.no_grad()
-def image_features(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | None = None,
-                   device=None, batch_size: int = 256, cache: str | os.PathLike | None = None,
-                   progress: bool = True) -> torch.Tensor:
-    """Backbone features (before projection) of every patch, computed once and cached."""
-    config = config or TrainConfig()
-    device = resolve_device(device or config.device)
-    if cache is not None and Path(cache).exists():
-        try:
-            feats = torch.load(cache, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated or foreign file: it is only a cache
-            log.warning("cannot read the feature cache %s (%s: %s); recomputing", cache,
-                        type(exc).__name__, exc)
-            feats = None
-        if isinstance(feats, torch.Tensor) and feats.shape[0] == len(data):
-            return feats
-        if feats is not None:
-            log.warning("%s holds %s, not %d rows of features; recomputing", cache,
-                        tuple(feats.shape) if isinstance(feats, torch.Tensor)
-                        else type(feats).__name__, len(data))
-    enc = model.image_encoder.to(device).eval()
-    out = _batched(lambda x: enc(x), data, config, device, batch_size, progress, "features")
-    if cache is not None:
-        _atomic_torch_save(out, Path(cache))
-    return out
-
-
-@torch.no_grad()
 def embed_images(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | None = None,
                  device=None, batch_size: int = 256, progress: bool = True) -> np.ndarray:
-    """Image embeddings ``(N, proj_dim)`` of every patch (no augmentation), float32."""
-    config = config or TrainConfig()
+    """Image embeddings ``(N, proj_dim)`` of every patch (no augmentation), float32.
+
+    The input size and normalisation come from the model's image encoder
+    (``model.preprocessing``), so the model and the data are all that is needed. A
+    frozen encoder's features come from the feature cache (:mod:`mclstexp_lite.features`,
+    view 0), computed there once; a trained encoder runs on the pixels.
+
+    Parameters
+    ----------
+    config
+        Optional: only its ``device``, ``amp`` and ``channels_last`` are read.
+    """
+    config = config or TrainConfig(device=str(device or "auto"))
     device = resolve_device(device or config.device)
     model = model.to(device).eval()
-    return _batched(model.encode_image, data, config, device, batch_size, progress,
+    if model.image_encoder.freeze:
+        feats = fx.spot_features(model.image_encoder, data, views=1, device=device,
+                                 amp=config.amp, progress=progress)[0]
+        outs = [model.encode_features(feats[i:i + batch_size].to(device)).float().cpu()
+                for i in range(0, len(feats), batch_size)]
+        return (torch.cat(outs) if outs else torch.empty((0, model.config["proj_dim"]))).numpy()
+    return _batched(model, data, config, device, batch_size, progress,
                     "embedding patches").numpy()
 
 
@@ -713,22 +724,26 @@ def embed_spots(model: mdl.MclSTExp, data: SpotData, *, device="auto",
     return torch.cat(outs).numpy()
 
 
-def _batched(fn, data: SpotData, config: TrainConfig, device, batch_size, progress, desc):
+@torch.no_grad()
+def _batched(model: mdl.MclSTExp, data: SpotData, config: TrainConfig, device, batch_size,
+             progress, desc):
     from tqdm.auto import tqdm
 
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     amp_dtype = _amp_dtype(config, device)
+    encoder = model.image_encoder
     outs = []
     idx = np.arange(len(data))
     for i in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not progress, leave=False):
         b = idx[i:i + batch_size]
-        x = _prepare_images(_batch_images(data, b, config.image_size, device,
+        x = _prepare_images(_batch_images(data, b, encoder.image_size, device,
                                           memory_format=torch.channels_last),
-                            config, train=False, generator=None, channels_last=channels_last)
+                            encoder, config, train=False, generator=None,
+                            channels_last=channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
-            outs.append(fn(x).float().cpu())
-    return torch.cat(outs)
+            outs.append(model.encode_image(x).float().cpu())
+    return torch.cat(outs) if outs else torch.empty((0, model.config["proj_dim"]))
 
 
 # ============================================================================== CLI

@@ -20,7 +20,8 @@ from . import download as dl
 
 log = logging.getLogger(__name__)
 
-PROFILES = ("quick", "paper")
+#: Training profiles the notebooks accept (the table is :data:`mclstexp_lite.train.PROFILES`).
+PROFILES = ("quick", "densenet_frozen", "paper")
 
 
 # ------------------------------------------------------------------ parameters
@@ -66,6 +67,17 @@ def check_params(*, dataset: str, sections: Sequence[str], profile: str | None =
                 f"offline (MCLSTEXP_OFFLINE=1) and these sections lack local files: {missing}. "
                 f"Sections available under {dl.data_dir(data_dir)}: {avail}. Point "
                 f"MCLSTEXP_DATA at a folder with the data, allow downloads, or pick from those.")
+
+
+def train_config(profile: str, *, epochs: int | None = None, batch_size: int | None = None,
+                 seed: int | None = None, device: str = "auto"):
+    """The notebooks' :class:`~mclstexp_lite.train.TrainConfig`: ``profile`` with the
+    given overrides; ``None`` keeps the profile's own value (its epochs, batch size...)."""
+    from . import train as tr
+
+    over = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("seed", seed))
+            if v is not None}
+    return tr.TrainConfig.profile(profile, device=device, **over)
 
 
 # ---------------------------------------------------------------- preparation

@@ -118,11 +118,11 @@ def tiny_config(**kw) -> tr.TrainConfig:
 def trained_run(tmp_path_factory):
     """One epoch of a tiny model on SYNTHETIC data; returns the output folder.
 
-    ``mode="lite"`` (frozen backbone): a 46 MB checkpoint written in about a second,
+    ``mode="frozen"`` (frozen backbone): a 46 MB checkpoint written in about a second,
     instead of 131 MB (with the backbone's Adam moments) and ten times as long.
     """
     out = tmp_path_factory.mktemp("run")
-    tr.train(synthetic_spotdata(), tiny_config(mode="lite"), out_dir=out, progress=False)
+    tr.train(synthetic_spotdata(), tiny_config(mode="frozen"), out_dir=out, progress=False)
     return out
 
 
@@ -417,18 +417,32 @@ def test_foreign_checkpoint_contents_are_refused(tmp_path):
 
 
 def test_unreadable_feature_cache_is_recomputed_with_a_warning(trained_run, tmp_path, caplog):
+    """SYNTHETIC patches: a damaged feature-cache entry (empty, not an array, or a
+    half-written one without its JSON) is never used; it is recomputed with a warning."""
+    from mclstexp_lite import features as fx
+
     model = tr.model_from_checkpoint(trained_run)
-    data = synthetic_spotdata()
-    expected = tr.image_features(model, data, config=tiny_config(), progress=False)
-    cache = tmp_path / "image_features.pt"
-    for content in (b"", b"not a torch file"):
-        cache.write_bytes(content)
+    patches = synthetic_spotdata().patches[0]
+    enc = model.image_encoder
+    expected = fx.section_features(enc, patches, device="cpu", cache_dir=False, progress=False)
+    cache = tmp_path / "features"
+    fx.section_features(enc, patches, device="cpu", cache_dir=cache, name="S0", progress=False)
+    (npy,) = cache.glob("*.npy")
+    for content in (b"", b"not a numpy file"):
+        npy.write_bytes(content)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="mclstexp_lite.train"):
-            got = tr.image_features(model, data, config=tiny_config(), cache=cache, progress=False)
-        assert "cannot read the feature cache" in caplog.text and str(cache) in caplog.text
-        torch.testing.assert_close(got, expected)
-        assert torch.equal(torch.load(cache, weights_only=True), got)  # rewritten, readable
+        with caplog.at_level(logging.WARNING, logger="mclstexp_lite.features"):
+            got = fx.section_features(enc, patches, device="cpu", cache_dir=cache, name="S0",
+                                      progress=False)
+        assert "cannot read feature cache entry" in caplog.text and str(npy) in caplog.text
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(np.load(npy), expected)  # rewritten, readable
+    npy.with_suffix(".json").unlink()  # an interrupted write: array without its JSON
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mclstexp_lite.features"):
+        fx.section_features(enc, patches, device="cpu", cache_dir=cache, name="S0",
+                            progress=False)
+    assert "interrupted write" in caplog.text
 
 
 def test_results_folder_of_another_run_is_never_replaced(trained_run, tmp_path):

@@ -56,10 +56,10 @@ def synthetic_sections(folder: Path, *, spots=SPOTS, patients=PATIENTS, genes=GE
 
 
 def tiny_config(**kw) -> tr.TrainConfig:
-    """Tiny training: 1 epoch, 32 px, ResNet-18 (random init). ``mode="lite"`` (frozen
+    """Tiny training: 1 epoch, 32 px, ResNet-18 (random init). ``mode="frozen"`` (frozen
     encoder, trained heads) keeps the file fast; one test runs ``mode="full"``."""
     base = dict(epochs=1, batch_size=8, lr=1e-3, image_size=32, device="cpu", seed=0,
-                mode="lite",
+                mode="frozen",
                 model={"image_arch": "resnet18", "weights": None, "n_pos": 16})
     base.update(kw)
     return tr.TrainConfig.from_dict(base).validate()

@@ -239,7 +239,7 @@ def test_weights_path_wrong_shapes(tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"wrong shape.*backbone\.conv1\.weight \(64, 3, 3, 3\)"):
         ImageEncoder("resnet18", weights=path)
-    with pytest.raises(ValueError, match="neither 'imagenet' nor an existing file"):
+    with pytest.raises(ValueError, match="neither 'imagenet'/'pretrained' nor an existing file"):
         ImageEncoder("resnet18", weights=tmp_path / "missing.pt")
 
 

@@ -1,4 +1,4 @@
-"""Trainer tests: config, device, checkpoints and exact resume, lite mode, DDP on CPU,
+"""Trainer tests: config, device, checkpoints and exact resume, frozen mode, DDP on CPU,
 and one optimisation step on real HER2+ patches."""
 
 from __future__ import annotations
@@ -45,9 +45,18 @@ def test_profiles_are_overrides_of_one_config():
     assert (paper.epochs, paper.batch_size, paper.lr, paper.weight_decay, paper.optimizer) == (
         90, 128, 1e-4, 1e-3, "adam")
     assert paper.model == {"image_arch": "densenet121", "weights": "imagenet"}
+    assert (paper.mode, paper.image_size) == ("full", None)  # the encoder's own 224 px
     quick = tr.TrainConfig.profile("quick", epochs=2, model={"n_pos": 40})
-    assert quick.model["weights"] is None and quick.model["n_pos"] == 40 and quick.epochs == 2
+    assert quick.model["image_arch"] == "efficientnet_lite0" and quick.mode == "frozen"
+    assert quick.model["weights"] == "imagenet" and quick.model["n_pos"] == 40 and quick.epochs == 2
+    dense = tr.TrainConfig.profile("densenet_frozen")
+    assert (dense.mode, dense.model["image_arch"], dense.model["weights"]) == (
+        "frozen", "densenet121", "imagenet")
     assert tr.TrainConfig.profile("paper", optimizer="adamw").optimizer == "adamw"
+    with pytest.raises(ValueError, match="renamed 'frozen'"):
+        tr.TrainConfig(mode="lite").validate()
+    with pytest.raises(ValueError, match="feature_views must be at most 8"):
+        tr.TrainConfig(feature_views=9).validate()
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -140,15 +149,17 @@ def test_checkpoint_round_trip_and_embeddings(tmp_path):
     assert set(ck) >= {"model", "optimizer", "config", "epoch", "history", "rng", "model_config"}
 
 
-def test_lite_mode_freezes_the_encoder_and_caches_features(tmp_path):
+def test_frozen_mode_freezes_the_encoder_and_caches_features(tmp_path, monkeypatch):
+    monkeypatch.setenv("MCLSTEXP_CACHE", str(tmp_path / "cache"))
     data = synthetic_data()
-    cfg = tiny_config(mode="lite", epochs=2)
+    cfg = tiny_config(mode="frozen", epochs=2)
     torch.manual_seed(0)
     model = tr.build_model(cfg, data.n_genes)
     before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
-    res = tr.train(data, cfg, out_dir=tmp_path, progress=False, model=model)
+    res = tr.train(data, cfg, out_dir=tmp_path / "run", progress=False, model=model)
     assert _state_equal(before, res.model.image_encoder.state_dict())
-    assert (tmp_path / "image_features.pt").exists()
+    # one feature-cache entry per section (view 0), reused by embedding
+    assert len(list((tmp_path / "cache" / "features").glob("*.json"))) == len(data.sections)
     proj0 = tr.build_model(cfg, data.n_genes).image_projection.state_dict()
     assert not _state_equal(proj0, res.model.image_projection.state_dict())
     assert all(np.isfinite(h["loss"]) for h in res.history)
@@ -201,8 +212,8 @@ def test_one_step_on_real_her2_patches_lowers_the_loss(her2_c2):
     cfg = tr.TrainConfig(image_size=64, device="cpu", augment=False,
                          model={"weights": None})
     idx = np.arange(32)
-    x = tr._prepare_images(data.images(idx), cfg, train=False, generator=None,
-                           channels_last=False)
+    x = tr._prepare_images(data.images(idx), model.image_encoder, cfg, train=False,
+                           generator=None, channels_last=False)
     expr = torch.from_numpy(data.expr[idx])
     pos = torch.from_numpy(data.pos[idx])
     # training mode throughout (batch statistics; dropout is 0 in the paper setting), so
@@ -251,14 +262,15 @@ def test_channels_last_gather_gives_identical_model_input(size, channels_last):
     without a resize, for batches from one section and from several."""
     data = synthetic_data(size=32)
     cfg = tr.TrainConfig(image_size=size, device="cpu", model={"weights": None})
+    enc = mdl.ImageEncoder("resnet18", image_size=size)
     for idx in (np.array([3, 0, 7, 7]), np.array([15, 2, 20, 11, 0])):
         nchw = data.images(idx)
         cl = data.images(idx, memory_format=torch.channels_last)
         assert cl.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(cl, nchw)
-        a = tr._prepare_images(nchw, cfg, train=False, generator=None,
+        a = tr._prepare_images(nchw, enc, cfg, train=False, generator=None,
                                channels_last=channels_last)
-        b = tr._prepare_images(cl, cfg, train=False, generator=None,
+        b = tr._prepare_images(cl, enc, cfg, train=False, generator=None,
                                channels_last=channels_last)
         assert torch.equal(a, b)
         fmt = torch.channels_last if channels_last else torch.contiguous_format

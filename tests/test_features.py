@@ -1,0 +1,175 @@
+"""Tests for mclstexp_lite.features: the frozen-feature cache (keyed by content, atomic,
+stale entries refused), dihedral views, and training / embedding from cached features.
+
+Everything here runs on SYNTHETIC patches and expression (random numbers, labelled so)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from mclstexp_lite import features as fx
+from mclstexp_lite import models as mdl
+from mclstexp_lite import train as tr
+
+from .test_train import synthetic_data
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("MCLSTEXP_CACHE", str(folder))
+    return folder / "features"
+
+
+def _encoder(seed=0, size=32):
+    torch.manual_seed(seed)
+    return mdl.ImageEncoder("resnet18", weights=None, freeze=True, image_size=size).eval()
+
+
+def _patches(n=6, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _direct(encoder, patches, view=0):
+    """The plain computation: normalise, view, encode, one image at a time."""
+    x = torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(encoder.mean).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std).view(1, 3, 1, 1)
+    x = fx.apply_view((x - mean) / std, view)
+    with torch.no_grad():
+        return torch.cat([encoder(x[i:i + 1]) for i in range(len(x))]).numpy()
+
+
+def test_features_equal_the_plain_computation_and_are_cached_once(cache, caplog):
+    enc, p = _encoder(), _patches()
+    with caplog.at_level(logging.INFO, logger="mclstexp_lite.features"):
+        first = fx.section_features(enc, p, device="cpu", name="S1", progress=False)
+    np.testing.assert_allclose(first, _direct(enc, p), rtol=1e-4, atol=1e-5)
+    assert "cached 6 features of S1" in caplog.text
+    (meta_path,) = cache.glob("S1_*.json")
+    meta = json.loads(meta_path.read_text())
+    assert meta["weights_sha256"] == enc.fingerprint() and meta["view"] == 0
+    assert meta["patches"].startswith("pixels:") and meta["n_spots"] == 6
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mclstexp_lite.features"):
+        again = fx.section_features(enc, p, device="cpu", name="S1", progress=False)
+    assert "cached" not in caplog.text  # read back, not recomputed
+    assert isinstance(again, np.memmap) and not again.flags.writeable
+    np.testing.assert_array_equal(again, first)
+
+
+@pytest.mark.parametrize("change", ["weights", "pixels", "view", "size"])
+def test_another_encoder_weights_patches_or_view_never_reuses_an_entry(cache, change):
+    enc, p = _encoder(), _patches()
+    base = fx.section_features(enc, p, device="cpu", progress=False)
+    kw = {}
+    if change == "weights":
+        enc = _encoder(seed=1)
+    elif change == "pixels":
+        p = p.copy()
+        p[0, 0, 0, 0] ^= 1
+    elif change == "view":
+        kw["view"] = 1
+    else:
+        enc = _encoder(size=24)
+    other = fx.section_features(enc, p, device="cpu", progress=False, **kw)
+    assert len(list(cache.glob("*.json"))) == 2
+    if change != "pixels":
+        assert not np.allclose(other, base)
+
+
+def test_a_stale_entry_is_refused_and_recomputed(cache, caplog):
+    enc, p = _encoder(), _patches()
+    good = fx.section_features(enc, p, device="cpu", progress=False)
+    (meta_path,) = cache.glob("*.json")
+    npy = meta_path.with_suffix(".npy")
+    np.save(npy, np.zeros_like(good))  # another computation's array under this key
+    meta = json.loads(meta_path.read_text())
+    meta["weights_sha256"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="mclstexp_lite.features"):
+        got = fx.section_features(enc, p, device="cpu", progress=False)
+    assert "computed for other inputs (weights_sha256)" in caplog.text
+    np.testing.assert_array_equal(got, good)
+    np.save(npy, np.zeros((3, 512), np.float32))  # wrong shape
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mclstexp_lite.features"):
+        np.testing.assert_array_equal(fx.section_features(enc, p, device="cpu", progress=False), good)
+    assert "expected float32 (6, 512)" in caplog.text
+
+
+def test_patch_cache_entries_are_identified_by_their_key(tmp_path):
+    """A patch-cache memory map is named by its cache key (no hashing of the pixels)."""
+    key = "C9_224px_c999_0123456789abcdef_aaaaaaaaaaaa"
+    arr = np.lib.format.open_memmap(tmp_path / f"{key}.npy", mode="w+", dtype=np.uint8,
+                                    shape=(2, 4, 4, 3))
+    del arr
+    (tmp_path / f"{key}.json").write_text(json.dumps({"key": key, "created": "t0"}))
+    mm = np.load(tmp_path / f"{key}.npy", mmap_mode="r")
+    assert fx.patch_identity(mm) == f"patch-cache:{key}:t0"
+    assert fx.patch_identity(np.array(mm)).startswith("pixels:")
+
+
+def test_views_are_the_dihedral_group():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    seen = {fx.apply_view(x, v).numpy().tobytes() for v in range(fx.N_VIEWS)}
+    assert len(seen) == 8
+    assert torch.equal(fx.apply_view(x, 0), x)
+    assert torch.equal(fx.apply_view(x, 2), torch.flip(x, dims=(-2, -1)))
+    with pytest.raises(ValueError, match="view must be an integer from 0 to 7"):
+        fx.apply_view(x, 8)
+
+
+def test_spot_features_stack_sections_and_views(cache):
+    data = synthetic_data(size=32)
+    enc = _encoder()
+    bank = fx.spot_features(enc, data, views=2, device="cpu", progress=False)
+    assert bank.shape == (2, len(data), 512)
+    first = data.patches[0]
+    np.testing.assert_allclose(bank[1, :len(first)].numpy(), _direct(enc, np.asarray(first), 1),
+                               rtol=1e-4, atol=1e-5)
+    assert len(list(cache.glob("*.json"))) == 2 * len(data.sections)
+    with pytest.raises(ValueError, match="views must be a count from 1 to 8"):
+        fx.spot_features(enc, data, views=0)
+
+
+def _frozen_config(**kw):
+    base = dict(epochs=2, batch_size=8, lr=1e-3, image_size=32, device="cpu", seed=3,
+                mode="frozen", model={"image_arch": "resnet18", "weights": None, "n_pos": 16})
+    base.update(kw)
+    return tr.TrainConfig.from_dict(base).validate()
+
+
+def test_frozen_training_reads_the_cache_and_embeds_like_the_pixel_path(cache):
+    """Frozen training and prediction use the cached features; the image embeddings equal
+    those of the full pixel path through the same (frozen) encoder."""
+    data = synthetic_data(size=32)
+    res = tr.train(data, _frozen_config(), progress=False)
+    assert all(np.isfinite(h["loss"]) for h in res.history)
+    entries = sorted(cache.glob("*.json"))
+    assert len(entries) == len(data.sections)
+    cached = tr.embed_images(res.model, data, device="cpu", progress=False)
+    assert sorted(cache.glob("*.json")) == entries  # reused, nothing new
+    pixel = tr._batched(res.model, data, tr.TrainConfig(device="cpu"), torch.device("cpu"), 64,
+                        False, "").numpy()
+    np.testing.assert_allclose(cached, pixel, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_training_with_views_is_reproducible(cache):
+    data = synthetic_data(size=32)
+    a = tr.train(data, _frozen_config(feature_views=4), progress=False)
+    b = tr.train(data, _frozen_config(feature_views=4), progress=False)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert len(list(cache.glob("*.json"))) == 4 * len(data.sections)
+
+
+def test_frozen_mode_needs_a_frozen_encoder():
+    data = synthetic_data(size=32)
+    model = mdl.MclSTExp(data.n_genes, image_arch="resnet18", weights=None, n_pos=16)
+    with pytest.raises(ValueError, match="freeze_image=True"):
+        tr.train(data, _frozen_config(), model=model, progress=False)
