@@ -776,7 +776,8 @@ def _features(method, data, config, device, progress) -> np.ndarray:
 
     if method == "ridge_features":
         return bl.encoder_features(data, config=config, device=device, progress=progress)
-    return np.concatenate([bl.color_features(p) for p in data.patches])
+    return np.concatenate([bl.section_color_features(p, name=n)
+                           for p, n in zip(data.patches, data.sections)])
 
 
 # ====================================================================== aggregation

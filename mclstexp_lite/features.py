@@ -61,6 +61,7 @@ __all__ = [
     "patch_identity",
     "section_features",
     "spot_features",
+    "cached_array",
     "default_cache_dir",
 ]
 
@@ -242,8 +243,6 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
     numpy.ndarray
         float32 ``(n, encoder.out_dim)`` (a read-only memory map when cached).
     """
-    from . import __version__
-    from . import download
     from .train import _amp_for, resolve_device
 
     view = _check_view(view)
@@ -272,23 +271,47 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
     }
     label = name or "section"
     desc = f"features {label} ({encoder.arch}, view {view})"
-    if cache_dir is False:
-        out = _compute(encoder, patches, view, device, batch_size, amp_dtype, progress, desc)
+
+    def compute():
+        return _compute(encoder, patches, view, device, batch_size, amp_dtype, progress, desc)
+
+    try:
+        return cached_array(identity, compute, dim=encoder.out_dim, cache_dir=cache_dir,
+                            label=f"{_safe(label)}_{_safe(encoder.arch)}_{encoder.image_size}px_v{view}",
+                            extra={"device": str(device)})
+    finally:
         encoder.train(was_training)
-        return out
+
+
+def cached_array(identity: dict, compute, *, dim: int, cache_dir=None, label: str = "x",
+                 extra: dict | None = None, dtype=np.float32) -> np.ndarray:
+    """A ``(identity["n_spots"], dim)`` array of ``dtype`` from the feature cache, or computed.
+
+    ``identity`` (JSON-able, with ``n_spots``) names what the array is; its hash is the
+    entry's key, ``<label>_<hash>``. On a hit the stored identity, dtype and shape are
+    checked; an entry that does not match or cannot be read is refused with a warning and
+    recomputed. ``compute()`` returns the array; it is written atomically (``.npy`` then
+    ``.json``). ``cache_dir=False`` computes without caching.
+    """
+    from . import __version__
+    from . import download
+
+    if cache_dir is False:
+        return compute()
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    key = f"{_safe(label)}_{_safe(encoder.arch)}_{encoder.image_size}px_v{view}_{digest}"
+    key = f"{label}_{digest}"
     npy, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
-    cached = _open(npy, meta_path, identity, encoder.out_dim)
+    cached = _open(npy, meta_path, identity, dim, np.dtype(dtype))
     if cached is not None:
-        encoder.train(was_training)
         return cached
     t0 = time.perf_counter()
-    out = _compute(encoder, patches, view, device, batch_size, amp_dtype, progress, desc)
+    out = np.ascontiguousarray(compute(), dtype=dtype)
     secs = time.perf_counter() - t0
-    encoder.train(was_training)
+    if out.shape != (identity["n_spots"], dim):
+        raise RuntimeError(f"computed {out.shape} for cache entry {key}, expected "
+                           f"{(identity['n_spots'], dim)}")
 
     def write(tmp):
         with open(tmp, "wb") as fh:
@@ -297,16 +320,17 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
     meta_path.unlink(missing_ok=True)
     download.atomic_write(npy, write, suffix=".npy")
     download.atomic_write_json(meta_path, {
-        **identity, "key": key, "feature_dim": int(out.shape[1]), "seconds": round(secs, 3),
+        **identity, **(extra or {}), "key": key, "feature_dim": int(dim),
+        "seconds": round(secs, 3),
         "images_per_s": round(len(out) / secs, 2) if secs > 0 else None,
-        "device": str(device), "package_version": __version__,
+        "package_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-    log.info("cached %d features of %s (%s, view %d) in %s: %.1f s", len(out), label,
-             encoder.arch, view, npy, secs)
+    log.info("cached %d x %d features (%s) in %s: %.1f s", len(out), dim, label, npy, secs)
     return out
 
 
-def _open(npy: Path, meta_path: Path, identity: dict, dim: int) -> np.ndarray | None:
+def _open(npy: Path, meta_path: Path, identity: dict, dim: int,
+          dtype=np.dtype(np.float32)) -> np.ndarray | None:
     """A matching entry, or ``None`` (absent, or refused with a warning)."""
     if not meta_path.exists():
         if npy.exists():
@@ -325,9 +349,9 @@ def _open(npy: Path, meta_path: Path, identity: dict, dim: int) -> np.ndarray | 
     except (OSError, ValueError, EOFError) as err:
         log.warning("cannot read feature cache entry %s (%s); recomputing", npy, err)
         return None
-    if arr.dtype != np.float32 or arr.shape != (identity["n_spots"], dim):
-        log.warning("feature cache entry %s holds %s %s, expected float32 %s; recomputing",
-                    npy, arr.dtype, arr.shape, (identity["n_spots"], dim))
+    if arr.dtype != dtype or arr.shape != (identity["n_spots"], dim):
+        log.warning("feature cache entry %s holds %s %s, expected %s %s; recomputing",
+                    npy, arr.dtype, arr.shape, dtype, (identity["n_spots"], dim))
         return None
     return arr
 

@@ -50,7 +50,7 @@ def test_features_equal_the_plain_computation_and_are_cached_once(cache, caplog)
     with caplog.at_level(logging.INFO, logger="mclstexp_lite.features"):
         first = fx.section_features(enc, p, device="cpu", name="S1", progress=False)
     np.testing.assert_allclose(first, _direct(enc, p), rtol=1e-4, atol=1e-5)
-    assert "cached 6 features of S1" in caplog.text
+    assert "cached 6 x 512 features (S1_resnet18_32px_v0)" in caplog.text
     (meta_path,) = cache.glob("S1_*.json")
     meta = json.loads(meta_path.read_text())
     assert meta["weights_sha256"] == enc.fingerprint() and meta["view"] == 0
@@ -173,3 +173,17 @@ def test_frozen_mode_needs_a_frozen_encoder():
     model = mdl.MclSTExp(data.n_genes, image_arch="resnet18", weights=None, n_pos=16)
     with pytest.raises(ValueError, match="freeze_image=True"):
         tr.train(data, _frozen_config(), model=model, progress=False)
+
+
+def test_color_features_are_cached_per_section(cache):
+    """SYNTHETIC patches: the colour/stain statistics of a section are computed once,
+    kept as float64, and equal the direct computation."""
+    from mclstexp_lite import baselines as bl
+
+    p = _patches(n=5)
+    first = bl.section_color_features(p, name="S1")
+    np.testing.assert_array_equal(first, bl.color_features(p))
+    assert first.dtype == np.float64 and len(list(cache.glob("S1_color_*.json"))) == 1
+    again = bl.section_color_features(p, name="S1")
+    assert isinstance(again, np.memmap)
+    np.testing.assert_array_equal(again, first)
