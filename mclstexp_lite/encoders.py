@@ -31,8 +31,9 @@ name                      pretrained weights              input   mean / std    
   its terms on the hub and log in with your own token, ``huggingface-cli login``; pass
   the model's own keyword arguments through ``encoder_kwargs``, e.g.
   ``{"init_values": 1e-5, "dynamic_img_size": True}`` for UNI). ``weights="pretrained"``
-  (or ``"imagenet"``) asks timm for its default pretrained weights; offline, with
-  nothing cached, that is an error.
+  (or ``"imagenet"``) asks timm for its default pretrained weights; with
+  ``MCLSTEXP_OFFLINE=1`` only the local Hugging Face cache is used, and without the
+  weights there that is an error.
 
 Weights are chosen explicitly everywhere: ``None`` (random initialisation),
 ``"imagenet"`` / ``"pretrained"``, or a path to a state-dict file.
@@ -40,9 +41,11 @@ Weights are chosen explicitly everywhere: ``None`` (random initialisation),
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -225,7 +228,8 @@ def build_backbone(name: str, weights: str | None, *,
         return model
     model_name = name[len("timm:"):]
     try:
-        model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        with _hub_offline(os.environ.get(_ENV_OFFLINE) == "1"):
+            model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
     except (OSError, RuntimeError, http.client.HTTPException, ValueError) as err:
         if not pretrained and not model_name.startswith("hf-hub:"):
             raise
@@ -236,6 +240,28 @@ def build_backbone(name: str, weights: str | None, *,
             "`huggingface-cli login` with your own token. Or pass weights=None explicitly "
             "(random initialisation), or a path to a state-dict file.") from err
     return model
+
+
+_HUB_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """With ``offline``, the Hugging Face hub client uses only its local cache for the
+    duration (``MCLSTEXP_OFFLINE=1``: nothing is downloaded, weights already cached still
+    load). The client reads ``HF_HUB_OFFLINE`` once at import, so its constant is set."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    with _HUB_LOCK:
+        before = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True
+        try:
+            yield
+        finally:
+            constants.HF_HUB_OFFLINE = before
 
 
 def _torchvision(name: str, pretrained: bool) -> nn.Module:

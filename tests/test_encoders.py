@@ -132,12 +132,18 @@ def test_timm_encoder_path_with_a_small_model():
 
 
 def test_timm_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    """With MCLSTEXP_OFFLINE=1 the hub client only looks in its (here empty) cache: an
+    immediate error that says what to do, and the hub's own setting is restored."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("MCLSTEXP_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     torch.hub.set_dir(str(tmp_path / "hub"))
+    before = constants.HF_HUB_OFFLINE
     with pytest.raises(RuntimeError, match="pretrained weights.*weights=None"):
         mdl.ImageEncoder("timm:test_resnet", weights="pretrained")
+    assert constants.HF_HUB_OFFLINE == before
 
 
 def test_preprocessing_is_saved_in_the_checkpoint_and_is_all_prediction_needs(tmp_path):
