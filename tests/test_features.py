@@ -187,3 +187,17 @@ def test_color_features_are_cached_per_section(cache):
     again = bl.section_color_features(p, name="S1")
     assert isinstance(again, np.memmap)
     np.testing.assert_array_equal(again, first)
+
+
+def test_frozen_training_resumes_to_the_same_weights(cache, tmp_path):
+    """SYNTHETIC: a frozen run with random views, stopped after 2 epochs and resumed to 3,
+    ends with exactly the weights of an uninterrupted 3-epoch run."""
+    data = synthetic_data(size=32)
+    whole = tr.train(data, _frozen_config(epochs=3, feature_views=2), progress=False)
+    run = tmp_path / "run"
+    tr.train(data, _frozen_config(epochs=2, feature_views=2), out_dir=run, progress=False)
+    resumed = tr.train(data, _frozen_config(epochs=3, feature_views=2), out_dir=run,
+                       resume=True, progress=False)
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
