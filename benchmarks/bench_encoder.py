@@ -128,7 +128,7 @@ def measure(label, profile, overrides, fields, n_spots, batch, args, timings_out
     over_f = statistics.median(np.divide(times["features_pipeline"], times["features_model"])) - 1
     cpu_over_e = sum(cpu["embed_pipeline"]) / sum(cpu["embed_model"]) - 1
     cpu_over_f = sum(cpu["features_pipeline"]) / sum(cpu["features_model"]) - 1
-    # where the pipeline's extra time goes, as embed_images / image_features do it:
+    # where the pipeline's extra time goes, as embed_images / the feature cache do it:
     # gather (and, when the model input is smaller than the cache, resize a few spots
     # at a time), then normalise; and the full-size gather alone, for reference
     idx = np.arange(min(batch, n_spots))
@@ -190,7 +190,7 @@ def measure(label, profile, overrides, fields, n_spots, batch, args, timings_out
           f"{n_spots / med['features_pipeline']:.1f} vs {n_spots / med['features_model']:.1f} "
           f"images/s = {1 / (1 + over_f):.2f}x the model's rate")
     print(f"  overhead in CPU time (all repetitions): embed_images {cpu_over_e * 100:+.1f} %, "
-          f"image_features {cpu_over_f * 100:+.1f} %")
+          f"features {cpu_over_f * 100:+.1f} %")
     print("  per batch (ms): " + ", ".join(f"{k[:-13]} {v:.1f}" for k, v in extra.items()
                                          if k.endswith("_ms_per_batch")))
     if "alternative_max_grey_level_diff" in extra:

@@ -167,7 +167,7 @@ def section_color_features(patches, *, name: str = "section", cache_dir=None) ->
                 "columns": list(COLOR_FEATURE_NAMES)}
     return fx.cached_array(identity, lambda: color_features(patches),
                            dim=len(COLOR_FEATURE_NAMES), cache_dir=cache_dir,
-                           label=f"{fx._safe(name)}_color", dtype=np.float64)
+                           label=f"{fx.safe_name(name)}_color", dtype=np.float64)
 
 
 def encoder_features(data, *, config, device="auto", progress: bool = False) -> np.ndarray:

@@ -5,8 +5,9 @@ model of the ``timm`` library as ``"timm:<name>"``). A row says how the backbone
 built, where its pretrained weights come from, what input it expects (side in pixels,
 per-channel mean and standard deviation after scaling to [0, 1]) and how many pooled
 features it returns. The preprocessing belongs to the encoder: :class:`~mclstexp_lite.
-models.ImageEncoder` carries it, the model's ``config`` stores it, so a checkpoint alone
-says how to feed its encoder.
+models.ImageEncoder` carries it, every checkpoint records it (``preprocessing``) and
+rebuilding a model from a checkpoint checks that the encoder still uses it, so a
+checkpoint alone says how to feed its encoder.
 
 ========================  ==============================  ======  =================  =====
 name                      pretrained weights              input   mean / std         dim
@@ -48,8 +49,6 @@ import os
 import threading
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -111,12 +110,6 @@ class EncoderSpec:
     feature_dim: int | None
     weights: str
     pip_package: str | None = None
-
-    def preprocessing(self, image_size: int | None = None) -> dict:
-        """The input this encoder expects, as stored in model configs and checkpoints."""
-        return {"image_size": int(image_size or self.input_size), "mean": list(self.mean),
-                "std": list(self.std), "resize": "bilinear, antialiased, from the cached patch",
-                "scale": "pixels / 255"}
 
 
 #: The built-in encoders (``timm:<name>`` is resolved by :func:`get_spec`).
@@ -230,15 +223,22 @@ def build_backbone(name: str, weights: str | None, *,
     try:
         with _hub_offline(os.environ.get(_ENV_OFFLINE) == "1"):
             model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
-    except (OSError, RuntimeError, http.client.HTTPException, ValueError) as err:
-        if not pretrained and not model_name.startswith("hf-hub:"):
-            raise
+    except (OSError, http.client.HTTPException) as err:  # the hub: download or cache
+        what = ("its pretrained weights" if pretrained
+                else "its configuration from the Hugging Face hub (hub models need it even "
+                     "with weights=None)")
         raise RuntimeError(
-            f"could not build {name!r} with its pretrained weights ({type(err).__name__}: "
-            f"{err}). Offline, timm can only use weights already in the Hugging Face cache "
-            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); gated models need "
-            "`huggingface-cli login` with your own token. Or pass weights=None explicitly "
-            "(random initialisation), or a path to a state-dict file.") from err
+            f"could not build {name!r}: {what} could not be fetched ({type(err).__name__}: "
+            f"{err}). Offline (or with MCLSTEXP_OFFLINE=1), timm can only use files already "
+            f"in the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}); "
+            "gated models need `huggingface-cli login` with your own token."
+            + (" Or pass weights=None explicitly (random initialisation), or a path to a "
+               "state-dict file." if pretrained else "")) from err
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"timm could not build {name!r} with encoder_kwargs={kwargs!r} "
+            f"({type(err).__name__}: {err}); check the model name and its arguments "
+            "(timm.create_model).") from err
     return model
 
 
@@ -377,10 +377,3 @@ def state_fingerprint(module: nn.Module) -> str:
         if t.numel():
             h.update(t.cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def describe(spec: EncoderSpec) -> dict[str, Any]:
-    """A JSON-able summary of ``spec`` (for logs and metrics files)."""
-    return {"name": spec.name, "family": spec.family, "input_size": spec.input_size,
-            "mean": list(spec.mean), "std": list(spec.std), "feature_dim": spec.feature_dim,
-            "weights": spec.weights}

@@ -20,10 +20,11 @@ normalisation, view, precision) in ``<cache>/features/`` beside the patch cache
 
 The identity holds the patch entry (its cache key, which already encodes the source
 image's sha256, the spot set and the patch geometry, and its creation time; or the
-sha256 of the pixels for arrays that are not cache entries), the encoder name, the
-sha256 of its weights (:meth:`mclstexp_lite.models.ImageEncoder.fingerprint`, so other
-weights, a fine-tuned backbone or another random seed never reuse an entry), the input
-size, mean and std, the view and the precision. The key is a hash of the identity; on a
+sha256 of the pixels for arrays that are not whole cache entries), the encoder name and
+its construction arguments (``encoder_kwargs``), the sha256 of its weights
+(:meth:`mclstexp_lite.models.ImageEncoder.fingerprint`, so other weights, a fine-tuned
+backbone or another random seed never reuse an entry), the input size, mean and std, the
+view, the device type and the precision. The key is a hash of the identity; on a
 hit the stored identity and the array's shape are checked again, and an entry that does
 not match or cannot be read is refused with a warning and recomputed, never used.
 
@@ -62,6 +63,7 @@ __all__ = [
     "section_features",
     "spot_features",
     "cached_array",
+    "safe_name",
     "default_cache_dir",
 ]
 
@@ -157,18 +159,21 @@ def default_cache_dir() -> Path:
 def patch_identity(patches) -> str:
     """What a section's patch array is, for the feature cache key.
 
-    A patch-cache memory map (:func:`mclstexp_lite.patches.patch_cache`) is named by its
-    cache key and creation time (the key encodes the image's sha256, the spots and the
-    geometry); any other array by the sha256 of its pixels and shape.
+    A whole patch-cache memory map (:func:`mclstexp_lite.patches.patch_cache`) is named
+    by its cache key and creation time (the key encodes the image's sha256, the spots and
+    the geometry); any other array, including a slice or a reordering of an entry (which
+    keeps the entry's file name), by the sha256 of its pixels and shape.
     """
     fn = getattr(patches, "filename", None)
-    if fn:
+    if fn and getattr(patches, "flags", None) is not None and patches.flags.c_contiguous:
         meta_path = Path(fn).with_suffix(".json")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = None
-        if isinstance(meta, dict) and meta.get("key") and Path(fn).stem == meta["key"]:
+        # a C-contiguous view with as many rows as the entry is the entry itself
+        if (isinstance(meta, dict) and meta.get("key") and Path(fn).stem == meta["key"]
+                and len(patches) == meta.get("n_spots")):
             return f"patch-cache:{meta['key']}:{meta.get('created', '')}"
     arr = np.ascontiguousarray(np.asarray(patches))
     h = hashlib.sha256(f"{arr.dtype}|{arr.shape}|".encode())
@@ -176,12 +181,9 @@ def patch_identity(patches) -> str:
     return f"pixels:{h.hexdigest()}"
 
 
-def _safe(text: str) -> str:
+def safe_name(text: str) -> str:
+    """``text`` reduced to letters, digits, ``.`` and ``-`` (for cache file names)."""
     return re.sub(r"[^A-Za-z0-9.-]+", "-", str(text)).strip("-.") or "x"
-
-
-def _precision(device: torch.device, amp_dtype) -> str:
-    return "bf16" if amp_dtype is not None else "fp32"
 
 
 # ---------------------------------------------------------------- compute
@@ -243,7 +245,7 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
     numpy.ndarray
         float32 ``(n, encoder.out_dim)`` (a read-only memory map when cached).
     """
-    from .train import _amp_for, resolve_device
+    from .train import autocast_dtype, resolve_device
 
     view = _check_view(view)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
@@ -253,7 +255,7 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
                          f"{getattr(patches, 'dtype', type(patches).__name__)} "
                          f"{getattr(patches, 'shape', '')}.")
     device = resolve_device(device)
-    amp_dtype = _amp_for(amp, device)
+    amp_dtype = autocast_dtype(amp, device)
     was_training = encoder.training
     encoder = encoder.to(device).eval()
     identity = {
@@ -261,13 +263,15 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
         "patches": patch_identity(patches),
         "n_spots": int(len(patches)),
         "encoder": encoder.arch,
+        "encoder_kwargs": json.dumps(encoder.encoder_kwargs or {}, sort_keys=True),
         "weights_sha256": encoder.fingerprint(),
         "image_size": int(encoder.image_size),
         "mean": [float(v) for v in encoder.mean],
         "std": [float(v) for v in encoder.std],
         "pre_pool_relu": bool(getattr(encoder, "pre_pool_relu", False)),
         "view": view,
-        "precision": _precision(device, amp_dtype),
+        "device_type": device.type,
+        "precision": "bf16" if amp_dtype is not None else "fp32",
     }
     label = name or "section"
     desc = f"features {label} ({encoder.arch}, view {view})"
@@ -277,7 +281,7 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
 
     try:
         return cached_array(identity, compute, dim=encoder.out_dim, cache_dir=cache_dir,
-                            label=f"{_safe(label)}_{_safe(encoder.arch)}_{encoder.image_size}px_v{view}",
+                            label=f"{safe_name(label)}_{safe_name(encoder.arch)}_{encoder.image_size}px_v{view}",
                             extra={"device": str(device)})
     finally:
         encoder.train(was_training)

@@ -32,6 +32,7 @@ Examples
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -269,11 +270,19 @@ class ImageEncoder(nn.Module):
             )
         if not isinstance(freeze, bool):
             raise TypeError(f"freeze must be a bool, got {type(freeze).__name__}.")
-        if encoder_kwargs is not None and not isinstance(encoder_kwargs, dict):
-            raise TypeError(f"encoder_kwargs must be a dict, got {type(encoder_kwargs).__name__}.")
+        if encoder_kwargs is not None:
+            if not isinstance(encoder_kwargs, dict):
+                raise TypeError(f"encoder_kwargs must be a dict, got {type(encoder_kwargs).__name__}.")
+            try:  # stored in the model config, the checkpoint and the feature-cache key
+                json.dumps(encoder_kwargs, sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise TypeError(
+                    f"encoder_kwargs must hold JSON values only (numbers, strings, lists, "
+                    f"dicts), got {encoder_kwargs!r}: {err}") from err
 
         self.arch = arch
         self.spec = spec
+        self.encoder_kwargs = dict(encoder_kwargs) if encoder_kwargs else None
         self.freeze = freeze
         self.pre_pool_relu = bool(pre_pool_relu)
         self.image_size = spec.input_size if image_size is None else _positive_int(image_size, "image_size")
@@ -283,6 +292,15 @@ class ImageEncoder(nn.Module):
             arch, "pretrained" if mode == "pretrained" else None, encoder_kwargs=encoder_kwargs
         )
         self.out_dim = int(spec.feature_dim or self.backbone.num_features)
+        if spec.family == "timm":
+            # timm's own description of the model (for hub models read from the hub's
+            # config): input size and normalisation as it was trained
+            cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+            if image_size is None and cfg.get("input_size"):
+                self.image_size = int(cfg["input_size"][-1])
+            if cfg.get("mean") and cfg.get("std"):
+                self.mean = tuple(float(v) for v in cfg["mean"])
+                self.std = tuple(float(v) for v in cfg["std"])
         if mode == "file":
             self._load_file(path)
 
@@ -364,7 +382,7 @@ class ImageEncoder(nn.Module):
         Parameters
         ----------
         images
-            Float tensor ``(B, 3, H, W)``, ImageNet-normalised.
+            Float tensor ``(B, 3, H, W)``, normalised with :attr:`mean` and :attr:`std`.
 
         Returns
         -------
@@ -373,12 +391,13 @@ class ImageEncoder(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
-                f"images must have shape (B, 3, H, W), got {tuple(images.shape)}; "
-                "use normalize_uint8 to convert uint8 NHWC patches."
+                f"images must have shape (B, 3, H, W), got {tuple(images.shape)}; convert uint8 "
+                "NHWC patches with normalize_uint8(x, mean=encoder.mean, std=encoder.std)."
             )
         if not images.is_floating_point():
             raise TypeError(
-                f"images must be a float tensor, got {images.dtype}; use normalize_uint8 first."
+                f"images must be a float tensor, got {images.dtype}; use "
+                "normalize_uint8(x, mean=encoder.mean, std=encoder.std) first."
             )
         if self.arch == "densenet121":
             fmap = self.backbone.features(images)

@@ -119,6 +119,10 @@ class TrainConfig:
         if self.mode == "lite":
             raise ValueError("TrainConfig.mode='lite' was renamed 'frozen' (frozen encoder, "
                              "features from the on-disk cache); use mode='frozen'")
+        if self.mode == "full" and self.feature_views != 1:
+            raise ValueError(f"TrainConfig.feature_views={self.feature_views} applies to "
+                             "mode='frozen' only (cached views of the frozen features); "
+                             "mode='full' augments the pixels (augment, rotation, jitter)")
         for name in ("lr", "weight_decay", "jitter"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
@@ -216,8 +220,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def _amp_for(amp: str, device: torch.device):
-    """Autocast dtype for an ``amp`` setting (``"auto"``, ``"bf16"``, ``"off"``) on ``device``."""
+def autocast_dtype(amp: str, device: torch.device):
+    """Autocast dtype for an ``amp`` setting (``"auto"``, ``"bf16"``, ``"off"``) on
+    ``device``: ``torch.bfloat16``, or ``None`` for full precision."""
     if amp not in ("auto", "bf16", "off"):
         raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
     if amp == "off":
@@ -230,7 +235,7 @@ def _amp_for(amp: str, device: torch.device):
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device):
-    return _amp_for(config.amp, device)
+    return autocast_dtype(config.amp, device)
 
 
 # ============================================================================= data
@@ -390,17 +395,48 @@ def model_from_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> mdl
 
 def _model_from_ckpt(ckpt: dict) -> mdl.MclSTExp:
     """The model of an already loaded checkpoint (see :func:`model_from_checkpoint`)."""
-    mc = ckpt["model_config"]
+    model = _rebuild(ckpt)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def _rebuild(ckpt: dict) -> mdl.MclSTExp:
+    """The architecture of a checkpoint (weights not loaded), with its preprocessing.
+
+    Checkpoints written before the encoder registry kept the input size only in the
+    training config; it is taken from there. The preprocessing recorded in the
+    checkpoint (input size, mean, std) must be what the rebuilt encoder uses.
+    """
+    mc = dict(ckpt["model_config"])
+    if "image_size" not in mc:
+        mc["image_size"] = (ckpt.get("config") or {}).get("image_size")
     try:
         model = mdl.MclSTExp.from_config(mc)
-    except (ValueError, ImportError, RuntimeError, OSError) as exc:
+    except (ImportError, RuntimeError, OSError, KeyError) as exc:
         raise ValueError(
             f"the checkpoint's image encoder {mc.get('image_arch')!r} cannot be rebuilt here "
             f"({type(exc).__name__}: {exc}). Install what it needs (for 'timm:' encoders the "
             "same timm version and, for hub models, access to the model), or use the "
             "mclstexp_lite version that wrote the checkpoint.") from exc
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    except ValueError as exc:
+        if "encoder" not in str(exc) and "timm" not in str(exc):
+            raise
+        raise ValueError(
+            f"the checkpoint's image encoder {mc.get('image_arch')!r} cannot be rebuilt here "
+            f"({exc}). Install what it needs, or use the mclstexp_lite version that wrote "
+            "the checkpoint.") from exc
+    saved = ckpt.get("preprocessing")
+    if saved is not None:
+        mine = model.preprocessing
+        diff = {k: (saved.get(k), mine.get(k)) for k in ("image_size", "mean", "std")
+                if saved.get(k) != mine.get(k)}
+        if diff:
+            raise ValueError(
+                f"the checkpoint's encoder was trained with other preprocessing than "
+                f"{mc.get('image_arch')!r} uses here (saved, here): {diff}. The encoder's "
+                "defaults changed (e.g. another timm version); use the versions that wrote "
+                "the checkpoint.")
+    return model
 
 
 def build_model(config: TrainConfig, n_genes: int) -> mdl.MclSTExp:
@@ -419,7 +455,6 @@ def build_model(config: TrainConfig, n_genes: int) -> mdl.MclSTExp:
 
 # ========================================================================= the loop
 # The uint8 resize and batch gather live in mclstexp_lite.features (also used there).
-_RESIZE_GROUP = fx._RESIZE_GROUP
 _resize_u8 = fx.resize_u8
 _batch_images = fx.batch_images
 
@@ -546,8 +581,7 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
                 "overwrite=True to start afresh, or choose another out_dir.")
     if model is None:
         torch.manual_seed(config.seed)  # same initial weights for the same seed (and on every rank)
-        model = build_model(config, data.n_genes) if ckpt is None else \
-            mdl.MclSTExp.from_config(ckpt["model_config"])
+        model = build_model(config, data.n_genes) if ckpt is None else _rebuild(ckpt)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     if model.config["n_genes"] != data.n_genes:
@@ -668,7 +702,23 @@ def _comparable(config: TrainConfig) -> dict:
     d = config.to_dict()
     d.pop("epochs")  # a resumed run may extend the number of epochs
     d.pop("device")
+    if d.get("image_size") is None:  # None means the encoder's own size: compare that
+        try:
+            d["image_size"] = input_size_of(config)
+        except ValueError:
+            pass
     return d
+
+
+def input_size_of(config: TrainConfig) -> int:
+    """The input size ``config`` trains at (its ``image_size``, else the encoder's own)."""
+    from . import encoders
+
+    if config.image_size is not None:
+        return int(config.image_size)
+    if config.model.get("image_size") is not None:
+        return int(config.model["image_size"])
+    return encoders.get_spec(config.model.get("image_arch", "densenet121")).input_size
 
 
 # ========================================================================= inference

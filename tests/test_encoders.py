@@ -172,3 +172,38 @@ def test_checkpoint_whose_encoder_cannot_be_rebuilt_is_a_clear_error(tmp_path):
     torch.save(ck, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="encoder 'timm:gone_net' cannot be rebuilt here"):
         tr.model_from_checkpoint(tmp_path)
+
+
+def test_old_checkpoint_without_image_size_keeps_its_training_size(tmp_path):
+    """Checkpoints written before the registry kept the input size only in the training
+    config (the old quick profile trained at 64 px): the rebuilt model uses it."""
+    model = mdl.MclSTExp(4, image_arch="resnet18", weights=None, n_pos=4)
+    old_config = {k: v for k, v in model.config.items() if k not in ("image_size", "encoder_kwargs")}
+    ck = {"model": model.state_dict(), "model_config": old_config,
+          "config": {"image_size": 64}, "epoch": 1, "history": []}
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    assert tr.model_from_checkpoint(tmp_path).image_encoder.image_size == 64
+
+
+def test_checkpoint_preprocessing_must_match_the_rebuilt_encoder(tmp_path):
+    model = mdl.MclSTExp(4, image_arch="resnet18", weights=None, n_pos=4)
+    pre = dict(model.preprocessing, mean=[0.5, 0.5, 0.5])
+    ck = {"model": model.state_dict(), "model_config": model.config, "config": {},
+          "epoch": 1, "history": [], "preprocessing": pre}
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="other preprocessing.*mean"):
+        tr.model_from_checkpoint(tmp_path)
+
+
+def test_feature_views_only_with_the_frozen_mode():
+    with pytest.raises(ValueError, match="feature_views=4 applies to mode='frozen' only"):
+        tr.TrainConfig(feature_views=4).validate()
+    assert tr.TrainConfig(mode="frozen", feature_views=4).validate().feature_views == 4
+
+
+def test_resume_of_a_run_that_named_the_size_explicitly_still_matches():
+    """image_size=None means the encoder's own size: a config that says 224 for
+    DenseNet-121 is the same run (checkpoints written before the registry did)."""
+    a = tr.TrainConfig(image_size=224, model={"weights": None})
+    b = tr.TrainConfig(model={"weights": None})
+    assert tr._comparable(a) == tr._comparable(b)

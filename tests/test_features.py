@@ -109,7 +109,7 @@ def test_patch_cache_entries_are_identified_by_their_key(tmp_path):
     arr = np.lib.format.open_memmap(tmp_path / f"{key}.npy", mode="w+", dtype=np.uint8,
                                     shape=(2, 4, 4, 3))
     del arr
-    (tmp_path / f"{key}.json").write_text(json.dumps({"key": key, "created": "t0"}))
+    (tmp_path / f"{key}.json").write_text(json.dumps({"key": key, "created": "t0", "n_spots": 2}))
     mm = np.load(tmp_path / f"{key}.npy", mmap_mode="r")
     assert fx.patch_identity(mm) == f"patch-cache:{key}:t0"
     assert fx.patch_identity(np.array(mm)).startswith("pixels:")
@@ -201,3 +201,33 @@ def test_frozen_training_resumes_to_the_same_weights(cache, tmp_path):
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+
+
+def test_encoder_kwargs_are_part_of_the_key(cache):
+    """The same weights built with other timm arguments (here max instead of average
+    pooling) give other features, so they never share an entry."""
+    torch.manual_seed(0)
+    avg = mdl.ImageEncoder("timm:test_resnet", weights=None, freeze=True, image_size=64).eval()
+    torch.manual_seed(0)
+    mx = mdl.ImageEncoder("timm:test_resnet", weights=None, freeze=True, image_size=64,
+                          encoder_kwargs={"global_pool": "max"}).eval()
+    assert avg.fingerprint() == mx.fingerprint()
+    p = _patches(size=64)  # a final feature map larger than 1 x 1: max != average
+    a = fx.section_features(avg, p, device="cpu", progress=False)
+    b = fx.section_features(mx, p, device="cpu", progress=False)
+    assert len(list(cache.glob("*.json"))) == 2 and not np.allclose(a, b)
+    with pytest.raises(TypeError, match="encoder_kwargs must hold JSON values"):
+        mdl.ImageEncoder("timm:test_resnet", weights=None, encoder_kwargs={"act_layer": torch.nn.ReLU})
+
+
+def test_slices_of_a_patch_cache_entry_are_not_the_entry(tmp_path):
+    key = "C9_224px_c999_0123456789abcdef_aaaaaaaaaaaa"
+    arr = np.lib.format.open_memmap(tmp_path / f"{key}.npy", mode="w+", dtype=np.uint8,
+                                    shape=(4, 2, 2, 3))
+    arr[:] = np.arange(48, dtype=np.uint8).reshape(4, 2, 2, 3)
+    del arr
+    (tmp_path / f"{key}.json").write_text(json.dumps({"key": key, "created": "t0", "n_spots": 4}))
+    mm = np.load(tmp_path / f"{key}.npy", mmap_mode="r")
+    assert fx.patch_identity(mm) == fx.patch_identity(mm[0:4]) == f"patch-cache:{key}:t0"
+    ids = {fx.patch_identity(v) for v in (mm[:2], mm[2:], mm[::-1])}
+    assert len(ids) == 3 and all(i.startswith("pixels:") for i in ids)
