@@ -20,6 +20,7 @@ import gzip
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -112,6 +113,44 @@ def spot_pitch_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
     return float(np.mean(slopes))
 
 
+def grid_spacing_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
+    """Centre-to-centre distance of neighbouring spots, in pixels, on the fitted grid.
+
+    Each spot is placed at its array coordinates times the least-squares pixels per array
+    step of each axis (as in :func:`spot_pitch_px`, so detection jitter does not bias it);
+    the result is the median distance to the nearest other spot. On a square array where
+    one array step is one spot pitch (legacy ST, HER2+) it equals :func:`spot_pitch_px`
+    up to the small difference between the two axes; on a staggered array, where
+    neighbouring spots are two x steps apart (one x step is half the pitch), it is about
+    twice as large.
+    """
+    from scipy.spatial import cKDTree
+
+    a = np.asarray(array_xy, dtype=float)
+    p = np.asarray(pixel_xy, dtype=float)
+    if len(a) < 3:
+        raise ValueError("need at least three spots to measure the spot spacing")
+    scale = np.ones(2)
+    for k in range(2):
+        if np.ptp(a[:, k]) > 0:
+            scale[k] = abs(np.polyfit(a[:, k], p[:, k], 1)[0])
+    q = a * scale
+    dist, _ = cKDTree(q).query(q, k=2)
+    d = dist[:, 1]
+    d = d[d > 0]
+    if len(d) == 0:
+        raise ValueError("cannot measure the spot spacing: every spot has the same position")
+    return float(np.median(d))
+
+
+#: Fitted pixels per array step and neighbour spacing agree within this factor on a
+#: square array; beyond it the array is taken to be staggered (or scaled) and the
+#: neighbour spacing is used as the spot pitch.
+_PITCH_AGREEMENT = 1.25
+#: Share of a spot file's rows that may be dropped before a warning says so.
+_DROPPED_WARN_SHARE = 0.10
+
+
 def _read_table(path: Path, **kw):
     import pandas as pd
 
@@ -150,10 +189,12 @@ def from_files(
     patient: str | None = None,
     labels: str | os.PathLike | None = None,
     pixel_scale: float = 1.0,
+    um_per_px: float | None = None,
     spot_pitch_um: float = LEGACY_ST_PITCH_UM,
     spot_diameter_um: float = LEGACY_ST_SPOT_DIAMETER_UM,
     counts_orientation: str = "spots_x_genes",
     drop_zero_count_spots: bool = True,
+    selected: bool = True,
     hires_max_px: int = HIRES_MAX_PX,
     image_sha256: str = "",
     dataset: str = "custom",
@@ -169,7 +210,7 @@ def from_files(
     spots
         Spot file with at least the columns ``x``, ``y`` (array coordinates, may be
         fractional) and ``pixel_x``, ``pixel_y`` (spot centres in image pixels); a
-        ``selected`` column, when present, keeps only rows with 1.
+        ``selected`` column, when present, keeps only rows with 1 (see ``selected``).
     image
         H&E image the spot pixels refer to (any format PIL reads, .gz allowed), or
         ``None`` for expression only.
@@ -181,20 +222,35 @@ def from_files(
     pixel_scale
         Factor from the spot file's pixel frame to ``image``'s frame (1.0 when the image
         is the one the spot file was made on; e.g. 2000/6954 for HER2+ A1's reduced image).
+    um_per_px
+        Microns per pixel of ``image``, when you know it (e.g. from the scanner). It wins
+        over the estimate below; a warning says when the spots disagree with it by more
+        than a quarter.
     spot_pitch_um, spot_diameter_um
         Centre-to-centre distance and diameter of the spots (legacy ST: 200 and 100 um).
-        The image scale (``um_per_px``) is measured as ``spot_pitch_um`` divided by the
-        median nearest-neighbour distance of the spot centres in pixels.
+        Without ``um_per_px`` the scale is ``spot_pitch_um`` divided by the spot pitch in
+        pixels: the least-squares pixels per array step (:func:`spot_pitch_px`, the mean
+        over both axes). When that disagrees with the spacing of neighbouring spots on the
+        fitted grid (:func:`grid_spacing_px`) by more than a factor 1.25, the array is
+        staggered (one array step is not one pitch, e.g. x steps of half a pitch): the
+        neighbour spacing is used instead, with a warning that names both.
     drop_zero_count_spots
-        Spots with no counts carry no expression to learn from; they are dropped with a
-        logged message (``False`` keeps them).
+        Spots with no counts carry no expression to learn from; they are dropped
+        (``False`` keeps them).
+    selected
+        ``True`` (default): a ``selected`` column of the spot file keeps only rows with 1
+        (the spots the ST pipeline found under tissue). ``False`` ignores the column and
+        keeps every row.
     hires_max_px
         Longest side of the downscaled copy stored for plotting.
 
     Returns
     -------
     anndata.AnnData
-        Layout as in ``docs/data_model.md``.
+        Layout as in ``docs/data_model.md``. ``uns['mclstexp']['spots_dropped']`` counts
+        the spots left out, by reason: ``not_selected``, ``counts_without_spot_row``,
+        ``spot_rows_without_counts``, ``zero_counts``. When they are more than a tenth of
+        the spot file's rows a warning says so.
     """
     import anndata as ad
     import pandas as pd
@@ -203,6 +259,9 @@ def from_files(
     counts, spots = Path(counts), Path(spots)
     if pixel_scale <= 0:
         raise ValueError(f"pixel_scale must be > 0, got {pixel_scale}")
+    if um_per_px is not None and not (isinstance(um_per_px, (int, float)) and um_per_px > 0):
+        raise ValueError(f"um_per_px must be a positive number of microns per image pixel "
+                         f"(or None to estimate it from the spots), got {um_per_px!r}")
     if counts_orientation not in ("spots_x_genes", "genes_x_spots"):
         raise ValueError("counts_orientation must be 'spots_x_genes' or 'genes_x_spots', "
                          f"got {counts_orientation!r}")
@@ -241,8 +300,13 @@ def from_files(
     if not need <= set(sp.columns):
         raise ValueError(f"{spots}: spot file needs columns {sorted(need)}, found "
                          f"{list(sp.columns)}")
-    if "selected" in sp.columns:
-        sp = sp[sp["selected"] == 1]
+    n_rows = len(sp)
+    dropped = {"not_selected": 0, "counts_without_spot_row": 0, "spot_rows_without_counts": 0,
+               "zero_counts": 0}
+    if "selected" in sp.columns and selected:
+        keep_sel = sp["selected"] == 1
+        dropped["not_selected"] = int((~keep_sel).sum())
+        sp = sp[keep_sel]
     coord_cols = ["x", "y", "pixel_x", "pixel_y"]
     text_cols = [c for c in coord_cols if not pd.api.types.is_numeric_dtype(sp[c])]
     if text_cols:
@@ -267,19 +331,30 @@ def from_files(
             f"no spot ids shared between {counts} (e.g. {list(cnt.index[:3])}) and the "
             f"rounded array coordinates of {spots} (e.g. {list(sp.index[:3])}). Are they "
             "from the same section?")
-    only_cnt = len(cnt.index) - len(common)
-    only_sp = len(sp.index) - len(common)
-    if only_cnt or only_sp:
-        log.info("%s: %d spot(s) in counts without a spot-file row and %d spot-file row(s) "
-                 "without counts; keeping the %d in both", section, only_cnt, only_sp,
-                 len(common))
+    dropped["counts_without_spot_row"] = len(cnt.index) - len(common)
+    dropped["spot_rows_without_counts"] = len(sp.index) - len(common)
     cnt = cnt.loc[common]
     sp = sp.loc[common]
     totals = cnt.to_numpy().sum(axis=1)
     if drop_zero_count_spots and (totals == 0).any():
         keep = totals > 0
-        log.warning("%s: dropping %d spot(s) with zero counts", section, int((~keep).sum()))
+        dropped["zero_counts"] = int((~keep).sum())
         cnt, sp = cnt[keep], sp[keep]
+    lost = sum(v for k, v in dropped.items() if k != "counts_without_spot_row")
+    if any(dropped.values()):
+        reasons = (f"{dropped['not_selected']} with selected != 1 in {spots}"
+                   + ("" if selected else " (ignored: selected=False)")
+                   + f", {dropped['spot_rows_without_counts']} spot row(s) without a count "
+                   f"row, {dropped['zero_counts']} with zero counts; plus "
+                   f"{dropped['counts_without_spot_row']} count row(s) without a spot row")
+        msg = (f"{section}: kept {len(sp)} of the {n_rows} rows of the spot file; dropped "
+               f"{reasons}.")
+        if n_rows and lost > _DROPPED_WARN_SHARE * n_rows:
+            hint = (" Pass selected=False to keep the rows the spot file marks as not "
+                    "selected." if dropped["not_selected"] else "")
+            warnings.warn(msg + hint, UserWarning, stacklevel=2)
+        else:
+            log.info("%s", msg)
     if len(cnt) == 0:
         raise ValueError(f"{counts}: no spots with counts left after matching {spots}")
 
@@ -313,14 +388,41 @@ def from_files(
         adata.var_names_make_unique()
     adata.obsm["spatial"] = pix.astype(np.float64)
 
-    pitch_px = spot_pitch_px(sp[["x", "y"]].to_numpy(float), pix)
-    um_per_px = spot_pitch_um / pitch_px
+    arr_xy = sp[["x", "y"]].to_numpy(float)
+    pitch_px = spot_pitch_px(arr_xy, pix)
+    spacing_px = grid_spacing_px(arr_xy, pix)
+    ratio = spacing_px / pitch_px
+    scale_source = "spot pitch: least-squares pixels per array step"
+    if not 1 / _PITCH_AGREEMENT <= ratio <= _PITCH_AGREEMENT:
+        scale_source = "spot pitch: neighbour spacing (staggered array)"
+        if um_per_px is None:
+            warnings.warn(
+                f"{section}: one array step is {pitch_px:.1f} px but neighbouring spots are "
+                f"{spacing_px:.1f} px apart ({ratio:.2f}x): the array coordinates are "
+                f"staggered (or scaled). Taking the neighbour spacing as the spot pitch of "
+                f"{spot_pitch_um:g} um: {spot_pitch_um / spacing_px:.3f} um/px (one array step "
+                f"would give {spot_pitch_um / pitch_px:.3f}). Pass um_per_px= if you know the "
+                "image's scale, or spot_pitch_um= if the pitch differs.",
+                UserWarning, stacklevel=2)
+        pitch_px = spacing_px
+    if um_per_px is None:
+        um_per_px = spot_pitch_um / pitch_px
+    else:
+        estimate = spot_pitch_um / pitch_px
+        scale_source = "given (um_per_px=)"
+        if not 1 / _PITCH_AGREEMENT <= estimate / um_per_px <= _PITCH_AGREEMENT:
+            warnings.warn(
+                f"{section}: um_per_px={um_per_px:g} was given, but spots {spot_pitch_um:g} um "
+                f"apart are {pitch_px:.1f} px apart in {spots}, i.e. {estimate:.3f} um/px. "
+                "Using the given value; check it, pixel_scale and spot_pitch_um.",
+                UserWarning, stacklevel=2)
     meta = {
         "source_image_path": str(Path(image).resolve()) if image is not None else "",
         "source_image_sha256": image_sha256,
         "um_per_px": float(um_per_px),
         "pixel_scale": float(pixel_scale),
         "spot_pitch_um": float(spot_pitch_um),
+        "scale_from": scale_source,
     }
     lib = {"metadata": meta, "images": {},
            "scalefactors": {"spot_diameter_fullres": float(spot_diameter_um / um_per_px),
@@ -343,7 +445,8 @@ def from_files(
     adata.uns["mclstexp"] = {"dataset": dataset, "section": section,
                              "files": {"counts": str(counts), "spots": str(spots),
                                        "image": str(image) if image is not None else "",
-                                       "labels": str(labels) if labels is not None else ""}}
+                                       "labels": str(labels) if labels is not None else ""},
+                             "spots_dropped": dropped}
     return adata
 
 

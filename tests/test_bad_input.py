@@ -206,7 +206,8 @@ def test_partial_count_spot_mismatch_keeps_the_shared_spots_and_logs_it(tmp_path
     with caplog.at_level(logging.INFO, logger="mclstexp_lite.datasets"):
         a = ds.from_files(c, s, img, section="S")
     assert a.n_obs == 11 and "S_2x2" not in a.obs_names and "S_9x9" not in a.obs_names
-    assert "2 spot(s) in counts without a spot-file row and 0 spot-file row(s)" in caplog.text
+    assert "kept 11 of the 11 rows" in caplog.text
+    assert "plus 2 count row(s) without a spot row" in caplog.text
 
 
 def test_spot_file_rows_sharing_rounded_coordinates_are_refused(tmp_path):
@@ -235,10 +236,15 @@ def test_spot_file_coordinates_must_be_numbers(tmp_path, spots, match):
 
 
 def test_zero_count_spots_all_zero_and_kept_zero(tmp_path, caplog):
+    import warnings
+
     c, s, img = write_section(tmp_path, counts=lambda t: t * 0)
-    with pytest.raises(ValueError, match=r"counts\.tsv: no spots with counts left") as err:
-        ds.from_files(c, s, img, section="S")
-    assert "spots.tsv" in str(err.value) and "dropping 12 spot(s) with zero counts" in caplog.text
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"counts\.tsv: no spots with counts left") as err:
+            ds.from_files(c, s, img, section="S")
+    assert "spots.tsv" in str(err.value)
+    assert any("12 with zero counts" in str(w.message) for w in rec)
     # kept on request, normalisation then names the section and the count of such spots
     c, s, img = write_section(tmp_path / "b", counts=lambda t: t.mul(
         (t.index != "3x2").astype(int), axis=0))

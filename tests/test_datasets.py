@@ -190,10 +190,14 @@ def test_from_files_bad_input_names_the_file(tmp_path, mutate, match):
 
 
 def test_zero_count_spots_are_dropped_and_logged(tmp_path, caplog):
+    import logging
+
     c, s, i = _write_section(tmp_path, counts=lambda c: c.mul((c.index != "2x2").astype(int), axis=0))
-    a = ds.from_files(c, s, i, section="S")
+    with caplog.at_level(logging.INFO, logger="mclstexp_lite.datasets"):
+        a = ds.from_files(c, s, i, section="S")
     assert a.n_obs == 11 and "S_2x2" not in a.obs_names
-    assert "zero counts" in caplog.text
+    assert "1 with zero counts" in caplog.text
+    assert a.uns["mclstexp"]["spots_dropped"]["zero_counts"] == 1
 
 
 def test_corrupt_and_truncated_image_errors_name_the_file(tmp_path):
@@ -220,3 +224,66 @@ def test_cscc_loader_on_synthetic_geo_files(tmp_path, monkeypatch):
     assert a.n_obs == 12 and set(a.obs["patient"]) == {"P2"}
     src = Path(a.uns["spatial"]["P2_ST_rep1"]["metadata"]["source_image_path"])
     assert src.suffix == ".jpg" and src.exists()  # unpacked from .jpg.gz into the cache
+
+
+def _write_staggered(folder: Path):
+    """SYNTHETIC staggered legacy-ST section: rows at even y, x of alternating parity, so
+    neighbouring spots are two x steps (45 px) apart; one x step is 22.5 px, one y step
+    24 px (48 px between rows). The true scale: 200 um / 45 px = 4.444 um/px."""
+    rng = np.random.default_rng(1)
+    pts = [(x, y) for y in range(0, 12, 2) for x in range(y // 2 % 2, 16, 2)]
+    xs, ys = np.array(pts).T
+    sp = pd.DataFrame({"x": xs, "y": ys, "pixel_x": 40 + xs * 22.5, "pixel_y": 40 + ys * 24.0,
+                       "selected": 1})
+    cnt = pd.DataFrame(rng.poisson(3, size=(len(sp), 4)) + 1, columns=list("ABCD"),
+                       index=[f"{x}x{y}" for x, y in zip(xs, ys)])
+    cnt.to_csv(folder / "counts.tsv", sep="\t")
+    sp.to_csv(folder / "spots.tsv", sep="\t", index=False)
+    return folder / "counts.tsv", folder / "spots.tsv"
+
+
+def test_staggered_array_gets_the_right_scale_with_a_warning(tmp_path):
+    c, s = _write_staggered(tmp_path)
+    with pytest.warns(UserWarning, match=r"45\.0 px apart.*staggered.*4\.444 um/px.*um_per_px="):
+        a = ds.from_files(c, s, None, section="S")
+    md = a.uns["spatial"]["S"]["metadata"]
+    assert md["um_per_px"] == pytest.approx(200 / 45)
+    assert md["scale_from"].endswith("(staggered array)")
+    assert a.uns["spatial"]["S"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(22.5)
+
+
+def test_um_per_px_given_wins_and_a_disagreement_is_said(tmp_path, recwarn):
+    c, s, i = _write_section(tmp_path)  # square grid, 100 px pitch: 2.0 um/px
+    a = ds.from_files(c, s, i, section="S", um_per_px=2.1)
+    assert a.uns["spatial"]["S"]["metadata"]["um_per_px"] == 2.1
+    assert a.uns["spatial"]["S"]["metadata"]["scale_from"] == "given (um_per_px=)"
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    with pytest.warns(UserWarning, match=r"um_per_px=0.5 was given.*2\.000 um/px"):
+        ds.from_files(c, s, i, section="S", um_per_px=0.5)
+    with pytest.raises(ValueError, match="um_per_px must be a positive number"):
+        ds.from_files(c, s, i, section="S", um_per_px=0)
+
+
+def test_unselected_spots_are_counted_kept_on_request_and_warned_about(tmp_path):
+    def unselect(sp):  # 6 of the 12 spot rows marked as not selected
+        return sp.assign(selected=[1, 0] * 6)
+
+    c, s, i = _write_section(tmp_path, spots=unselect)
+    with pytest.warns(UserWarning, match=r"kept 6 of the 12 rows.*6 with selected != 1.*selected=False"):
+        a = ds.from_files(c, s, i, section="S")
+    assert a.n_obs == 6
+    assert a.uns["mclstexp"]["spots_dropped"] == {
+        "not_selected": 6, "counts_without_spot_row": 6, "spot_rows_without_counts": 0,
+        "zero_counts": 0}
+    everything = ds.from_files(c, s, i, section="S", selected=False)
+    assert everything.n_obs == 12 and everything.uns["mclstexp"]["spots_dropped"]["not_selected"] == 0
+
+
+def test_a_few_dropped_spots_are_logged_not_warned(tmp_path, caplog, recwarn):
+    import logging
+
+    c, s, i = _write_section(tmp_path, counts=lambda cn: cn.iloc[1:])  # 1 of 12 rows: 8 %
+    with caplog.at_level(logging.INFO, logger="mclstexp_lite.datasets"):
+        a = ds.from_files(c, s, i, section="S")
+    assert a.n_obs == 11 and "1 spot row(s) without a count row" in caplog.text
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
