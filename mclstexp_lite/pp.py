@@ -43,6 +43,7 @@ import logging
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -697,8 +698,31 @@ def _take_columns(M, src: np.ndarray, n_vars: int):
     return ext[:, src]
 
 
+#: An Ensembl gene or transcript id with a version suffix, e.g. ``ENSMUSG00000090223.1``.
+_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*[GT]\d+)\.\d+$")
+_ENSEMBL = re.compile(r"^ENS[A-Z]*[GT]\d+(\.\d+)?$")
+
+
+def _unversioned(name: str) -> str:
+    m = _ENSEMBL_VERSION.match(name)
+    return m.group(1) if m else name
+
+
+def _naming(names: Sequence[str]) -> str:
+    names = list(names)
+    ens = sum(bool(_ENSEMBL.match(str(n))) for n in names)
+    if ens > len(names) / 2:
+        versioned = sum(bool(_ENSEMBL_VERSION.match(str(n))) for n in names)
+        return "Ensembl ids" + (" with version suffixes" if versioned > len(names) / 2 else "")
+    return "gene symbols"
+
+
 def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: bool = True):
     """Restrict ``var`` to a gene panel, in the panel's order.
+
+    A panel gene matches a ``var_name`` exactly or, for Ensembl ids, regardless of a
+    version suffix (``ENSG00000141736`` matches ``ENSG00000141736.14`` and the other way
+    round, when that is unambiguous); the result is named as the panel.
 
     Parameters
     ----------
@@ -736,8 +760,27 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
         raise ValueError(f"section {_section_name(adata)}: var_names are not unique; run "
                          "adata.var_names_make_unique() first.")
     src = adata.var_names.get_indexer(genes)
+    renamed = False
+    if (src < 0).any():  # Ensembl ids with / without version suffixes
+        stripped: dict = {}
+        for i, name in enumerate(adata.var_names):
+            stripped.setdefault(_unversioned(str(name)), []).append(i)
+        for j, g in enumerate(genes):
+            if src[j] < 0:
+                hit = stripped.get(_unversioned(g), [])
+                if len(hit) == 1:
+                    src[j] = hit[0]
+                    renamed = True
     absent = [g for g, i in zip(genes, src) if i < 0]
     section = _section_name(adata)
+    if absent and len(absent) == len(genes):
+        raise ValueError(
+            f"section {section}: none of the {len(genes)} panel genes is in adata.var_names. "
+            f"The panel uses {_naming(genes)} (e.g. {list(genes[:3])}), the section "
+            f"{_naming(adata.var_names[:200])} (e.g. {list(map(str, adata.var_names[:3]))}): "
+            "the naming differs. Rename the section's genes to the panel's naming first "
+            "(e.g. adata.var_names = adata.var['gene_symbol'] when the counts carry both), or "
+            "build a panel in the section's naming (pp.select_panel).")
     if absent and missing == "error":
         raise ValueError(
             f"section {section}: {len(absent)} of the {len(genes)} panel genes are not in "
@@ -747,8 +790,13 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
 
     if not absent:
         if copy:
-            return adata[:, src].copy()
+            out = adata[:, src].copy()
+            if renamed:
+                out.var_names = list(genes)
+            return out
         adata._inplace_subset_var(src)
+        if renamed:
+            adata.var_names = list(genes)
         return None
 
     logger.warning("section %s: %d panel gene(s) not measured, added as all-zero columns: "

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -316,6 +317,7 @@ class SpotData:
                                  "subset every section to one panel first (pp.prepare)")
             X = a.layers[layer] if layer else a.X
             X = X.toarray() if sparse.issparse(X) else np.asarray(X)
+            _warn_if_raw_counts(X, name)
             patches.append(pt.patch_cache(a, patch_um=patch_um, out_size=patch_size,
                                           cache_dir=cache_dir, progress=progress))
             exprs.append(X.astype(np.float32))
@@ -348,6 +350,20 @@ class SpotData:
                                   device=part.device, memory_format=memory_format)
             out[torch.as_tensor(sel, device=part.device)] = part
         return out
+
+
+def _warn_if_raw_counts(X: np.ndarray, section: str) -> None:
+    """Warn when a section's expression looks like raw counts (whole numbers reaching
+    values that log-normalised expression does not): the model would learn count scale."""
+    if X.size == 0:
+        return
+    top = float(np.max(X))
+    if top > 30 and np.array_equal(X, np.round(X)):
+        warnings.warn(
+            f"SpotData: the expression of section {section} is whole numbers up to {top:g}: "
+            "raw counts, not normalised expression. Prepare sections first with "
+            "mclstexp_lite.pp.prepare(adata, genes) (per-spot normalisation, log1p, the gene "
+            "panel).", UserWarning, stacklevel=3)
 
 
 # ======================================================================== checkpoint

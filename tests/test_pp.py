@@ -520,3 +520,23 @@ def test_prepare_real_with_published_panel(her2_counts, data_root):
     np.testing.assert_allclose(dense(lib.X), expected, rtol=2e-6, atol=1e-6)
     pub = pp.prepare(a, panel, method="published")
     np.testing.assert_allclose(dense(pub.X), ref_published(raw), rtol=2e-6, atol=1e-6)
+
+
+def test_ensembl_ids_match_with_or_without_version_suffix():
+    """SYNTHETIC: a panel of unversioned Ensembl ids finds a section's versioned ids (and
+    the other way round); the result is named as the panel."""
+    ids = [f"ENSMUSG{i:011d}" for i in range(40)]
+    a = synthetic_adata(genes=[f"{g}.{i % 3 + 1}" for i, g in enumerate(ids)])
+    out = pp.subset_genes(a, ids[:5])
+    assert list(out.var_names) == ids[:5]
+    np.testing.assert_array_equal(dense(out.X), dense(a.X)[:, :5])
+    b = synthetic_adata(genes=ids)
+    assert list(pp.subset_genes(b, [f"{ids[2]}.7", ids[3]]).var_names) == [f"{ids[2]}.7", ids[3]]
+
+
+def test_a_panel_in_another_naming_says_so_even_when_zero_filling():
+    a = synthetic_adata(genes=[f"ENSMUSG{i:011d}.1" for i in range(40)])
+    for missing in ("error", "zero"):
+        with pytest.raises(ValueError, match=r"none of the 3 panel genes.*gene symbols.*"
+                                             r"Ensembl ids with version suffixes.*naming differs"):
+            pp.subset_genes(a, ["ERBB2", "GNAS", "FASN"], missing=missing)

@@ -307,3 +307,17 @@ def test_resume_refuses_a_checkpoint_of_other_sections_or_genes(tmp_path):
     # the same data still resumes (here: nothing left to do)
     assert len(tr.train(data, cfg, out_dir=tmp_path / "run", resume=True,
                         progress=False).history) == 1
+
+
+def test_unprepared_counts_in_spotdata_are_warned_about():
+    """SYNTHETIC: raw integer counts are warned about (SpotData.from_anndata runs this check
+    on every section); log-normalised expression is not."""
+    import warnings
+
+    counts = np.random.default_rng(0).poisson(60, size=(6, 5)).astype(np.float32)
+    with pytest.warns(UserWarning, match="section S is whole numbers up to .*pp.prepare"):
+        tr._warn_if_raw_counts(counts, "S")
+    prepared = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr._warn_if_raw_counts(prepared, "S")
