@@ -154,12 +154,33 @@ _DROPPED_WARN_SHARE = 0.10
 def _read_table(path: Path, **kw):
     import pandas as pd
 
+    as_csv = str(path).endswith((".csv", ".csv.gz"))
     try:
-        return pd.read_csv(path, sep=None if str(path).endswith((".csv", ".csv.gz")) else "\t",
-                           engine="python" if str(path).endswith((".csv", ".csv.gz")) else "c",
-                           **kw)
+        df = pd.read_csv(path, sep=None if as_csv else "\t",
+                         engine="python" if as_csv else "c", **kw)
     except Exception as exc:  # pandas raises many kinds; give them context
         raise ValueError(f"cannot read the table {path}: {type(exc).__name__}: {exc}") from exc
+    if not as_csv and df.shape[1] <= 1:
+        header = str(df.index.name or "") + " " + " ".join(map(str, df.columns))
+        if header.count(",") >= 2 or header.count(";") >= 2:
+            sep = "," if header.count(",") >= header.count(";") else ";"
+            raise ValueError(
+                f"{path}: read as tab-separated (its name does not end in .csv) but its header "
+                f"is separated by '{sep}' ({header.strip()[:60]!r}...). Rename it to .csv, or "
+                "save it with tabs.")
+    return df
+
+
+def _looks_like_spot_file(columns) -> bool:
+    return {"pixel_x", "pixel_y"} <= {str(c) for c in columns}
+
+
+def _looks_like_spot_ids(names) -> bool:
+    import re
+
+    names = [str(n) for n in list(names)[:50]]
+    return bool(names) and sum(bool(re.fullmatch(r"\d+(\.\d+)?x\d+(\.\d+)?", n))
+                               for n in names) > len(names) / 2
 
 
 def _unpack_gz(path: Path) -> Path:
@@ -257,6 +278,11 @@ def from_files(
     from scipy import sparse
 
     counts, spots = Path(counts), Path(spots)
+    for what, path in (("counts", counts), ("spots", spots), ("image", image),
+                       ("labels", labels)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{what} file not found: {path} (the `{what}` argument of "
+                                    "from_files); check the path.")
     if pixel_scale <= 0:
         raise ValueError(f"pixel_scale must be > 0, got {pixel_scale}")
     if um_per_px is not None and not (isinstance(um_per_px, (int, float)) and um_per_px > 0):
@@ -269,6 +295,10 @@ def from_files(
 
     # counts ---------------------------------------------------------------
     cnt = _read_table(counts, index_col=0)
+    if _looks_like_spot_file(cnt.columns):
+        raise ValueError(f"{counts} has the columns of a spot file (pixel_x, pixel_y), not "
+                         f"a count table: are the counts and spots arguments swapped? "
+                         f"(spots: {spots})")
     if counts_orientation == "genes_x_spots":
         cnt = cnt.T
     if cnt.shape[0] == 0 or cnt.shape[1] == 0:
@@ -298,8 +328,12 @@ def from_files(
     sp = _read_table(spots)
     need = {"x", "y", "pixel_x", "pixel_y"}
     if not need <= set(sp.columns):
+        swapped = (" It looks like a count table (many columns, spot ids in the first): are "
+                   f"the counts and spots arguments swapped? (counts: {counts})"
+                   if sp.shape[1] > 20 else "")
         raise ValueError(f"{spots}: spot file needs columns {sorted(need)}, found "
-                         f"{list(sp.columns)}")
+                         f"{list(sp.columns)[:10]}{' ...' if sp.shape[1] > 10 else ''}."
+                         + swapped)
     n_rows = len(sp)
     dropped = {"not_selected": 0, "counts_without_spot_row": 0, "spot_rows_without_counts": 0,
                "zero_counts": 0}
@@ -327,10 +361,15 @@ def from_files(
                          f"{list(dup[:5])}; the file is not a legacy-ST spot selection.")
     common = cnt.index.intersection(sp.index, sort=False)
     if len(common) == 0:
+        hint = " Are they from the same section?"
+        if _looks_like_spot_ids(cnt.columns) and not _looks_like_spot_ids(cnt.index):
+            other = ("genes_x_spots" if counts_orientation == "spots_x_genes"
+                     else "spots_x_genes")
+            hint = (f" The count table's columns look like spot ids (e.g. {list(cnt.columns[:3])}): "
+                    f"pass counts_orientation={other!r}.")
         raise ValueError(
             f"no spot ids shared between {counts} (e.g. {list(cnt.index[:3])}) and the "
-            f"rounded array coordinates of {spots} (e.g. {list(sp.index[:3])}). Are they "
-            "from the same section?")
+            f"rounded array coordinates of {spots} (e.g. {list(sp.index[:3])})." + hint)
     dropped["counts_without_spot_row"] = len(cnt.index) - len(common)
     dropped["spot_rows_without_counts"] = len(sp.index) - len(common)
     cnt = cnt.loc[common]

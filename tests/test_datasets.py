@@ -287,3 +287,21 @@ def test_a_few_dropped_spots_are_logged_not_warned(tmp_path, caplog, recwarn):
         a = ds.from_files(c, s, i, section="S")
     assert a.n_obs == 11 and "1 spot row(s) without a count row" in caplog.text
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_messages_that_say_the_fix(tmp_path):
+    """SYNTHETIC files with the common mistakes: a comma-separated file named .tsv,
+    counts and spots swapped, the count table transposed, a missing image."""
+    c, s, i = _write_section(tmp_path)
+    comma = tmp_path / "comma_counts.tsv"
+    pd.read_csv(c, sep="\t", index_col=0).to_csv(comma)  # commas, .tsv name
+    with pytest.raises(ValueError, match=r"comma_counts\.tsv: read as tab-separated.*',' .*Rename it to \.csv"):
+        ds.from_files(comma, s, i, section="S")
+    with pytest.raises(ValueError, match=r"columns of a spot file.*counts and spots arguments swapped"):
+        ds.from_files(s, c, i, section="S")
+    with pytest.raises(ValueError, match=r"columns look like spot ids.*counts_orientation='genes_x_spots'"):
+        transposed = tmp_path / "t.tsv"
+        pd.read_csv(c, sep="\t", index_col=0).T.to_csv(transposed, sep="\t")
+        ds.from_files(transposed, s, i, section="S")
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*nope\.jpg \(the `image` argument"):
+        ds.from_files(c, s, tmp_path / "nope.jpg", section="S")
