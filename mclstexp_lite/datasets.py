@@ -149,6 +149,41 @@ def grid_spacing_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
 _PITCH_AGREEMENT = 1.25
 #: Share of a spot file's rows that may be dropped before a warning says so.
 _DROPPED_WARN_SHARE = 0.10
+#: A pixel counts as stained tissue when its HSV saturation exceeds this (H&E tissue is
+#: pink/purple, glass background white or black): 93-99 % of HER2+ spots, 16-35 % of
+#: their images' pixels.
+_TISSUE_SATURATION = 0.1
+#: Fewer spots than this share on stained tissue: wrong image or scale (a warning).
+_MIN_SPOTS_ON_TISSUE = 0.5
+#: The spots' bounding box (plus one pitch) covers less than this share of the image: a
+#: warning (HER2+: 33-46 %).
+_MIN_SPOT_COVERAGE = 0.02
+
+
+def _check_spots_on_image(section, image, pix, hires, scalef, size, pitch_px) -> dict:
+    """Warn when the spots do not sit on the image's tissue; returns the two measures."""
+    img = hires.astype(np.float32) / 255.0
+    top = img.max(axis=2)
+    sat = (top - img.min(axis=2)) / np.maximum(top, 1e-6)
+    xy = np.round(pix * scalef).astype(int)
+    xy[:, 0] = np.clip(xy[:, 0], 0, sat.shape[1] - 1)
+    xy[:, 1] = np.clip(xy[:, 1], 0, sat.shape[0] - 1)
+    on_tissue = float((sat[xy[:, 1], xy[:, 0]] > _TISSUE_SATURATION).mean())
+    w, h = size
+    lo, hi = pix.min(axis=0) - pitch_px, pix.max(axis=0) + pitch_px
+    coverage = float(max(0.0, min(hi[0], w) - max(lo[0], 0)) * max(0.0, min(hi[1], h) - max(lo[1], 0))
+                     / (w * h))
+    if coverage < _MIN_SPOT_COVERAGE:
+        warnings.warn(
+            f"{section}: the spots cover only {coverage:.1%} of the image {image} ({w} x {h} "
+            "px). The spot pixels are probably in another frame or scale: check pixel_scale "
+            "and that the image belongs to this section.", UserWarning, stacklevel=3)
+    if on_tissue < _MIN_SPOTS_ON_TISSUE:
+        warnings.warn(
+            f"{section}: only {on_tissue:.0%} of the spots lie on stained tissue of {image} "
+            f"(HSV saturation > {_TISSUE_SATURATION}; on the HER2+ sections 93-99 %). Wrong "
+            "image, or wrong pixel_scale?", UserWarning, stacklevel=3)
+    return {"spots_on_tissue": round(on_tissue, 4), "spot_coverage": round(coverage, 4)}
 
 
 def _read_table(path: Path, **kw):
@@ -480,6 +515,9 @@ def from_files(
                 f"{image} ({w} x {h} px), e.g. {ids}. The spot pixels are probably in another "
                 f"frame: check pixel_scale (now {pixel_scale}) and that the image belongs to "
                 "this section.")
+        meta.update(_check_spots_on_image(section, image, pix, hires,
+                                          lib["scalefactors"]["tissue_hires_scalef"], (w, h),
+                                          pitch_px))
     adata.uns["spatial"] = {section: lib}
     adata.uns["mclstexp"] = {"dataset": dataset, "section": section,
                              "files": {"counts": str(counts), "spots": str(spots),

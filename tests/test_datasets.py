@@ -305,3 +305,21 @@ def test_messages_that_say_the_fix(tmp_path):
         ds.from_files(transposed, s, i, section="S")
     with pytest.raises(FileNotFoundError, match=r"image file not found: .*nope\.jpg \(the `image` argument"):
         ds.from_files(c, s, tmp_path / "nope.jpg", section="S")
+
+
+def test_spots_off_the_tissue_or_squeezed_into_a_corner_are_warned_about(tmp_path):
+    """SYNTHETIC: a white image with stained tissue only where the spots are not (another
+    section's image), and spot pixels 10x too small (a wrong pixel_scale)."""
+    from PIL import Image
+
+    c, s, i = _write_section(tmp_path)
+    img = np.full((400, 500, 3), 250, np.uint8)
+    img[300:, 400:] = (170, 60, 150)  # tissue in a corner, away from the spots
+    Image.fromarray(img).save(i)
+    with pytest.warns(UserWarning, match=r"only 8% of the spots lie on stained tissue"):
+        a = ds.from_files(c, s, i, section="S")  # 1 of 12 spots is on the corner's tissue
+    assert a.uns["spatial"]["S"]["metadata"]["spots_on_tissue"] == pytest.approx(1 / 12, abs=1e-4)
+    (tmp_path / "b").mkdir()
+    c, s, i = _write_section(tmp_path / "b")
+    with pytest.warns(UserWarning, match=r"spots cover only 1\.0% of the image"):
+        ds.from_files(c, s, i, section="S", pixel_scale=0.1)
