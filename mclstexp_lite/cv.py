@@ -855,7 +855,9 @@ _LABELS = {"pcc_acg": "PCC-ACG", "pcc_heg": "PCC-HEG", "mse": "MSE", "mae": "MAE
 def summary_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
     """Render a :func:`summarize_results` / :func:`compare` table as Markdown.
 
-    Each metric becomes one ``mean ± sd`` column (:func:`mclstexp_lite.metrics.fmt`).
+    Each metric becomes one ``mean ± sd`` column (:func:`mclstexp_lite.metrics.fmt`); a
+    metric with no value in any held-out section (a correlation of the constant ``mean``
+    prediction) is shown as ``undefined*`` with a footnote saying why.
     """
     from . import metrics as mt
 
@@ -863,10 +865,20 @@ def summary_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
     metrics = [c[:-5] for c in table.columns if c.endswith("_mean")]
     head = lead + [_LABELS.get(m, m) for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    undefined = False
     for _, r in table.iterrows():
         cells = [_cell(r[c]) for c in lead]
-        cells += [mt.fmt(r[f"{m}_mean"], r[f"{m}_sd"], digits=digits) for m in metrics]
+        for m in metrics:
+            if pd.isna(r[f"{m}_mean"]):
+                cells.append("undefined*")
+                undefined = True
+            else:
+                cells.append(mt.fmt(r[f"{m}_mean"], r[f"{m}_sd"], digits=digits))
         lines.append("| " + " | ".join(cells) + " |")
+    if undefined:
+        lines += ["", "\\* undefined: no held-out section has a value, e.g. a correlation of a "
+                  "prediction that is the same at every spot (the `mean` baseline), which "
+                  "has no variation to correlate with."]
     return "\n".join(lines)
 
 

@@ -150,12 +150,39 @@ def loss_curve(history: Sequence[dict], *, title: str = "training loss"):
     return fig
 
 
+def shared_sections(per_fold, *, hue: str = "method", col: str = "scheme"):
+    """The rows of ``per_fold`` whose held-out section every ``hue`` group of their ``col``
+    group has, and a note per ``col`` group that lost rows (empty when none did).
+
+    Methods scored on different held-out sections cannot be averaged side by side.
+    """
+    key = "test_section" if "test_section" in per_fold.columns else "fold"
+    parts, notes = [], []
+    for c, part in per_fold.groupby(col, sort=False):
+        sets = [set(g[key]) for _, g in part.groupby(hue, sort=False)]
+        shared = set.intersection(*sets) if sets else set()
+        kept = part[part[key].isin(shared)]
+        if len(kept) < len(part):
+            dropped = sorted(set(part[key]) - shared)
+            notes.append(f"{c}: compared on the {len(shared)} held-out section(s) every method "
+                         f"has; left out {dropped}")
+        parts.append(kept)
+    import pandas as pd
+
+    return (pd.concat(parts) if parts else per_fold.iloc[:0]), notes
+
+
 def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "mse", "mae"),
                 hue: str = "method", col: str = "scheme"):
-    """Mean over folds with one dot per fold, one panel per metric."""
+    """Mean over folds with one dot per fold, one panel per metric.
+
+    Within each ``col`` group only the held-out sections that every method has are shown
+    (:func:`shared_sections`); the figure says which were left out.
+    """
     import seaborn as sns
 
     plt = _plt()
+    per_fold, notes = shared_sections(per_fold, hue=hue, col=col)
     metrics = [m for m in metrics if m in per_fold.columns]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
@@ -169,6 +196,8 @@ def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "ms
     if axes[0][-1].get_legend() is not None:
         sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1), frameon=False)
     fig.tight_layout()
+    if notes:
+        fig.text(0.01, -0.02, "; ".join(notes), fontsize=8, va="top")
     return fig
 
 
