@@ -99,18 +99,22 @@ def spot_pitch_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
     reduced image ~63 px. (The median nearest-neighbour distance is biased low by spots
     detected slightly off the grid, ~272 px, so it is not used.)
     """
-    a = np.asarray(array_xy, dtype=float)
-    p = np.asarray(pixel_xy, dtype=float)
-    if len(a) < 3:
-        raise ValueError("need at least three spots to measure the spot pitch")
-    slopes = []
-    for k in range(2):
-        if np.ptp(a[:, k]) > 0:
-            slopes.append(abs(np.polyfit(a[:, k], p[:, k], 1)[0]))
+    steps = _axis_steps(array_xy, pixel_xy, "spot pitch")
+    slopes = [s for s in steps if np.isfinite(s)]
     if not slopes or min(slopes) == 0:
         raise ValueError("cannot measure the spot pitch: spot array coordinates do not vary "
                          "or pixel coordinates do not follow them")
     return float(np.mean(slopes))
+
+
+def _axis_steps(array_xy, pixel_xy, what: str) -> np.ndarray:
+    """Least-squares pixels per array step along x and y (NaN for an axis that does not vary)."""
+    a = np.asarray(array_xy, dtype=float)
+    p = np.asarray(pixel_xy, dtype=float)
+    if len(a) < 3:
+        raise ValueError(f"need at least three spots to measure the {what}")
+    return np.array([abs(np.polyfit(a[:, k], p[:, k], 1)[0]) if np.ptp(a[:, k]) > 0 else np.nan
+                     for k in range(2)])
 
 
 def grid_spacing_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
@@ -127,14 +131,8 @@ def grid_spacing_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
     from scipy.spatial import cKDTree
 
     a = np.asarray(array_xy, dtype=float)
-    p = np.asarray(pixel_xy, dtype=float)
-    if len(a) < 3:
-        raise ValueError("need at least three spots to measure the spot spacing")
-    scale = np.ones(2)
-    for k in range(2):
-        if np.ptp(a[:, k]) > 0:
-            scale[k] = abs(np.polyfit(a[:, k], p[:, k], 1)[0])
-    q = a * scale
+    steps = _axis_steps(array_xy, pixel_xy, "spot spacing")
+    q = a * np.where(np.isfinite(steps), steps, 1.0)
     dist, _ = cKDTree(q).query(q, k=2)
     d = dist[:, 1]
     d = d[d > 0]

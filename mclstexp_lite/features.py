@@ -192,10 +192,10 @@ def _compute(encoder, patches, view: int, device: torch.device, batch_size: int,
              progress: bool, desc: str) -> np.ndarray:
     from tqdm.auto import tqdm
 
+    from .models import normalize_uint8
+
     n = len(patches)
     size = encoder.image_size
-    mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1)
     out = np.empty((n, encoder.out_dim), dtype=np.float32)
     for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         u8 = torch.from_numpy(np.array(patches[i:i + batch_size]))  # a writable copy
@@ -203,7 +203,7 @@ def _compute(encoder, patches, view: int, device: torch.device, batch_size: int,
         if u8.shape[-1] != size or u8.shape[-2] != size:
             u8 = resize_u8(u8, size)
         u8 = apply_view(u8.to(device, non_blocking=True), view)
-        x = u8.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+        x = normalize_uint8(u8, layout="nchw", mean=encoder.mean, std=encoder.std)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
