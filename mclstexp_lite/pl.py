@@ -97,7 +97,8 @@ def pred_vs_true(pred, true, genes: Sequence[str], *, cmap: str = "magma"):
     """For each gene: true expression and prediction side by side on the H&E.
 
     Both panels of a gene share one colour scale (1st-99th percentile of the truth), and
-    the title gives the Pearson r over the section's spots.
+    the title gives the Pearson r over the section's spots ("r undefined" when the
+    prediction or the truth is the same at every spot: nothing varies to correlate).
     """
     from scipy import sparse, stats
 
@@ -114,7 +115,8 @@ def pred_vs_true(pred, true, genes: Sequence[str], *, cmap: str = "magma"):
         lo, hi = np.percentile(t, [1, 99])
         r = stats.pearsonr(p, t)[0] if np.ptp(p) > 0 and np.ptp(t) > 0 else float("nan")
         spots_on_tissue(true, t, ax=axes[i, 0], title=f"{g}: measured", cmap=cmap, vmin=lo, vmax=hi)
-        spots_on_tissue(true, p, ax=axes[i, 1], title=f"{g}: predicted (r = {r:.2f})",
+        r_text = ("r undefined: constant" if np.isnan(r) else f"r = {r:.2f}")
+        spots_on_tissue(true, p, ax=axes[i, 1], title=f"{g}: predicted ({r_text})",
                         cmap=cmap, vmin=lo, vmax=hi)
     fig.tight_layout()
     return fig
@@ -150,26 +152,36 @@ def loss_curve(history: Sequence[dict], *, title: str = "training loss"):
     return fig
 
 
-def shared_sections(per_fold, *, hue: str = "method", col: str = "scheme"):
+def shared_sections(per_fold, *, hue: str = "method", col: str = "scheme",
+                    with_missing: bool = False):
     """The rows of ``per_fold`` whose held-out section every ``hue`` group of their ``col``
     group has, and a note per ``col`` group that lost rows (empty when none did).
 
-    Methods scored on different held-out sections cannot be averaged side by side.
+    Methods scored on different held-out sections cannot be averaged side by side. The
+    rule is shared by :func:`metric_bars` and :func:`mclstexp_lite.cv.summarize_results`
+    (so also :func:`mclstexp_lite.cv.compare` and the results tables).
+
+    With ``with_missing=True`` a third value is returned: ``{col value: {section: [hue
+    groups without it]}}`` for every section left out.
     """
     key = "test_section" if "test_section" in per_fold.columns else "fold"
-    parts, notes = [], []
+    parts, notes, missing = [], [], {}
     for c, part in per_fold.groupby(col, sort=False):
-        sets = [set(g[key]) for _, g in part.groupby(hue, sort=False)]
-        shared = set.intersection(*sets) if sets else set()
+        groups = {h: set(g[key]) for h, g in part.groupby(hue, sort=False)}
+        shared = set.intersection(*groups.values()) if groups else set()
         kept = part[part[key].isin(shared)]
         if len(kept) < len(part):
             dropped = sorted(set(part[key]) - shared)
+            missing[c] = {s: [str(h) for h, have in groups.items() if s not in have]
+                          for s in dropped}
+            lacking = "; ".join(f"{s}: {', '.join(missing[c][s])}" for s in dropped)
             notes.append(f"{c}: compared on the {len(shared)} held-out section(s) every method "
-                         f"has; left out {dropped}")
+                         f"has; left out {dropped} (not scored for {lacking})")
         parts.append(kept)
     import pandas as pd
 
-    return (pd.concat(parts) if parts else per_fold.iloc[:0]), notes
+    kept = pd.concat(parts) if parts else per_fold.iloc[:0]
+    return (kept, notes, missing) if with_missing else (kept, notes)
 
 
 def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "mse", "mae"),

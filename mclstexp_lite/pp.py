@@ -16,7 +16,9 @@ Gene panels:
   the mclSTExp code (checksum-verified, converted once to a plain text file);
 - :func:`select_panel` - our recipe: highly variable genes per section, combined;
 - :func:`save_panel`, :func:`load_panel`, :func:`compare_panels`;
-- :func:`subset_genes` - restrict and reorder ``var`` to a panel;
+- :func:`subset_genes` - restrict and reorder ``var`` to a panel (matching Ensembl ids
+  with or without version suffixes, and other gene names: ``var`` columns or an
+  ``id_map`` read by :func:`read_gene_map`);
 - :func:`prepare` - subset and normalise in the order each method implies.
 
 Slots written
@@ -32,6 +34,8 @@ Slots written
     Panel genes that :func:`subset_genes` added as all-zero columns.
 ``adata.var['mclstexp_zero_filled']``
     True for those columns.
+``adata.uns['mclstexp_gene_map']``
+    How :func:`subset_genes` matched panel genes through other names (ids <-> symbols).
 ``adata.uns['mclstexp_prepare']``
     ``params`` of :func:`prepare` and the ``order`` of its two steps.
 """
@@ -44,6 +48,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -61,6 +66,7 @@ __all__ = [
     "load_panel",
     "compare_panels",
     "subset_genes",
+    "read_gene_map",
     "prepare",
     "NORMALIZE_KEY",
     "MISSING_KEY",
@@ -717,12 +723,183 @@ def _naming(names: Sequence[str]) -> str:
     return "gene symbols"
 
 
-def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: bool = True):
+#: ``adata.var`` columns holding another name of each gene (Space Ranger's ``gene_ids``,
+#: ``from_files(gene_map=...)``'s ``gene_symbols``, CELLxGENE's ``feature_name``, ...).
+#: :func:`subset_genes` matches panel genes that are not ``var_names`` against them.
+GENE_NAME_COLUMNS = ("gene_ids", "gene_id", "gene_symbols", "gene_symbol", "symbol",
+                     "gene_name", "gene_names", "feature_name", "feature_id", "ensembl_id")
+#: ``adata.uns`` key where :func:`subset_genes` records genes matched through another name.
+GENE_MAP_KEY = "mclstexp_gene_map"
+#: First-row cells that mark a header row of a gene map table.
+_MAP_HEADERS = {"id", "ids", "gene", "genes", "geneid", "gene_id", "gene_ids", "gene id",
+                "ensembl", "ensembl_id", "ensembl_gene_id", "feature_id", "symbol",
+                "symbols", "gene_symbol", "gene_symbols", "gene symbol", "gene_name",
+                "gene_names", "gene name", "name", "feature_name", "hgnc_symbol",
+                "external_gene_name"}
+
+
+def read_gene_map(source, *, what: str = "gene map") -> dict[str, str]:
+    """Read a table mapping gene ids to symbols, checking that each id has one symbol.
+
+    Parameters
+    ----------
+    source
+        A file (tab-separated; a ``.csv``/``.csv.gz`` name means commas; gzip allowed)
+        whose first column holds the ids and second the symbols, with or without a header
+        row; further columns are ignored, so a 10x ``features.tsv.gz`` works as it is. Or
+        a mapping ``{id: symbol}``, or a pandas DataFrame (first two columns).
+    what
+        How the argument is called in error messages (e.g. ``"gene_map"``).
+
+    Returns
+    -------
+    dict
+        ``{id: symbol}``, surrounding spaces stripped; identical repeated rows count once.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the file: it is missing, has fewer than two columns, has empty cells, or
+        maps one id to several symbols (delete the wrong rows). Several ids with one
+        symbol are allowed here; :func:`subset_genes` says how it resolves them.
+    """
+    import pandas as pd
+
+    name = what
+    if isinstance(source, Mapping):
+        pairs = pd.DataFrame({"id": list(source.keys()), "symbol": list(source.values())})
+        lines = None
+    elif isinstance(source, pd.DataFrame):
+        if source.shape[1] < 2:
+            raise ValueError(f"{what}: the DataFrame needs two columns (id, then symbol), "
+                             f"found {list(source.columns)}.")
+        pairs = source.iloc[:, :2].copy()
+        pairs.columns = ["id", "symbol"]
+        lines = None
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        name = f"{path} (the `{what}` table)"
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file not found: {path}; check the path.")
+        as_csv = str(path).endswith((".csv", ".csv.gz"))
+        try:
+            raw = pd.read_csv(path, sep="," if as_csv else "\t", header=None, dtype=str,
+                              keep_default_na=False, na_values=[""])
+        except Exception as exc:  # pandas raises many kinds; give them context
+            raise ValueError(f"cannot read {name}: {type(exc).__name__}: {exc}") from exc
+        if raw.shape[1] < 2:
+            first = str(raw.iloc[0, 0]) if raw.size else ""
+            sep = (" Its rows hold commas: rename it to .csv." if "," in first and not as_csv
+                   else "")
+            raise ValueError(f"{name}: a gene map needs two columns, the id then the symbol "
+                             f"(separated by {'commas' if as_csv else 'tabs'}), found "
+                             f"{raw.shape[1]}.{sep}")
+        lines = np.arange(1, len(raw) + 1)
+        head = [str(v).strip().lower() for v in raw.iloc[0, :2]] if len(raw) else []
+        if head and (head[0] in _MAP_HEADERS or head[1] in _MAP_HEADERS):
+            raw, lines = raw.iloc[1:], lines[1:]
+        pairs = raw.iloc[:, :2].copy()
+        pairs.columns = ["id", "symbol"]
+    else:
+        raise TypeError(f"{what} must be a file path, a mapping {{id: symbol}} or a pandas "
+                        f"DataFrame, got {type(source).__name__}.")
+    if len(pairs) == 0:
+        raise ValueError(f"{name}: the gene map is empty; it needs rows of id and symbol.")
+    blank = pairs.isna().any(axis=1).to_numpy() | np.array(
+        [not str(a).strip() or not str(b).strip() for a, b in pairs.to_numpy()])
+    if blank.any():
+        where = (f"line(s) {[int(n) for n in lines[blank][:5]]}" if lines is not None
+                 else f"id(s) {list(pairs['id'][blank][:5])}")
+        raise ValueError(f"{name}: {int(blank.sum())} row(s) with an empty id or symbol, "
+                         f"{where}. Fill them in or delete them.")
+    pairs = pairs.astype(str).apply(lambda c: c.str.strip())
+    per_id = pairs.drop_duplicates().groupby("id", sort=False)["symbol"].agg(list)
+    clash = per_id[per_id.map(len) > 1]
+    if len(clash):
+        eg = "; ".join(f"{i} -> {', '.join(s)}" for i, s in clash.head(3).items())
+        raise ValueError(f"{name}: {len(clash)} id(s) map to more than one symbol, e.g. {eg}. "
+                         "An id must have one symbol: delete the wrong rows.")
+    return {i: s[0] for i, s in per_id.items()}
+
+
+def _gene_aliases(adata, id_map, section: str) -> tuple[list[set[str]], list[str]]:
+    """Other names of every var (unversioned), from GENE_NAME_COLUMNS and ``id_map``.
+
+    Returns the alias sets (one per var) and where they came from.
+    """
+    import pandas as pd
+
+    aliases: list[set[str]] = [set() for _ in range(adata.n_vars)]
+    sources = []
+    for col in GENE_NAME_COLUMNS:
+        if col in adata.var.columns:
+            values = adata.var[col]
+            if not (pd.api.types.is_string_dtype(values)
+                    or isinstance(values.dtype, pd.CategoricalDtype)):
+                continue
+            sources.append(f"var['{col}']")
+            for s, v in zip(aliases, values):
+                if isinstance(v, str) and v.strip():
+                    s.add(_unversioned(v.strip()))
+    if id_map is not None:
+        label = (f"id_map {id_map}" if isinstance(id_map, (str, os.PathLike)) else "id_map")
+        mapping = read_gene_map(id_map, what="id_map")
+        forward = {_unversioned(k): v for k, v in mapping.items()}
+        inverse: dict[str, set[str]] = {}
+        for k, v in mapping.items():
+            inverse.setdefault(v, set()).add(_unversioned(k))
+        names = [_unversioned(str(n)) for n in adata.var_names]
+        hits = 0
+        for s, n in zip(aliases, names):
+            if n in forward:
+                s.add(forward[n])
+                hits += 1
+            if n in inverse:
+                s.update(inverse[n])
+                hits += 1
+        if hits == 0:
+            raise ValueError(
+                f"section {section}: no gene of the section is in either column of {label} "
+                f"(section genes e.g. {list(map(str, adata.var_names[:3]))}, table ids e.g. "
+                f"{list(mapping)[:3]}). The table must list the section's gene names; is it "
+                "for another organism or annotation?")
+        sources.append(label)
+    return aliases, sources
+
+
+def _match_aliases(adata, genes: list[str], src: np.ndarray, aliases) -> dict:
+    """Fill ``src`` for panel genes found among the aliases; returns {gene: [kept, others]}
+    for panel genes that several of the section's genes map to."""
+    index: dict[str, list[int]] = {}
+    for i, s in enumerate(aliases):
+        for a in s:
+            index.setdefault(a, []).append(i)
+    ambiguous = {}
+    for j, g in enumerate(genes):
+        if src[j] >= 0:
+            continue
+        hit = sorted(set(index.get(_unversioned(g), [])))
+        if len(hit) == 1:
+            src[j] = hit[0]
+        elif len(hit) > 1:
+            totals = np.asarray(adata.X[:, hit].sum(axis=0)).ravel()
+            order = np.argsort(-totals, kind="stable")
+            src[j] = hit[order[0]]
+            ambiguous[g] = [(str(adata.var_names[hit[k]]), float(totals[k])) for k in order]
+    return ambiguous
+
+
+def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: bool = True,
+                 id_map=None):
     """Restrict ``var`` to a gene panel, in the panel's order.
 
     A panel gene matches a ``var_name`` exactly or, for Ensembl ids, regardless of a
     version suffix (``ENSG00000141736`` matches ``ENSG00000141736.14`` and the other way
-    round, when that is unambiguous); the result is named as the panel.
+    round, when that is unambiguous); the result is named as the panel. A panel gene
+    still unmatched is looked up among the genes' other names: the ``var`` columns of
+    :data:`GENE_NAME_COLUMNS` (e.g. ``gene_ids`` from :func:`~mclstexp_lite.datasets.visium`,
+    ``gene_symbols`` from ``datasets.from_files(gene_map=...)``) and ``id_map``, so a
+    panel of symbols selects from a section named by Ensembl ids and the other way round.
 
     Parameters
     ----------
@@ -738,11 +915,21 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
     copy
         Return a new AnnData (default). ``False`` modifies ``adata`` in place and
         returns ``None``.
+    id_map
+        Optional ids -> symbols table: a file (first column the id, second the symbol,
+        header optional; a 10x ``features.tsv.gz`` works), a mapping or a DataFrame; read
+        with :func:`read_gene_map`, which refuses an id with several symbols. Used in
+        both directions (section ids with a symbol panel, or section symbols with an id
+        panel).
 
     Returns
     -------
     anndata.AnnData or None
-        ``n_vars == len(genes)`` and ``var_names == genes``.
+        ``n_vars == len(genes)`` and ``var_names == genes``. When genes were matched
+        through other names, ``uns['mclstexp_gene_map']`` records ``sources``,
+        ``n_matched`` and ``ambiguous``: for a panel gene that several of the section's
+        genes carry (one symbol, several ids), the one with the largest total in ``X``
+        is kept, the others are listed after it, and a warning names them.
 
     Notes
     -----
@@ -771,16 +958,35 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
                 if len(hit) == 1:
                     src[j] = hit[0]
                     renamed = True
-    absent = [g for g, i in zip(genes, src) if i < 0]
     section = _section_name(adata)
+    mapped = None
+    if (src < 0).any() or id_map is not None:  # other names: var columns, id_map
+        aliases, sources = _gene_aliases(adata, id_map, section)
+        before = int((src >= 0).sum())
+        ambiguous = _match_aliases(adata, genes, src, aliases)
+        if int((src >= 0).sum()) > before:
+            renamed = True
+            mapped = {"sources": sources, "n_matched": int((src >= 0).sum()) - before,
+                      "ambiguous": {g: [n for n, _ in v] for g, v in ambiguous.items()}}
+        if ambiguous:
+            eg = "; ".join(f"{g} <- " + ", ".join(f"{n} ({t:g})" for n, t in v)
+                           for g, v in list(ambiguous.items())[:3])
+            warnings.warn(
+                f"section {section}: {len(ambiguous)} panel gene(s) are the other name of "
+                f"several of the section's genes ({' and '.join(sources)}), e.g. {eg} "
+                "(total in X in brackets). Kept the one with the largest total, the first "
+                "listed; the choices are in uns['mclstexp_gene_map']['ambiguous']. To choose "
+                "otherwise, pass id_map= with one id per symbol.", UserWarning, stacklevel=2)
+    absent = [g for g, i in zip(genes, src) if i < 0]
     if absent and len(absent) == len(genes):
         raise ValueError(
             f"section {section}: none of the {len(genes)} panel genes is in adata.var_names. "
             f"The panel uses {_naming(genes)} (e.g. {list(genes[:3])}), the section "
             f"{_naming(adata.var_names[:200])} (e.g. {list(map(str, adata.var_names[:3]))}): "
-            "the naming differs. Rename the section's genes to the panel's naming first "
-            "(e.g. adata.var_names = adata.var['gene_symbol'] when the counts carry both), or "
-            "build a panel in the section's naming (pp.select_panel).")
+            "the naming differs. Pass id_map= a table of ids and symbols (e.g. the 10x "
+            "features.tsv.gz), or build a panel in the section's naming (pp.select_panel)."
+            + (f" The other names in {' and '.join(sources)} did not match either."
+               if mapped is None and (src < 0).all() and sources else ""))
     if absent and missing == "error":
         raise ValueError(
             f"section {section}: {len(absent)} of the {len(genes)} panel genes are not in "
@@ -793,10 +999,14 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
             out = adata[:, src].copy()
             if renamed:
                 out.var_names = list(genes)
+            if mapped is not None:
+                out.uns[GENE_MAP_KEY] = mapped
             return out
         adata._inplace_subset_var(src)
         if renamed:
             adata.var_names = list(genes)
+        if mapped is not None:
+            adata.uns[GENE_MAP_KEY] = mapped
         return None
 
     logger.warning("section %s: %d panel gene(s) not measured, added as all-zero columns: "
@@ -820,6 +1030,8 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
         new.raw = adata.raw.to_adata()
     prev = list(new.uns.get(MISSING_KEY, []))
     new.uns[MISSING_KEY] = prev + [g for g in absent if g not in prev]
+    if mapped is not None:
+        new.uns[GENE_MAP_KEY] = mapped
     if copy:
         return new
     adata._init_as_actual(new)
@@ -828,7 +1040,7 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
 
 # ----------------------------------------------------------------------- prepare
 def prepare(adata_or_dict, genes: Sequence[str], *, method: str = "library_size",
-            missing: str = "error"):
+            missing: str = "error", id_map=None):
     """Subset to a gene panel and normalise, in the order the method implies.
 
     Parameters
@@ -842,7 +1054,7 @@ def prepare(adata_or_dict, genes: Sequence[str], *, method: str = "library_size"
         ``"library_size"``: normalise FIRST (each spot's library size is its whole
         transcriptome, the standard), then subset to the panel. ``"published"``: subset
         FIRST, then normalise the panel genes per gene, as the published code does.
-    missing
+    missing, id_map
         Passed to :func:`subset_genes`.
 
     Returns
@@ -865,10 +1077,10 @@ def prepare(adata_or_dict, genes: Sequence[str], *, method: str = "library_size"
         _check_anndata(a, name="adata_or_dict")
         if method == "library_size":
             out = normalize(a, method=method, copy=True)
-            subset_genes(out, genes, missing=missing, copy=False)
+            subset_genes(out, genes, missing=missing, copy=False, id_map=id_map)
             order = "normalize_then_subset"
         else:
-            out = subset_genes(a, genes, missing=missing, copy=True)
+            out = subset_genes(a, genes, missing=missing, copy=True, id_map=id_map)
             normalize(out, method=method)
             order = "subset_then_normalize"
         out.uns[PREPARE_KEY] = {"params": {"method": method, "missing": missing,

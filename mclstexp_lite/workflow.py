@@ -69,6 +69,39 @@ def check_params(*, dataset: str, sections: Sequence[str], profile: str | None =
                 f"MCLSTEXP_DATA at a folder with the data, allow downloads, or pick from those.")
 
 
+def check_own_files(counts, spots, image, *, section, um_per_px=None,
+                    spot_pitch_um=ds.LEGACY_ST_PITCH_UM, pixel_scale=1.0, gene_map=None) -> None:
+    """Stop early, with a message that says the fix, on bad own-file parameters of
+    notebook 01 (``COUNTS_PATH``, ``SPOTS_PATH``, ``IMAGE_PATH``, ``SECTION``,
+    ``UM_PER_PX``, ``SPOT_PITCH_UM``, ``PIXEL_SCALE``, ``GENE_MAP_PATH``).
+
+    The files themselves are checked by :func:`mclstexp_lite.datasets.from_files` when
+    the notebook loads them.
+    """
+    for name, value in (("COUNTS_PATH", counts), ("SPOTS_PATH", spots), ("IMAGE_PATH", image),
+                        ("GENE_MAP_PATH", gene_map)):
+        if value is None:
+            if name == "GENE_MAP_PATH":
+                continue
+            raise ValueError(f"{name} is None: your own section needs COUNTS_PATH, SPOTS_PATH "
+                             "and IMAGE_PATH (set all three, or none of them for the "
+                             "tutorial's HER2+ data).")
+        if not isinstance(value, (str, os.PathLike)) or not Path(value).is_file():
+            raise FileNotFoundError(
+                f"{name}={value!r}: no such file (seen from {Path.cwd()}; the notebook runs "
+                "in notebooks/, so give an absolute path).")
+    if not isinstance(section, str) or not section.strip():
+        raise ValueError(f"SECTION must be a non-empty name for your section, got {section!r}")
+    for name, value, allow_none in (("UM_PER_PX", um_per_px, True),
+                                    ("SPOT_PITCH_UM", spot_pitch_um, False),
+                                    ("PIXEL_SCALE", pixel_scale, False)):
+        if value is None and allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}"
+                             + (" (or None to estimate it from the spots)" if allow_none else ""))
+
+
 def train_config(profile: str, *, epochs: int | None = None, batch_size: int | None = None,
                  seed: int | None = None, device: str = "auto"):
     """The notebooks' :class:`~mclstexp_lite.train.TrainConfig`: ``profile`` with the

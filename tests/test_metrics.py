@@ -634,3 +634,19 @@ def test_run_results_differences(tmp_path):
     assert none.empty and list(none.columns) == list(tool.DIFF_COLUMNS)
     assert why == ["mclstexp is not among the methods run; no differences computed."]
     assert "No differences were computed." in tool.differences_markdown(none, why, top_k=200)
+
+
+def test_run_results_per_section_table_explains_its_gaps():
+    """SYNTHETIC per-section rows: a "-" cell (a section a run lacks, or the undefined
+    PCC of the constant mean baseline) comes with a note that says what it means."""
+    tool = load_run_results()
+    rows = [{"scheme": "section", "method": m, "top_k": k, "test_section": s,
+             "pcc_acg": (float("nan") if m == "mean" else 0.5), "pcc_heg": 0.4, "mse": 0.1}
+            for m, k, secs in (("mean", float("nan"), ["A1", "B4"]), ("mclstexp", 200, ["A1"]))
+            for s in secs]
+    md = tool.per_section_markdown(pd.DataFrame(rows))
+    assert "| A1 | 0.500 | - |" in md and "| B4 | - | - |" in md
+    assert md.endswith(tool.PER_SECTION_NOTE) and "same at every spot" in md
+    full = pd.DataFrame([dict(r, pcc_acg=0.5, method="mclstexp", top_k=200) for r in rows])
+    full = full.drop_duplicates("test_section")
+    assert tool.PER_SECTION_NOTE not in tool.per_section_markdown(full)

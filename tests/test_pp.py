@@ -540,3 +540,95 @@ def test_a_panel_in_another_naming_says_so_even_when_zero_filling():
         with pytest.raises(ValueError, match=r"none of the 3 panel genes.*gene symbols.*"
                                              r"Ensembl ids with version suffixes.*naming differs"):
             pp.subset_genes(a, ["ERBB2", "GNAS", "FASN"], missing=missing)
+
+
+# --------------------------------------------------------------- ids <-> symbols
+IDS = [f"ENSG{i:011d}" for i in range(40)]
+SYMBOLS = [f"SYM{i}" for i in range(40)]
+
+
+def test_id_map_table_lets_a_symbol_panel_select_from_ids(tmp_path):
+    """SYNTHETIC: a section named by versioned Ensembl ids, a 10x-style features table
+    (id, symbol, type; no header) and a panel of symbols."""
+    a = synthetic_adata(genes=[f"{g}.2" for g in IDS])
+    table = tmp_path / "features.tsv"
+    pd.DataFrame({"id": IDS, "symbol": SYMBOLS, "type": "Gene Expression"}).to_csv(
+        table, sep="\t", header=False, index=False)
+    out = pp.subset_genes(a, ["SYM7", "SYM3"], id_map=table)
+    assert list(out.var_names) == ["SYM7", "SYM3"]
+    np.testing.assert_array_equal(dense(out.X), dense(a.X)[:, [7, 3]])
+    assert out.uns[pp.GENE_MAP_KEY]["n_matched"] == 2
+    # the same table with a header row, as a mapping, and for an id panel on symbols
+    with_header = tmp_path / "map.csv"
+    pd.DataFrame({"gene_id": IDS, "gene_symbol": SYMBOLS}).to_csv(with_header, index=False)
+    assert list(pp.subset_genes(a, ["SYM1"], id_map=with_header).var_names) == ["SYM1"]
+    assert list(pp.subset_genes(a, ["SYM1"], id_map=dict(zip(IDS, SYMBOLS))).var_names) == ["SYM1"]
+    b = synthetic_adata(genes=SYMBOLS)
+    out = pp.subset_genes(b, [IDS[4]], id_map=table)
+    np.testing.assert_array_equal(dense(out.X), dense(b.X)[:, [4]])
+    prepared = pp.prepare(a, ["SYM7", "SYM3"], id_map=table)
+    assert list(prepared.var_names) == ["SYM7", "SYM3"]
+    with pytest.raises(ValueError, match="naming differs.*id_map="):
+        pp.subset_genes(a, ["SYM7", "SYM3"])
+
+
+def test_symbols_in_a_var_column_are_used_without_a_table():
+    """SYNTHETIC: the counts carry ids as var_names and symbols in var['gene_symbols'] (as
+    from_files(gene_map=...) writes), or symbols with ids in var['gene_ids'] (Visium)."""
+    a = synthetic_adata(genes=IDS)
+    a.var["gene_symbols"] = SYMBOLS
+    a.var.loc[IDS[9], "gene_symbols"] = ""  # an id without a symbol
+    out = pp.subset_genes(a, ["SYM2", "SYM0"])
+    np.testing.assert_array_equal(dense(out.X), dense(a.X)[:, [2, 0]])
+    assert out.uns[pp.GENE_MAP_KEY]["sources"] == ["var['gene_symbols']"]
+    with pytest.raises(ValueError, match=r"1 of the 2 panel genes are not"):
+        pp.subset_genes(a, ["SYM2", "SYM9"])
+    b = synthetic_adata(genes=SYMBOLS)
+    b.var["gene_ids"] = [f"{g}.5" for g in IDS]
+    assert list(pp.subset_genes(b, [IDS[1]]).var_names) == [IDS[1]]
+
+
+def test_one_symbol_from_several_ids_keeps_the_most_expressed_and_says_so():
+    """SYNTHETIC: SYM1 is the symbol of two ids; gene 1 has more counts than gene 2."""
+    counts = synthetic_counts()
+    counts[:, 1] += 5
+    counts[:, 2] = counts[:, 1] // 5
+    a = synthetic_adata(counts, genes=IDS)
+    mapping = dict(zip(IDS, SYMBOLS))
+    mapping[IDS[2]] = "SYM1"
+    with pytest.warns(UserWarning, match=r"SYM1 <- ENSG00000000001 \(\d+\), ENSG00000000002 "
+                                         r"\(\d+\).*Kept the one with the largest total"):
+        out = pp.subset_genes(a, ["SYM1", "SYM5"], id_map=mapping)
+    np.testing.assert_array_equal(dense(out.X), dense(a.X)[:, [1, 5]])
+    assert out.uns[pp.GENE_MAP_KEY]["ambiguous"] == {"SYM1": [IDS[1], IDS[2]]}
+    counts[:, 2] += 1000  # now the second id is the expressed one
+    b = synthetic_adata(counts, genes=IDS)
+    with pytest.warns(UserWarning):
+        out = pp.subset_genes(b, ["SYM1"], id_map=mapping)
+    np.testing.assert_array_equal(dense(out.X), dense(b.X)[:, [2]])
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([("ENSG1", "A"), ("ENSG1", "B")], r"1 id\(s\) map to more than one symbol, e\.g\. "
+                                       r"ENSG1 -> A, B.*delete the wrong rows"),
+    ([("ENSG1", "A"), ("ENSG2", "")], r"empty id or symbol, line\(s\) \[2\]"),
+    ([("ENSG1",), ("ENSG2",)], r"needs two columns"),
+])
+def test_malformed_gene_maps_name_the_file_and_the_fix(tmp_path, rows, match):
+    path = tmp_path / "bad_map.tsv"
+    path.write_text("\n".join("\t".join(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=match) as err:
+        pp.read_gene_map(path)
+    assert "bad_map.tsv" in str(err.value)
+
+
+def test_identical_rows_are_fine_and_an_unrelated_table_is_refused(tmp_path):
+    path = tmp_path / "map.tsv"
+    path.write_text("ENSG1\tA\nENSG1\tA\nENSG2\tB\n")
+    assert pp.read_gene_map(path) == {"ENSG1": "A", "ENSG2": "B"}
+    a = synthetic_adata(genes=IDS)
+    with pytest.raises(ValueError, match=r"no gene of the section is in either column of "
+                                         r"id_map .*map\.tsv.*another organism"):
+        pp.subset_genes(a, ["A"], id_map=path)
+    with pytest.raises(FileNotFoundError, match="id_map file not found"):
+        pp.subset_genes(a, ["A"], id_map=tmp_path / "nope.tsv")

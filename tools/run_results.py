@@ -77,15 +77,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+#: What a "-" cell of per_section.md means.
+PER_SECTION_NOTE = (
+    "\"-\": no value. Either the run did not score that section (an incomplete run; "
+    "results.md then averages every method of the scheme over the sections they all "
+    "have and names the others in `left_out`), or the correlation is undefined because "
+    "the prediction is the same at every spot (the `mean` baseline): nothing varies to "
+    "correlate with.")
+
+
 def per_section_markdown(per_section, metrics=("pcc_acg", "pcc_heg", "mse")) -> str:
-    """One Markdown table per scheme and metric: held-out sections x methods."""
+    """One Markdown table per scheme and metric: held-out sections x methods, then a note
+    on what a "-" cell (no value) means when there is one."""
     import pandas as pd
 
     df = per_section.copy()
     df["label"] = [m if pd.isna(k) else f"{m} k={int(k)}"
                    for m, k in zip(df["method"], df["top_k"])]
     labels = list(dict.fromkeys(df.sort_values(["method", "top_k"])["label"]))
-    blocks = []
+    blocks, gaps = [], False
     for scheme, part in df.groupby("scheme", sort=True):
         for metric in metrics:
             wide = part.pivot_table(index="test_section", columns="label", values=metric,
@@ -96,8 +106,9 @@ def per_section_markdown(per_section, metrics=("pcc_acg", "pcc_heg", "mse")) -> 
             for sec, row in wide[cols].iterrows():
                 lines.append(f"| {sec} | " + " | ".join(
                     "-" if pd.isna(v) else f"{v:.3f}" for v in row) + " |")
+                gaps = gaps or bool(row.isna().any())
             blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    return "\n\n".join(blocks + ([PER_SECTION_NOTE] if gaps else []))
 
 
 def neighbour_shares(results_dir):
