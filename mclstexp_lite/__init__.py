@@ -9,12 +9,15 @@ Submodules are imported lazily so that ``import mclstexp_lite`` stays cheap:
 - ``datasets``  loaders that return AnnData (HER2+, cSCC, Visium, your own section)
 - ``download``  the data manifest and the checksum-verifying downloader
 - ``pp``        normalisation and gene panels
+- ``slides``    reading H&E images region by region, tissue detection, virtual spots
 - ``patches``   H&E patch extraction and the on-disk patch cache
+- ``stain``     stain normalisation of patches (Macenko, Reinhard via torchstain)
 - ``encoders``  the image-encoder registry: backbones, pretrained weights, preprocessing
 - ``features``  frozen-encoder features, computed once and cached on disk
 - ``models``    the image and spot encoders, the mclSTExp model and the contrastive loss
 - ``train``     the contrastive trainer
 - ``tl``        retrieval prediction
+- ``predict``   new slide in, expression out: saved predictors and the command line
 - ``metrics``   PCC-ACG, PCC-HEG, MSE, MAE
 - ``cv``, ``baselines``  cross-validation (section / patient schemes) and baselines
 - ``interpret`` gene rankings, clustering against pathologist labels
@@ -31,12 +34,15 @@ _SUBMODULES = (
     "datasets",
     "download",
     "pp",
+    "slides",
     "patches",
+    "stain",
     "encoders",
     "features",
     "models",
     "train",
     "tl",
+    "predict",
     "metrics",
     "cv",
     "baselines",

@@ -25,7 +25,8 @@ Results folder written by :func:`run_cv`
     :class:`~mclstexp_lite.train.TrainConfig` (as a dict), ``top_k``, ``metric``, the
     gene panel (count and sha256), the sections and their patients, a fingerprint of
     every section's data (spots, obs-name and expression sha256), patch geometry,
-    baseline settings, package version. A rerun with a different config is refused.
+    baseline settings, stain normalisation (only when on), package version. A rerun
+    with a different config is refused.
 ``folds.json``
     The scheme, the section -> patient map and every fold (name, test, train,
     reference).
@@ -509,6 +510,7 @@ def run_cv(
     device="auto",
     patch_um: float | None = None,
     patch_size: int = 224,
+    stain=None,
 ) -> pd.DataFrame:
     """Cross-validate one method under one fold scheme and write a results folder.
 
@@ -548,6 +550,14 @@ def run_cv(
         Patch geometry for :meth:`mclstexp_lite.train.SpotData.from_anndata`
         (default: the package default tissue width, cached at 224 px and resized to
         the image encoder's input size on the fly).
+    stain
+        Stain normalisation of every patch (:mod:`mclstexp_lite.stain`): ``None`` (off),
+        ``"macenko"`` or ``"reinhard"`` (fitted anew in every fold on the patches of
+        that fold's *training* sections, :func:`mclstexp_lite.stain.fit_on_sections`
+        with its defaults, and applied to training, reference and held-out patches), or
+        a fitted :class:`mclstexp_lite.stain.StainNormalizer` used in every fold. It is
+        part of ``config.json`` (a folder with another setting is refused); each fold's
+        ``metrics.json`` keeps its fitted normaliser under ``stain``.
 
     Returns
     -------
@@ -587,6 +597,7 @@ def run_cv(
     if isinstance(n_heg, bool) or not isinstance(n_heg, (int, np.integer)) or not 1 <= n_heg <= n_genes:
         raise ValueError(f"n_heg must be an integer between 1 and the number of genes "
                          f"({n_genes}), got {n_heg!r}.")
+    stain_cfg = _stain_config(stain)
     patients = patients_of(adatas)
     all_folds = make_folds(patients, scheme)
     selected = _select(all_folds, folds)
@@ -595,6 +606,8 @@ def run_cv(
                           config=cfg, top_k=top_k, metric=metric, patch_um=patch_um,
                           patch_size=patch_size, device=device)
     run_cfg["n_heg"] = int(n_heg)
+    if stain_cfg is not None:  # absent when off, so folders written before still match
+        run_cfg["stain"] = stain_cfg
     _prepare_out_dir(out, run_cfg, all_folds, selected, overwrite)
     save_folds(all_folds, out / _FOLDS, scheme=scheme, sections=patients)
     geometry = {"patch_um": patch_um, "patch_size": patch_size}
@@ -607,9 +620,14 @@ def run_cv(
         _check_leakage(fold, patients, scheme)
         fold_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
+        fold_geometry, normaliser = geometry, _fold_stain(stain, adatas, fold, geometry, progress)
+        if normaliser is not None:
+            fold_geometry = dict(geometry, stain=normaliser)
         record = _run_fold(fold, adatas, method=method, scheme=scheme, config=cfg,
                            fold_dir=fold_dir, top_k=top_k, metric=metric, device=device,
-                           geometry=geometry, n_heg=n_heg, progress=progress)
+                           geometry=fold_geometry, n_heg=n_heg, progress=progress)
+        if normaliser is not None:
+            record["stain"] = normaliser.to_dict()
         record["wall_seconds_this_run"] = time.time() - t0
         _atomic_write_json(fold_dir / _METRICS, record)
         if progress:
@@ -620,12 +638,40 @@ def run_cv(
     return _aggregate(out, all_folds)
 
 
+def _stain_config(stain) -> dict | None:
+    """What ``run_cv(stain=...)`` records in ``config.json``; validates ``stain``."""
+    from . import stain as st
+
+    if stain is None:
+        return None
+    if isinstance(stain, str):
+        method = st._check_method(stain)
+        return {"method": method, "fit": "each fold's training sections, "
+                "stain.fit_on_sections defaults", "settings": st.StainNormalizer(method).settings()}
+    if isinstance(stain, st.StainNormalizer):
+        return {"method": stain.method, "fit": "given", "fingerprint": stain.fingerprint}
+    raise TypeError(f"stain must be None, 'macenko', 'reinhard' or a fitted "
+                    f"stain.StainNormalizer, got {type(stain).__name__}.")
+
+
+def _fold_stain(stain, adatas, fold: Fold, geometry, progress):
+    """The fold's normaliser: ``stain`` itself, or one fitted on the fold's training sections."""
+    from . import stain as st
+
+    if stain is None or isinstance(stain, st.StainNormalizer):
+        return stain
+    return st.fit_on_sections({s: adatas[s] for s in fold.train}, stain,
+                              patch_um=geometry["patch_um"], out_size=geometry["patch_size"],
+                              progress=progress)
+
+
 def _spot_data(adatas, names, geometry, progress):
     from . import train as tr
 
     return tr.SpotData.from_anndata({s: adatas[s] for s in names},
                                     patch_um=geometry["patch_um"],
-                                    patch_size=geometry["patch_size"], progress=progress)
+                                    patch_size=geometry["patch_size"], progress=progress,
+                                    stain=geometry.get("stain"))
 
 
 def _load_npz(path: Path, expect: Mapping[str, np.ndarray]) -> dict | None:
@@ -821,7 +867,8 @@ def load_results(out_dir) -> pd.DataFrame:
     return pd.read_csv(p, dtype={"fold": str, "test_section": str})
 
 
-def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme")) -> pd.DataFrame:
+def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme"),
+                      shared: bool = True) -> pd.DataFrame:
     """Mean and sample sd of the metrics over held-out sections.
 
     Parameters
@@ -830,6 +877,12 @@ def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme")) -> 
         Rows as in ``metrics.csv`` (:data:`ROW_COLUMNS`).
     by
         Grouping columns.
+    shared
+        ``True`` (default): within each scheme, methods (the other ``by`` columns) are
+        compared only on the held-out sections they all have, the rule of
+        :func:`mclstexp_lite.pl.shared_sections` (which :func:`~mclstexp_lite.pl.metric_bars`
+        uses too); a row that lost sections says which in ``left_out``. ``False``
+        averages whatever sections each group has.
 
     Returns
     -------
@@ -838,15 +891,66 @@ def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme")) -> 
         sections averaged over: under both schemes every section of the study is
         scored once, so both schemes average the same sections), and
         ``<metric>_mean``/``<metric>_sd`` for PCC-ACG, PCC-HEG, MSE and MAE
-        (:func:`mclstexp_lite.metrics.summary_table`).
+        (:func:`mclstexp_lite.metrics.summary_table`). Only when sections were left
+        out, a ``left_out`` column (after ``n_sections``): per row, the sections it was
+        scored on that are not in its mean, each with the methods that lack it, e.g.
+        ``"C2 (not scored for: ridge_color)"``; ``""`` for rows that lost none. A group
+        with no section in common with the others keeps its row, with no metrics.
     """
     from . import metrics as mt
 
     by = [by] if isinstance(by, str) else list(by)
+    left_out = None
+    if shared and "test_section" in per_section.columns:
+        per_section, left_out = _shared_rows(per_section, by)
     table = mt.summary_table(per_section, by=by).rename(columns={"n_folds": "n_sections"})
     folds = per_section.groupby(by, sort=True, dropna=False)["fold"].nunique()
     table.insert(len(by), "n_folds", folds.to_numpy())
+    if left_out:
+        empty = [k for k in left_out if k not in set(map(tuple, table[by].to_numpy().tolist()))]
+        if empty:  # groups with nothing in common: a row without metrics
+            extra = pd.DataFrame([dict(zip(by, k), n_folds=0, n_sections=0) for k in empty])
+            table = pd.concat([table, extra], ignore_index=True).sort_values(by)
+            table = table.reset_index(drop=True)
+        cells = [left_out.get(tuple(k), "") for k in table[by].to_numpy().tolist()]
+        table.insert(len(by) + 2, "left_out", cells)
     return table
+
+
+def _run_label(columns, values) -> str:
+    """A group's name in notes: the method, with ``k=`` for a retrieval top_k."""
+    parts = []
+    for c, v in zip(columns, values):
+        if c in ("_k", "top_k"):
+            if pd.notna(v) and float(v) >= 0:
+                parts.append(f"k={int(v)}")
+        else:
+            parts.append(str(v))
+    return " ".join(parts)
+
+
+def _shared_rows(per_section: pd.DataFrame, by: list) -> tuple[pd.DataFrame, dict]:
+    """The rows of the sections every group of a scheme has (pl.shared_sections), and
+    ``{group key: "section (not scored for: ...)"}`` for the groups that lost rows."""
+    from .pl import shared_sections
+
+    col = "scheme" if "scheme" in by else None
+    hue = [c for c in by if c != col]
+    if not hue or per_section.empty:
+        return per_section, {}
+    df = per_section.reset_index(drop=True)
+    df = df.assign(_run=[_run_label(hue, v) for v in zip(*(df[c] for c in hue))],
+                   _col=df[col] if col else "")
+    kept, _, missing = shared_sections(df, hue="_run", col="_col", with_missing=True)
+    gone = df.loc[~df.index.isin(kept.index)]
+    left_out: dict = {}
+    for key, part in gone.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        c = part["_col"].iloc[0]
+        left_out[key] = "; ".join(
+            f"{s} (not scored for: {', '.join(missing[c][s])})"
+            for s in sorted(set(part["test_section"].astype(str))))
+    return kept.drop(columns=["_run", "_col"]), left_out
 
 
 _LABELS = {"pcc_acg": "PCC-ACG", "pcc_heg": "PCC-HEG", "mse": "MSE", "mae": "MAE"}
@@ -857,7 +961,9 @@ def summary_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
 
     Each metric becomes one ``mean ± sd`` column (:func:`mclstexp_lite.metrics.fmt`); a
     metric with no value in any held-out section (a correlation of the constant ``mean``
-    prediction) is shown as ``undefined*`` with a footnote saying why.
+    prediction) is shown as ``undefined*`` with a footnote saying why. A ``left_out``
+    column (sections not shared by every method, :func:`summarize_results`) gets a
+    footnote that says methods are compared on the sections they share.
     """
     from . import metrics as mt
 
@@ -869,7 +975,9 @@ def summary_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
     for _, r in table.iterrows():
         cells = [_cell(r[c]) for c in lead]
         for m in metrics:
-            if pd.isna(r[f"{m}_mean"]):
+            if "n_sections" in r and r["n_sections"] == 0:
+                cells.append("-")
+            elif pd.isna(r[f"{m}_mean"]):
                 cells.append("undefined*")
                 undefined = True
             else:
@@ -879,6 +987,11 @@ def summary_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
         lines += ["", "\\* undefined: no held-out section has a value, e.g. a correlation of a "
                   "prediction that is the same at every spot (the `mean` baseline), which "
                   "has no variation to correlate with."]
+    if "left_out" in table.columns and (table["left_out"].astype(str) != "").any():
+        lines += ["", "left_out: methods are compared only on the held-out sections they all "
+                  "have (per scheme); these sections were scored for that row but are not in "
+                  "its mean, because the methods named lack them (an incomplete or "
+                  "interrupted run). Rerun those methods to compare on every section."]
     return "\n".join(lines)
 
 
@@ -908,7 +1021,9 @@ def compare(results_dirs, *, per_section: bool = False) -> pd.DataFrame:
         Summary: ``method``, ``scheme``, ``top_k`` (retrieval methods; NaN for
         baselines), ``n_folds``, ``n_sections`` and mean/sd columns of PCC-ACG,
         PCC-HEG, MSE, MAE; one row per folder, sorted by scheme, then method, then
-        ``top_k``.
+        ``top_k``. Within a scheme every row averages the same held-out sections, those
+        all folders have (:func:`summarize_results`); a ``left_out`` column names the
+        others when there are any.
     """
     if isinstance(results_dirs, (str, os.PathLike)):
         results_dirs = [results_dirs]

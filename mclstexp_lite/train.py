@@ -298,10 +298,13 @@ class SpotData:
     def from_anndata(cls, adatas: Mapping[str, Any] | Sequence, *, layer: str | None = None,
                      patch_um: float = pt.DEFAULT_PATCH_UM, patch_size: int = 224,
                      cache_dir: str | os.PathLike | None = None,
-                     progress: bool = True) -> "SpotData":
+                     progress: bool = True, stain=None) -> "SpotData":
         """Stack sections prepared by :func:`mclstexp_lite.pp.prepare` (same genes in each).
 
-        Patches are read from (or written to) the patch cache.
+        Patches are read from (or written to) the patch cache. ``stain``: an optional
+        fitted :class:`mclstexp_lite.stain.StainNormalizer` applied to every section's
+        patches (their own patch-cache entries, so the frozen features differ too; fit
+        it on the training sections, :func:`mclstexp_lite.stain.fit_on_sections`).
         """
         from scipy import sparse
 
@@ -319,7 +322,7 @@ class SpotData:
             X = X.toarray() if sparse.issparse(X) else np.asarray(X)
             _warn_if_raw_counts(X, name)
             patches.append(pt.patch_cache(a, patch_um=patch_um, out_size=patch_size,
-                                          cache_dir=cache_dir, progress=progress))
+                                          cache_dir=cache_dir, progress=progress, stain=stain))
             exprs.append(X.astype(np.float32))
             poss.append(a.obs[["array_x", "array_y"]].to_numpy(np.int64))
             groups.append(np.full(a.n_obs, gi, dtype=np.int64))
@@ -407,6 +410,17 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
 def model_from_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> mdl.MclSTExp:
     """Rebuild the model from a checkpoint's saved config and load its weights."""
     return _model_from_ckpt(load_checkpoint(path, map_location=map_location))
+
+
+def model_from_state(ckpt: Mapping) -> mdl.MclSTExp:
+    """The model of an already loaded checkpoint-like dict, in eval mode.
+
+    ``ckpt`` needs ``model_config`` and ``model`` (the state dict) and may hold
+    ``preprocessing`` (checked against the rebuilt encoder) and ``config``; a training
+    checkpoint (:func:`load_checkpoint`) and a predictor (:mod:`mclstexp_lite.predict`)
+    both qualify.
+    """
+    return _model_from_ckpt(dict(ckpt))
 
 
 def _model_from_ckpt(ckpt: dict) -> mdl.MclSTExp:

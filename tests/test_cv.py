@@ -424,6 +424,28 @@ def test_rescore_with_the_same_top_k_reproduces_the_run(patient_run, sections, t
     assert set(table["method"]) == {"mclstexp"} and (table["n_sections"] == 3).all()
     md = cv.summary_markdown(table)
     assert md.count("\n") == 3 and "PCC-HEG" in md
+    assert "left_out" not in table.columns  # both runs scored every section
+
+
+def test_compare_averages_only_the_sections_every_run_has(sections, tmp_path):
+    """An interrupted run (ridge_color, fold P only: S1, S2) beside a complete one (mean:
+    S1, S2, S3): both rows average S1 and S2, and the table says S3 was left out and why."""
+    full, part = tmp_path / "mean", tmp_path / "ridge"
+    cv.run_cv(sections, scheme="patient", method="mean", config=tiny_config(), out_dir=full,
+              **RUN)
+    cv.run_cv(sections, scheme="patient", method="ridge_color", config=tiny_config(),
+              out_dir=part, folds=["P"], **RUN)
+    per_section = cv.compare([full, part], per_section=True)
+    table = cv.compare([full, part]).set_index("method")
+    assert (table["n_sections"] == 2).all() and (table["n_folds"] == 1).all()
+    assert table.loc["mean", "left_out"] == "S3 (not scored for: ridge_color)"
+    assert table.loc["ridge_color", "left_out"] == ""
+    mean_rows = per_section[(per_section.method == "mean") & (per_section.test_section != "S3")]
+    assert table.loc["mean", "mse_mean"] == pytest.approx(mean_rows["mse"].mean())
+    md = cv.summary_markdown(table.reset_index())
+    assert "S3 (not scored for: ridge_color)" in md and "compared only on the held-out" in md
+    unshared = cv.summarize_results(per_section, shared=False).set_index("method")
+    assert unshared.loc["mean", "n_sections"] == 3 and "left_out" not in unshared.columns
 
 
 def test_run_cv_argument_errors(sections, tmp_path):
