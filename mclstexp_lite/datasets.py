@@ -11,6 +11,7 @@ the path of the source image that patches are cut from.
 - :func:`cscc` - cutaneous squamous cell carcinoma, legacy ST (Ji et al. 2020), 12 sections
 - :func:`visium` - a 10x Visium Space Ranger ``outs`` folder
 - :func:`from_files` - your own section: count table + spot file + H&E image
+- :func:`hest` - one HEST-1k sample (st/<id>.h5ad, wsis/<id>.tif, metadata/<id>.json)
 - :func:`list_sections` - which sections exist and which are available locally
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -156,17 +158,57 @@ _MIN_SPOTS_ON_TISSUE = 0.5
 #: The spots' bounding box (plus one pitch) covers less than this share of the image: a
 #: warning (HER2+: 33-46 %).
 _MIN_SPOT_COVERAGE = 0.02
+#: Stain contrast: the share of stained pixels within half a pitch of a spot centre over
+#: the share in the rest of the image. The 7 HER2+ sections with an image: 4.3-17.6; their
+#: spots on another patient's image: 1.0-4.1, on another section of the same patient:
+#: 1.0-5.3 (docs/data_model.md). Below this, a warning.
+_MIN_STAIN_CONTRAST = 3.0
+#: ... unless the rest of the image is itself mostly stained (an image cropped to the
+#: tissue), where the comparison says nothing (HER2+: 5-23 % of the rest is stained).
+_MAX_STAINED_ELSEWHERE = 0.5
 
 
-def _check_spots_on_image(section, image, pix, hires, scalef, size, pitch_px) -> dict:
-    """Warn when the spots do not sit on the image's tissue; returns the two measures."""
+def _near_spots(shape, xy, radius) -> np.ndarray:
+    """Boolean mask of the pixels of an image of ``shape`` within ``radius`` of a point."""
+    h, w = shape
+    mask = np.zeros((h, w), bool)
+    r = max(float(radius), 0.5)
+    k = int(np.ceil(r))
+    oy, ox = np.mgrid[-k:k + 1, -k:k + 1]
+    for x, y in np.round(xy).astype(int):
+        ys, xs = oy + y, ox + x
+        ok = (ox ** 2 + oy ** 2 <= r * r) & (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+        mask[ys[ok], xs[ok]] = True
+    return mask
+
+
+def _stain_contrast(stained: np.ndarray, xy, radius) -> tuple[float, float, float]:
+    """(stained share within ``radius`` of the spots, stained share elsewhere, their ratio)."""
+    near = _near_spots(stained.shape, xy, radius)
+    under = float(stained[near].mean()) if near.any() else 0.0
+    rest = float(stained[~near].mean()) if (~near).any() else 0.0
+    ratio = under / rest if rest > 0 else (float("inf") if under > 0 else float("nan"))
+    return under, rest, ratio
+
+
+def _check_spots_on_image(section, image, pix, hires, scalef, size, pitch_px,
+                          pixel_scale=1.0) -> dict:
+    """Warn when the spots do not sit on the image's tissue; returns the measures.
+
+    Three measures on the downscaled image, stained = HSV saturation above
+    :data:`_TISSUE_SATURATION`: the share of spot centres on stained pixels, the share of
+    the image inside the spots' bounding box, and the stain contrast (the stained share
+    within half a pitch of a spot centre over the stained share in the rest of the image).
+    """
     img = hires.astype(np.float32) / 255.0
     top = img.max(axis=2)
     sat = (top - img.min(axis=2)) / np.maximum(top, 1e-6)
+    stained = sat > _TISSUE_SATURATION
     xy = np.round(pix * scalef).astype(int)
     xy[:, 0] = np.clip(xy[:, 0], 0, sat.shape[1] - 1)
     xy[:, 1] = np.clip(xy[:, 1], 0, sat.shape[0] - 1)
-    on_tissue = float((sat[xy[:, 1], xy[:, 0]] > _TISSUE_SATURATION).mean())
+    on_tissue = float(stained[xy[:, 1], xy[:, 0]].mean())
+    under, elsewhere, contrast = _stain_contrast(stained, pix * scalef, pitch_px * scalef / 2)
     w, h = size
     lo, hi = pix.min(axis=0) - pitch_px, pix.max(axis=0) + pitch_px
     coverage = float(max(0.0, min(hi[0], w) - max(lo[0], 0)) * max(0.0, min(hi[1], h) - max(lo[1], 0))
@@ -181,7 +223,18 @@ def _check_spots_on_image(section, image, pix, hires, scalef, size, pitch_px) ->
             f"{section}: only {on_tissue:.0%} of the spots lie on stained tissue of {image} "
             f"(HSV saturation > {_TISSUE_SATURATION}; on the HER2+ sections 93-99 %). Wrong "
             "image, or wrong pixel_scale?", UserWarning, stacklevel=3)
-    return {"spots_on_tissue": round(on_tissue, 4), "spot_coverage": round(coverage, 4)}
+    elif contrast < _MIN_STAIN_CONTRAST and elsewhere <= _MAX_STAINED_ELSEWHERE:
+        warnings.warn(
+            f"{section}: little stain under the spots compared with the rest of the image "
+            f"{image}: {under:.0%} of the pixels within half a pitch of a spot are stained, "
+            f"{elsewhere:.0%} elsewhere ({contrast:.2f}x; {_MIN_STAIN_CONTRAST:g}x or more "
+            "expected, 4.3-17.6x on the HER2+ sections). The image probably belongs to "
+            f"another section, or the spot pixels are in another scale: check the image "
+            f"file and pixel_scale (now {pixel_scale:g}). (A false alarm when much of the "
+            "tissue lies outside the spot array.)", UserWarning, stacklevel=3)
+    return {"spots_on_tissue": round(on_tissue, 4), "spot_coverage": round(coverage, 4),
+            "stain_under_spots": round(under, 4), "stain_elsewhere": round(elsewhere, 4),
+            "stain_contrast": round(contrast, 3)}
 
 
 def _read_table(path: Path, **kw):
@@ -252,6 +305,7 @@ def from_files(
     hires_max_px: int = HIRES_MAX_PX,
     image_sha256: str = "",
     dataset: str = "custom",
+    gene_map=None,
 ):
     """Build an AnnData for one legacy-ST-style section from its three files.
 
@@ -297,6 +351,14 @@ def from_files(
         keeps every row.
     hires_max_px
         Longest side of the downscaled copy stored for plotting.
+    gene_map
+        Optional table from the count table's gene names (ids, e.g. Ensembl) to symbols:
+        a file whose first column holds the ids and second the symbols (tab-separated, a
+        ``.csv`` name means commas; header optional; a 10x ``features.tsv.gz`` works), or
+        a mapping ``{id: symbol}`` (:func:`mclstexp_lite.pp.read_gene_map`, which
+        refuses an id with several symbols). ``var_names`` stay the counts' names; the
+        symbols go to ``var['gene_symbols']`` (``""`` where the table has none), where
+        :func:`mclstexp_lite.pp.subset_genes` finds them, so a panel of symbols works.
 
     Returns
     -------
@@ -458,6 +520,35 @@ def from_files(
     adata = ad.AnnData(X=X, obs=obs, var=var)
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
+    if gene_map is not None:
+        from . import pp
+
+        mapping = pp.read_gene_map(gene_map, what="gene_map")
+        where = gene_map if isinstance(gene_map, (str, os.PathLike)) else "the gene_map mapping"
+        plain = {pp._unversioned(k): v for k, v in mapping.items()}
+        names = [pp._unversioned(str(n)) for n in adata.var_names]
+        symbols = [plain.get(n, "") for n in names]
+        n_mapped = sum(bool(x) for x in symbols)
+        if n_mapped == 0:
+            values = {pp._unversioned(v) for v in mapping.values()}
+            if any(n in values for n in names):
+                raise ValueError(
+                    f"{counts}: its gene names are in the second column of {where}, not the "
+                    "first: the first column must hold the count table's names (the ids), "
+                    "the second the symbols. Swap the columns, or drop gene_map= if the "
+                    "counts already use symbols.")
+            raise ValueError(
+                f"none of the gene names of {counts} (e.g. {list(adata.var_names[:3])}) is "
+                f"in the first column of {where} (e.g. {list(mapping)[:3]}). Is the table "
+                "for another organism or annotation?")
+        if n_mapped < adata.n_vars / 2:
+            warnings.warn(
+                f"{section}: {where} gives a symbol to only {n_mapped} of the "
+                f"{adata.n_vars} genes of {counts}; the others keep an empty "
+                "var['gene_symbols']. Check that the table matches the counts' annotation.",
+                UserWarning, stacklevel=2)
+        adata.var["gene_ids"] = adata.var_names.astype(str)
+        adata.var["gene_symbols"] = symbols
     adata.obsm["spatial"] = pix.astype(np.float64)
 
     arr_xy = sp[["x", "y"]].to_numpy(float)
@@ -515,12 +606,14 @@ def from_files(
                 "this section.")
         meta.update(_check_spots_on_image(section, image, pix, hires,
                                           lib["scalefactors"]["tissue_hires_scalef"], (w, h),
-                                          pitch_px))
+                                          pitch_px, pixel_scale))
     adata.uns["spatial"] = {section: lib}
     adata.uns["mclstexp"] = {"dataset": dataset, "section": section,
                              "files": {"counts": str(counts), "spots": str(spots),
                                        "image": str(image) if image is not None else "",
-                                       "labels": str(labels) if labels is not None else ""},
+                                       "labels": str(labels) if labels is not None else "",
+                                       "gene_map": (str(gene_map) if isinstance(
+                                           gene_map, (str, os.PathLike)) else "")},
                              "spots_dropped": dropped}
     return adata
 
@@ -811,3 +904,695 @@ def load_sections(dataset: str, sections: Sequence[str], **kw) -> dict:
     for s in tqdm(list(sections), desc=f"loading {dataset}", disable=len(sections) < 3):
         out[s] = load(dataset, s, **kw)
     return out
+
+
+# ---------------------------------------------------------------- image-only sections
+#: Fewer virtual spots than this over the tissue: the scale is probably wrong.
+MIN_VIRTUAL_SPOTS = 20
+#: Default cap on virtual spots (a whole legacy-ST section has ~300-700, a Visium one
+#: ~5,000); more usually means um_per_px is too large. Pass ``max_spots=`` to raise it.
+MAX_VIRTUAL_SPOTS = 20_000
+#: Tissue whose bounding box is wider than this on its short side (mm) does not fit on a
+#: standard 26 x 76 mm glass slide: um_per_px is probably too large.
+MAX_TISSUE_MM = 26.0
+
+
+def _mask_for_thumb(tissue_mask, shape, image_size, name) -> np.ndarray:
+    """A user's tissue mask (array or image file, any resolution) at thumbnail size."""
+    from PIL import Image
+
+    if isinstance(tissue_mask, (str, os.PathLike)):
+        path = Path(tissue_mask)
+        if not path.is_file():
+            raise FileNotFoundError(f"tissue_mask file not found: {path}")
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L")) > 0
+        name = str(path)
+    else:
+        arr = np.asarray(tissue_mask)
+        if arr.ndim == 3:
+            arr = arr.any(axis=2)
+        if arr.ndim != 2:
+            raise ValueError(f"tissue_mask must be a 2-D boolean array (or an image file), "
+                             f"got shape {arr.shape}")
+        arr = arr.astype(bool)
+        name = "tissue_mask"
+    w, h = image_size
+    if abs(arr.shape[1] / arr.shape[0] - w / h) > 0.02 * (w / h):
+        raise ValueError(
+            f"{name}: {arr.shape[1]} x {arr.shape[0]} px does not have the image's aspect "
+            f"ratio ({w} x {h} px); the mask must cover the whole image, at any resolution.")
+    small = Image.fromarray(arr.astype(np.uint8) * 255).resize((shape[1], shape[0]),
+                                                               Image.Resampling.NEAREST)
+    return np.asarray(small) > 0
+
+
+def from_image(
+    image,
+    *,
+    um_per_px: float | None = None,
+    spot_pitch_um: float = LEGACY_ST_PITCH_UM,
+    spot_diameter_um: float = LEGACY_ST_SPOT_DIAMETER_UM,
+    grid: str = "square",
+    tissue_mask=None,
+    section: str | None = None,
+    min_tissue: float = 0.5,
+    max_spots: int = MAX_VIRTUAL_SPOTS,
+    max_tissue_mm: float = MAX_TISSUE_MM,
+    hires_max_px: int = HIRES_MAX_PX,
+):
+    """A section from an H&E image alone: virtual spots laid over its tissue, no counts.
+
+    This is the input for predicting expression on a new slide
+    (:func:`mclstexp_lite.tl.predict_section`, :mod:`mclstexp_lite.predict`). Tissue is
+    found on a thumbnail (:func:`mclstexp_lite.slides.tissue_mask`: Otsu's threshold on
+    HSV saturation, morphological clean-up) unless ``tissue_mask`` is given; spot centres
+    are laid on a ``grid`` at ``spot_pitch_um`` and kept where their disk is at least
+    ``min_tissue`` tissue (:func:`mclstexp_lite.slides.lay_spots`). Pyramidal TIFFs are
+    read level by level and region by region, never decoded whole
+    (:func:`mclstexp_lite.slides.open_slide`).
+
+    Parameters
+    ----------
+    image
+        Path to the H&E image (TIFF, JPEG, PNG), 8-bit RGB.
+    um_per_px
+        Microns per pixel of the image. Default: the pixel size the TIFF states; an
+        image that states none needs it.
+    spot_pitch_um, spot_diameter_um, grid
+        The virtual spot layout; use the training data's (legacy ST, the default:
+        200 um, 100 um, ``"square"``; Visium: 100 um, 55 um, ``"hex"``).
+    tissue_mask
+        Optional: a boolean array or an image file (non-zero = tissue) covering the whole
+        image at any resolution, instead of the automatic detection.
+    section
+        Name (library id); default the file's stem.
+    min_tissue
+        Minimum tissue share of a spot's disk.
+    max_spots
+        More virtual spots than this is an error (a too-large ``um_per_px`` multiplies
+        them); raise it for really large tissue.
+    max_tissue_mm
+        Tissue whose bounding box is wider than this on its short side is an error (it
+        would not fit on a standard 26 x 76 mm slide: ``um_per_px`` is probably too
+        large); raise it for large-format slides.
+    hires_max_px
+        Long side of the image stored in ``uns['spatial']`` for plotting.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``n_vars == 0`` (no measurements). ``obs``: ``section``, ``patient`` (empty),
+        ``array_x``, ``array_y`` (grid coordinates; hex grids in Visium's doubled-column
+        convention), ``pixel_x``, ``pixel_y`` (full-resolution pixels),
+        ``tissue_share``; ``obsm['spatial']``; ``uns['spatial'][section]`` as every loader
+        writes it (``docs/data_model.md``), with ``metadata['image_only'] = True``,
+        ``scale_from``, ``grid``, ``spot_diameter_um``, ``tissue_mm2``;
+        ``uns['mclstexp']['tissue_mask']`` (the mask at the ``hires`` image's size).
+
+    Raises
+    ------
+    ValueError
+        No pixel size known; no tissue found; too few or too many virtual spots for the
+        scale (the message gives the image's size in mm and what to check); an image
+        that is not 8-bit RGB (see :func:`mclstexp_lite.slides.open_slide`).
+    """
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+
+    from . import slides
+
+    for name, v in (("spot_pitch_um", spot_pitch_um), ("spot_diameter_um", spot_diameter_um)):
+        if not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive number of microns, got {v!r}")
+    if not 0 < float(min_tissue) <= 1:
+        raise ValueError(f"min_tissue must be in (0, 1], got {min_tissue!r}")
+    slide = slides.open_slide(image)
+    try:
+        path = slide.path
+        name = slide.name
+        section = str(section) if section else (path.name.split(".")[0] if path else "image")
+        scale_from = "given (um_per_px=)"
+        if um_per_px is None:
+            if slide.um_per_px_embedded is None:
+                raise ValueError(
+                    f"{name} does not state its pixel size (no TIFF resolution tags); pass "
+                    "um_per_px= (microns per pixel of this image, e.g. 0.25 for a 40x scan, "
+                    "0.5 for 20x; the scanner's metadata or the HEST metadata JSON says it).")
+            um_per_px = slide.um_per_px_embedded
+            scale_from = "stated in the image file"
+        um_per_px = float(um_per_px)
+        if not np.isfinite(um_per_px) or um_per_px <= 0:
+            raise ValueError(f"um_per_px must be a positive number, got {um_per_px!r}")
+        emb = slide.um_per_px_embedded
+        if emb is not None and scale_from.startswith("given") and not 0.8 <= um_per_px / emb <= 1.25:
+            warnings.warn(f"{name}: um_per_px={um_per_px:g} was given but the file states "
+                          f"{emb:.4g} um/px; using the given value. Check which is right.",
+                          UserWarning, stacklevel=2)
+        w_mm, h_mm = slide.width * um_per_px / 1000, slide.height * um_per_px / 1000
+        # a thumbnail fine enough to resolve a spot's disk (>= 8 px across)
+        long_um = max(slide.width, slide.height) * um_per_px
+        mask_px = int(min(8000, max(hires_max_px, math.ceil(long_um / (spot_diameter_um / 8)))))
+        thumb, scale = slide.thumbnail(mask_px)
+        thumb_um = um_per_px / scale
+        if tissue_mask is None:
+            mask = slides.tissue_mask(thumb, um_per_px=thumb_um)
+            mask_from = "Otsu threshold of HSV saturation, morphological clean-up"
+        else:
+            mask = _mask_for_thumb(tissue_mask, thumb.shape[:2], (slide.width, slide.height),
+                                   name)
+            mask_from = "given (tissue_mask=)"
+        tissue_mm2 = float(mask.sum() * (thumb_um / 1000) ** 2)
+        stained = float((slides.saturation(thumb) > slides.MIN_SATURATION).mean())
+        if not mask.any() and tissue_mask is None and stained > 0.01:
+            raise ValueError(
+                f"{name}: {stained:.0%} of the image is stained, but every stained piece is "
+                f"smaller than {slides.MIN_PIECE_MM2} mm^2 at um_per_px={um_per_px:g} "
+                f"({scale_from}), at which the whole image is only {w_mm:.2f} x {h_mm:.2f} mm. "
+                "um_per_px is probably too small (10x?); check the scanner's pixel size, or "
+                "pass tissue_mask=.")
+        if not mask.any():
+            raise ValueError(
+                f"no tissue found in {name} ({slide.width} x {slide.height} px, "
+                f"{w_mm:.1f} x {h_mm:.1f} mm at {um_per_px:g} um/px): nothing is stained "
+                f"(HSV saturation above max(Otsu, {slides.MIN_SATURATION})). Check that this "
+                "is the H&E image (not a mask, label or fluorescence image), or pass "
+                "tissue_mask=.")
+        centres, array_xy, share = slides.lay_spots(
+            mask, mask_um_per_px=thumb_um, pitch_um=spot_pitch_um,
+            diameter_um=spot_diameter_um, grid=grid, min_tissue=min_tissue)
+        n = len(centres)
+        scale_hint = (f"The image is {w_mm:.2f} x {h_mm:.2f} mm at um_per_px={um_per_px:g} "
+                      f"({scale_from}); {tissue_mm2:.2f} mm^2 of it is tissue.")
+        if n < MIN_VIRTUAL_SPOTS:
+            raise ValueError(
+                f"{name}: only {n} virtual spots of {spot_pitch_um:g} um pitch fit on the "
+                f"tissue. {scale_hint} If the tissue is larger than that, um_per_px is too "
+                "small (a 10x error shrinks it 100-fold in area); check the scanner's pixel "
+                "size. Otherwise lower spot_pitch_um or min_tissue.")
+        ys, xs = np.nonzero(mask)
+        extent_mm = sorted([(np.ptp(xs) + 1) * thumb_um / 1000, (np.ptp(ys) + 1) * thumb_um / 1000])
+        if extent_mm[0] > max_tissue_mm:
+            raise ValueError(
+                f"{name}: the tissue spans {extent_mm[0]:.1f} x {extent_mm[1]:.1f} mm, wider "
+                f"than a standard glass slide ({max_tissue_mm:g} mm, max_tissue_mm=). "
+                f"{scale_hint} um_per_px is probably too large (10x?); check the scanner's "
+                "pixel size. For a large-format slide pass a larger max_tissue_mm=.")
+        if n > max_spots:
+            raise ValueError(
+                f"{name}: {n:,} virtual spots of {spot_pitch_um:g} um pitch (more than "
+                f"max_spots={max_spots:,}). {scale_hint} If the tissue is smaller than that, "
+                "um_per_px is too large (a 10x error makes 100 times as many spots); check "
+                "it. If the tissue really is that large, pass max_spots=.")
+        pix = centres / scale
+        sha = dl.sha256_file(path) if path is not None else ""
+        if hires_max_px < mask_px:
+            hires, hscale = slide.thumbnail(hires_max_px)
+        else:
+            hires, hscale = thumb, scale
+        from PIL import Image
+
+        hmask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
+            (hires.shape[1], hires.shape[0]), Image.Resampling.NEAREST)) > 0
+        width, height = slide.width, slide.height
+    finally:
+        slide.close()
+
+    ids = [f"{section}_{x}x{y}" for x, y in array_xy]
+    obs = pd.DataFrame({
+        "section": pd.Categorical([section] * n),
+        "patient": pd.Categorical([""] * n),
+        "array_x": array_xy[:, 0].astype(int),
+        "array_y": array_xy[:, 1].astype(int),
+        "pixel_x": pix[:, 0],
+        "pixel_y": pix[:, 1],
+        "tissue_share": share.astype(np.float32),
+    }, index=ids)
+    adata = ad.AnnData(X=sparse.csr_matrix((n, 0), dtype=np.float32), obs=obs)
+    adata.obsm["spatial"] = pix.astype(np.float64)
+    meta = {
+        "source_image_path": str(Path(path).resolve()) if path is not None else "",
+        "source_image_sha256": sha,
+        "source_image_size": [int(width), int(height)],
+        "um_per_px": um_per_px,
+        "pixel_scale": 1.0,
+        "spot_pitch_um": float(spot_pitch_um),
+        "spot_diameter_um": float(spot_diameter_um),
+        "grid": grid,
+        "scale_from": scale_from,
+        "image_only": True,
+        "tissue_from": mask_from,
+        "tissue_mm2": round(tissue_mm2, 4),
+    }
+    adata.uns["spatial"] = {section: {
+        "images": {"hires": hires},
+        "scalefactors": {"tissue_hires_scalef": float(hscale),
+                         "spot_diameter_fullres": float(spot_diameter_um / um_per_px)},
+        "metadata": meta}}
+    adata.uns["mclstexp"] = {"dataset": "image", "section": section,
+                             "files": {"image": str(path) if path is not None else ""},
+                             "tissue_mask": hmask}
+    return adata
+
+
+# ----------------------------------------------------------------------- HEST-1k
+#: Spot layout by HEST-1k ``st_technology`` when the metadata JSON gives no
+#: ``inter_spot_dist`` / ``spot_diameter`` (micrometres): centre-to-centre distance,
+#: diameter, grid. Xenium samples are pooled by HEST into Visium-like pseudo-spots
+#: (55 um spots, 100 um apart, on a square grid).
+HEST_SPOT_LAYOUT: dict[str, tuple[float, float, str]] = {
+    "spatial transcriptomics": (LEGACY_ST_PITCH_UM, LEGACY_ST_SPOT_DIAMETER_UM, "square"),
+    "visium": (VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, "hex"),
+    "xenium": (VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, "square"),
+}
+#: The pixel size the loader uses and the one the TIFF's resolution tags state may
+#: differ by this share before a warning says so.
+_HEST_TIFF_TOLERANCE = 0.05
+#: Spots measured this far from the stated spot distance (a factor) raise a warning:
+#: the pixel size or the spot distance is wrong.
+_HEST_SPACING_TOLERANCE = 1.3
+
+_HEST_DOWNLOAD_HINT = (
+    "HEST-1k is a gated dataset on the Hugging Face hub: accept its terms at "
+    "https://huggingface.co/datasets/MahmoodLab/hest, log in with your own token "
+    "(`huggingface-cli login` or huggingface_hub.login()), then fetch one sample with "
+    "huggingface_hub.snapshot_download(repo_id='MahmoodLab/hest', repo_type='dataset', "
+    "local_dir=ROOT, allow_patterns=['*{id}[_.]**']) and call "
+    "mclstexp_lite.datasets.hest(ROOT, '{id}'). See README.md, 'HEST-1k samples'.")
+
+
+def _finite_positive(value) -> float | None:
+    """``value`` as a float if it is a finite positive number (or numeric text), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _integer_counts(matrix, what: str):
+    """Return ``(csr int32, None)`` if ``matrix`` holds non-negative whole numbers that fit
+    int32, else ``(None, reason)``."""
+    from scipy import sparse
+
+    m = sparse.csr_matrix(matrix) if not sparse.issparse(matrix) else matrix.tocsr()
+    data = np.asarray(m.data)
+    if data.size and not np.issubdtype(data.dtype, np.number):
+        return None, f"{what} is not numeric ({data.dtype})"
+    if data.size:
+        if np.issubdtype(data.dtype, np.floating):
+            if not np.isfinite(data).all():
+                return None, f"{what} holds NaN or infinite values"
+            frac = data != np.round(data)
+            if frac.any():
+                return None, (f"{what} holds non-integer values (e.g. "
+                              f"{float(data[frac][0]):.4g}): normalised or log data, not "
+                              "raw counts")
+        if data.min() < 0:
+            return None, f"{what} holds negative values (e.g. {data.min()})"
+        if data.max() > np.iinfo(np.int32).max:
+            return None, f"{what} holds values above the int32 range (max {data.max()})"
+    out = sparse.csr_matrix(m, dtype=np.int32)
+    out.eliminate_zeros()
+    return out, None
+
+
+def _hest_array_coords(obs, pix: np.ndarray):
+    """Array coordinates ``(n, 2)`` (x, y, float) and how they were obtained, or
+    ``(None, "")`` when the h5ad has no ``array_row``/``array_col``.
+
+    HEST writes Visium's ``array_col`` (x) and ``array_row`` (y). Its legacy-ST samples
+    were assembled with the ST spot file's ``x`` in ``array_row`` and ``y`` in
+    ``array_col``, so the axis that follows the image's x axis is chosen by correlation
+    with the pixel coordinates.
+    """
+    if {"array_row", "array_col"} <= set(obs.columns):
+        col = np.asarray(obs["array_col"], dtype=float)
+        row = np.asarray(obs["array_row"], dtype=float)
+        if np.isfinite(col).all() and np.isfinite(row).all():
+            def corr(a, b):
+                if np.ptp(a) == 0 or np.ptp(b) == 0:
+                    return 0.0
+                return abs(float(np.corrcoef(a, b)[0, 1]))
+
+            straight = corr(col, pix[:, 0]) + corr(row, pix[:, 1])
+            swapped = corr(row, pix[:, 0]) + corr(col, pix[:, 1])
+            if swapped > straight + 0.5:
+                return (np.stack([row, col], axis=1),
+                        "array_row (x), array_col (y): HEST's axes follow the image swapped")
+            return np.stack([col, row], axis=1), "array_col (x), array_row (y)"
+    return None, ""
+
+
+def hest(
+    root: str | os.PathLike,
+    sample_id: str,
+    *,
+    um_per_px: float | None = None,
+    spot_pitch_um: float | None = None,
+    spot_diameter_um: float | None = None,
+    patient: str | None = None,
+    in_tissue_only: bool = True,
+    drop_zero_count_spots: bool = True,
+    hires_max_px: int = HIRES_MAX_PX,
+):
+    """Load one HEST-1k sample (Jaume et al., NeurIPS 2024) as AnnData.
+
+    HEST-1k (https://huggingface.co/datasets/MahmoodLab/hest) stores each sample as
+    ``root/st/<id>.h5ad`` (counts; spot centres in full-resolution WSI pixels in
+    ``obsm['spatial']``), ``root/wsis/<id>.tif`` (pyramidal, tiled (Big)TIFF) and
+    ``root/metadata/<id>.json`` (pixel size, spot layout, technology, organ, ...). The
+    WSI is never decoded whole: the ``hires`` copy comes from the smallest pyramid level
+    large enough (:meth:`mclstexp_lite.slides.Slide.thumbnail`) and patches are read
+    tile by tile (:func:`mclstexp_lite.patches.patch_cache`).
+
+    Parameters
+    ----------
+    root
+        The folder ``snapshot_download`` wrote to (holding ``st/``, ``wsis/``,
+        ``metadata/``).
+    sample_id
+        HEST id, e.g. ``"TENX95"`` or ``"SPA148"``; also the section / library id.
+    um_per_px
+        Microns per WSI pixel, overriding the metadata. Default: the metadata JSON's
+        ``pixel_size_um_estimated`` (what HEST's own reader uses), else its
+        ``pixel_size_um_embedded``, else the TIFF's resolution tags. A warning fires when
+        the TIFF's tags disagree with the value used by more than 5 %.
+    spot_pitch_um, spot_diameter_um
+        Override the metadata's ``inter_spot_dist`` and ``spot_diameter`` (um). Without
+        them and without metadata values: by ``st_technology`` (:data:`HEST_SPOT_LAYOUT`:
+        legacy ST 200/100, Visium and Xenium pseudo-spots 100/55), else the measured
+        spot spacing and half of it. A warning fires when the spots, measured on the
+        image at ``um_per_px``, are more than a factor 1.3 from ``spot_pitch_um`` apart.
+    patient
+        Patient name for ``obs['patient']``. Default: HEST's ``patient`` qualified by its
+        ``dataset_title`` (HEST's patient names, e.g. "Patient 1", repeat across
+        datasets); a sample without a patient gets the dataset title alone, as HEST's
+        own benchmark splits group it (all such samples of a dataset are one patient).
+    in_tissue_only
+        Drop spots whose ``obs['in_tissue']`` is 0 / False (when that column exists).
+    drop_zero_count_spots
+        Drop spots without counts.
+    hires_max_px
+        Long side of the plotting copy in ``uns['spatial'][sample_id]['images']['hires']``.
+
+    Returns
+    -------
+    anndata.AnnData
+        The layout of ``docs/data_model.md``. ``X``: raw counts as ``int32`` CSR, taken
+        from ``X`` when it holds whole non-negative numbers (HEST stores them as float32),
+        else from ``layers['counts']``, else from ``raw.X``; non-integer data everywhere
+        (normalised or log values) is an error. ``obs_names``:
+        ``"<sample_id>_<HEST obs name>"``. ``uns['spatial'][sample_id]['metadata']`` adds
+        ``scale_from``, ``um_per_px_tiff`` (-1 when the TIFF states none),
+        ``spot_diameter_um``, ``spot_spacing_um`` (measured), ``grid``, ``technology``,
+        and the spots-on-tissue measures of :func:`from_files`.
+        ``uns['mclstexp']``: ``dataset='hest'``, ``files``, ``counts_from``,
+        ``array_from``, ``spots_dropped`` and ``hest`` (the metadata JSON's scalar
+        entries).
+
+    Raises
+    ------
+    FileNotFoundError
+        A file of the sample is missing (the message gives the expected layout and how
+        to download it).
+    ValueError
+        No pixel size in the arguments, the metadata or the TIFF; spot centres outside
+        the WSI or missing; no raw integer counts; a WSI that is not 8-bit RGB (see
+        :func:`mclstexp_lite.slides.open_slide`).
+    """
+    import json
+
+    import anndata as ad
+    import pandas as pd
+
+    from . import slides
+
+    if not isinstance(sample_id, str) or not sample_id or any(c in sample_id for c in "/\\"):
+        raise ValueError(f"sample_id must be a HEST id such as 'TENX95' (no path), got "
+                         f"{sample_id!r}")
+    root = Path(root).expanduser()
+    files = {"st": root / "st" / f"{sample_id}.h5ad",
+             "wsi": root / "wsis" / f"{sample_id}.tif",
+             "metadata": root / "metadata" / f"{sample_id}.json"}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"HEST sample {sample_id!r}: missing {', '.join(missing)}. A HEST root holds "
+            f"st/<id>.h5ad, wsis/<id>.tif and metadata/<id>.json (root given: {root}). "
+            + _HEST_DOWNLOAD_HINT.replace("{id}", sample_id))
+    for name, v in (("um_per_px", um_per_px), ("spot_pitch_um", spot_pitch_um),
+                    ("spot_diameter_um", spot_diameter_um)):
+        if v is not None and _finite_positive(v) is None:
+            raise ValueError(f"{name} must be a positive number of microns, got {v!r}")
+
+    try:
+        meta_json = json.loads(files["metadata"].read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {files['metadata']}: {exc}. The file is truncated or "
+                         "not JSON; download it again.") from exc
+    if not isinstance(meta_json, dict):
+        raise ValueError(f"{files['metadata']}: expected a JSON object (HEST's per-sample "
+                         f"metadata), found {type(meta_json).__name__}")
+    hest_meta = {str(k): v for k, v in meta_json.items()
+                 if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                 and not (isinstance(v, float) and not math.isfinite(v))}
+
+    slide = slides.open_slide(files["wsi"])  # 16-bit / grayscale / corrupt: ValueError
+    try:
+        width, height = slide.width, slide.height
+        tiff_um = slide.um_per_px_embedded
+        # pixel size -----------------------------------------------------------
+        chosen = [("given (um_per_px=)", _finite_positive(um_per_px)),
+                  (f"{files['metadata'].name}: pixel_size_um_estimated",
+                   _finite_positive(meta_json.get("pixel_size_um_estimated"))),
+                  (f"{files['metadata'].name}: pixel_size_um_embedded",
+                   _finite_positive(meta_json.get("pixel_size_um_embedded"))),
+                  ("TIFF resolution tags", tiff_um)]
+        scale_from, px_um = next(((s, v) for s, v in chosen if v is not None), (None, None))
+        if px_um is None:
+            raise ValueError(
+                f"HEST sample {sample_id!r}: no pixel size: {files['metadata']} has no "
+                "positive pixel_size_um_estimated or pixel_size_um_embedded and "
+                f"{files['wsi']} has no resolution tags. Pass um_per_px= (microns per "
+                "pixel of the WSI; HEST's metadata CSV lists it per sample), or download "
+                "the sample's metadata JSON again.")
+        if (tiff_um is not None and scale_from != "TIFF resolution tags"
+                and abs(tiff_um / px_um - 1) > _HEST_TIFF_TOLERANCE):
+            warnings.warn(
+                f"HEST sample {sample_id!r}: {files['wsi'].name} states {tiff_um:.4g} um/px in "
+                f"its resolution tags but {px_um:.4g} um/px is used ({scale_from}), "
+                f"{abs(tiff_um / px_um - 1):.0%} apart. Check which is right; pass "
+                "um_per_px= to choose.", UserWarning, stacklevel=2)
+        for key, size in (("fullres_px_width", width), ("fullres_px_height", height)):
+            stated = _finite_positive(meta_json.get(key))
+            if stated is not None and round(stated) != size:
+                warnings.warn(
+                    f"HEST sample {sample_id!r}: {files['metadata'].name} says {key}="
+                    f"{stated:g} but {files['wsi'].name} is {width} x {height} px; the WSI "
+                    "and the metadata may belong to different versions of the sample.",
+                    UserWarning, stacklevel=2)
+
+        # counts and spots -------------------------------------------------------
+        try:
+            src = ad.read_h5ad(files["st"])
+        except Exception as exc:
+            raise ValueError(f"cannot read {files['st']}: {type(exc).__name__}: {exc}. The "
+                             "file is truncated or not an AnnData .h5ad; download it "
+                             "again.") from exc
+        reasons = []
+        X = None
+        counts_from = ""
+        var_names = src.var_names
+        for where, matrix, names in (
+                ("X", src.X, src.var_names),
+                ("layers['counts']", src.layers["counts"] if "counts" in src.layers else None,
+                 src.var_names),
+                ("raw.X", src.raw.X if src.raw is not None else None,
+                 src.raw.var_names if src.raw is not None else None)):
+            if matrix is None:
+                continue
+            X, why = _integer_counts(matrix, f"{files['st'].name} {where}")
+            if X is not None:
+                counts_from, var_names = where, names
+                break
+            reasons.append(why)
+        if X is None:
+            raise ValueError(
+                f"HEST sample {sample_id!r}: no raw counts in {files['st']}: "
+                f"{'; '.join(reasons) or 'it has no X'}. This package needs raw integer "
+                "counts (ml.pp.prepare normalises them): put them into X or "
+                "layers['counts'] (e.g. from the sample's original count matrix), or "
+                "download the file again if it was changed.")
+
+        obs_src = src.obs
+        if "spatial" in src.obsm and np.asarray(src.obsm["spatial"]).ndim == 2 \
+                and np.asarray(src.obsm["spatial"]).shape[1] >= 2:
+            pix = np.asarray(src.obsm["spatial"], dtype=float)[:, :2].copy()
+            pix_from = "obsm['spatial']"
+        elif {"pxl_col_in_fullres", "pxl_row_in_fullres"} <= set(obs_src.columns):
+            pix = obs_src[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
+            pix_from = "obs['pxl_col_in_fullres', 'pxl_row_in_fullres']"
+        else:
+            raise ValueError(
+                f"{files['st']}: no spot coordinates: neither obsm['spatial'] (x, y in "
+                "full-resolution WSI pixels) nor obs['pxl_col_in_fullres', "
+                "'pxl_row_in_fullres']. Is this a HEST st/ file?")
+        bad = ~np.isfinite(pix).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"{files['st']}: {int(bad.sum())} spot(s) without coordinates (NaN in "
+                f"{pix_from}), e.g. {list(obs_src.index[bad][:3])}; remove them from the "
+                "h5ad first.")
+
+        n_rows = src.n_obs
+        keep = np.ones(n_rows, dtype=bool)
+        dropped = {"not_in_tissue": 0, "zero_counts": 0}
+        if in_tissue_only and "in_tissue" in obs_src.columns:
+            flag = pd.to_numeric(obs_src["in_tissue"].astype(object).map(
+                lambda v: {True: 1, False: 0, "True": 1, "False": 0}.get(v, v)),
+                errors="coerce").to_numpy(float)
+            in_t = flag == 1
+            dropped["not_in_tissue"] = int((~in_t).sum())
+            keep &= in_t
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        if drop_zero_count_spots:
+            zero = keep & (totals == 0)
+            dropped["zero_counts"] = int(zero.sum())
+            keep &= totals > 0
+        if not keep.any():
+            raise ValueError(f"{files['st']}: no spots left ({n_rows} in the file; dropped "
+                             f"{dropped}). Pass in_tissue_only=False or "
+                             "drop_zero_count_spots=False to keep them.")
+        if keep.sum() < n_rows:
+            msg = (f"HEST sample {sample_id!r}: kept {int(keep.sum())} of {n_rows} spots "
+                   f"({dropped['not_in_tissue']} not in tissue, {dropped['zero_counts']} "
+                   "without counts).")
+            if n_rows - keep.sum() > _DROPPED_WARN_SHARE * n_rows:
+                hint = (" Pass in_tissue_only=False to keep the spots HEST marks as outside "
+                        "the tissue." if dropped["not_in_tissue"] else "")
+                warnings.warn(msg + hint, UserWarning, stacklevel=2)
+            else:
+                log.info("%s", msg)
+        X = X[keep]
+        pix = pix[keep]
+        obs_src = obs_src.iloc[np.flatnonzero(keep)]
+
+        outside = (pix[:, 0] < 0) | (pix[:, 0] >= width) | (pix[:, 1] < 0) | (pix[:, 1] >= height)
+        if outside.any():
+            raise ValueError(
+                f"HEST sample {sample_id!r}: {int(outside.sum())} spot centre(s) of "
+                f"{files['st'].name} lie outside {files['wsi']} ({width} x {height} px), e.g. "
+                f"{list(obs_src.index[outside][:3])} at {pix[outside][0].round(1).tolist()}. "
+                f"The spots ({pix_from}) must be in the full-resolution WSI's pixels: check "
+                "that the h5ad and the TIFF are the same sample and the same HEST version "
+                "(download both again).")
+
+        # spot layout -------------------------------------------------------------
+        tech = str(meta_json.get("st_technology") or "")
+        layout = HEST_SPOT_LAYOUT.get(tech.strip().lower())
+        from scipy.spatial import cKDTree
+
+        if len(pix) >= 2:
+            dist, _ = cKDTree(pix).query(pix, k=2)
+            nn = dist[:, 1][dist[:, 1] > 0]
+            nn_px = float(np.median(nn)) if len(nn) else float("nan")
+        else:
+            nn_px = float("nan")
+        spacing_px = nn_px
+        arr_xy, array_from = _hest_array_coords(obs_src, pix)
+        if arr_xy is not None and len(pix) >= 3:
+            try:  # on the fitted grid: spots detected off the grid do not bias it
+                spacing_px = grid_spacing_px(arr_xy, pix)
+            except (ValueError, np.linalg.LinAlgError):
+                spacing_px = nn_px
+        pitch_from = "given (spot_pitch_um=)"
+        pitch = _finite_positive(spot_pitch_um)
+        if pitch is None:
+            pitch, pitch_from = _finite_positive(meta_json.get("inter_spot_dist")), \
+                f"{files['metadata'].name}: inter_spot_dist"
+        if pitch is None and layout is not None:
+            pitch, pitch_from = layout[0], f"st_technology {tech!r}"
+        if pitch is None:
+            if not math.isfinite(spacing_px):
+                raise ValueError(f"HEST sample {sample_id!r}: cannot tell the spot distance "
+                                 "(no inter_spot_dist, unknown st_technology, one spot); "
+                                 "pass spot_pitch_um=.")
+            pitch, pitch_from = spacing_px * px_um, "measured neighbour spacing"
+        diameter = (_finite_positive(spot_diameter_um)
+                    or _finite_positive(meta_json.get("spot_diameter"))
+                    or (layout[1] if layout is not None else None) or pitch / 2)
+        grid = layout[2] if layout is not None else ""
+        spacing_um = spacing_px * px_um if math.isfinite(spacing_px) else float("nan")
+        if math.isfinite(spacing_um) and not (
+                1 / _HEST_SPACING_TOLERANCE <= spacing_um / pitch <= _HEST_SPACING_TOLERANCE):
+            warnings.warn(
+                f"HEST sample {sample_id!r}: neighbouring spots are {spacing_px:.1f} px apart, "
+                f"i.e. {spacing_um:.1f} um at {px_um:.4g} um/px ({scale_from}), but the spot "
+                f"distance is {pitch:g} um ({pitch_from}). The pixel size or the spot "
+                "distance is wrong (or the spots were pooled into other bins): pass "
+                "um_per_px= or spot_pitch_um=.", UserWarning, stacklevel=2)
+        pitch_px = pitch / px_um
+        if arr_xy is not None:
+            array_xy = np.round(arr_xy).astype(int)
+        else:
+            array_xy = np.round((pix - pix.min(axis=0)) / pitch_px).astype(int)
+            array_from = "spot centres / spot pitch in pixels (no array_row/array_col)"
+
+        # plotting copy from the pyramid ------------------------------------------
+        if len(slide.levels) == 1 and width * height > 200_000_000:
+            log.warning("%s has no pyramid (one %d x %d level): the hires copy decodes it "
+                        "whole", files["wsi"], width, height)
+        hires, hscale = slide.thumbnail(hires_max_px)
+    finally:
+        slide.close()
+
+    if patient is None:
+        p = meta_json.get("patient")
+        p = str(p).strip() if p is not None and not (isinstance(p, float) and math.isnan(p)) else ""
+        title = str(meta_json.get("dataset_title") or "").strip()
+        patient = f"{p} ({title})" if p and title else (p or title or sample_id)
+    obs = pd.DataFrame({
+        "section": pd.Categorical([sample_id] * len(pix)),
+        "patient": pd.Categorical([str(patient)] * len(pix)),
+        "array_x": array_xy[:, 0],
+        "array_y": array_xy[:, 1],
+        "pixel_x": pix[:, 0],
+        "pixel_y": pix[:, 1],
+    }, index=[f"{sample_id}_{i}" for i in obs_src.index.astype(str)])
+    var = pd.DataFrame(index=pd.Index(np.asarray(var_names).astype(str), name=None))
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    adata.obsm["spatial"] = pix.astype(np.float64)
+    meta = {
+        "source_image_path": str(files["wsi"].resolve()),
+        "source_image_sha256": "",
+        "source_image_size": [int(width), int(height)],
+        "um_per_px": float(px_um),
+        "um_per_px_tiff": float(tiff_um) if tiff_um is not None else -1.0,
+        "pixel_scale": 1.0,
+        "spot_pitch_um": float(pitch),
+        "spot_pitch_from": pitch_from,
+        "spot_diameter_um": float(diameter),
+        "spot_spacing_um": round(spacing_um, 3) if math.isfinite(spacing_um) else -1.0,
+        "grid": grid,
+        "technology": tech,
+        "scale_from": scale_from,
+    }
+    meta.update(_check_spots_on_image(sample_id, files["wsi"], pix, hires, hscale,
+                                      (width, height), pitch_px))
+    adata.uns["spatial"] = {sample_id: {
+        "images": {"hires": hires},
+        "scalefactors": {"tissue_hires_scalef": float(hscale),
+                         "spot_diameter_fullres": float(diameter / px_um)},
+        "metadata": meta}}
+    adata.uns["mclstexp"] = {
+        "dataset": "hest", "section": sample_id,
+        "files": {k: str(v) for k, v in files.items()},
+        "counts_from": counts_from, "coordinates_from": pix_from, "array_from": array_from,
+        "spots_dropped": dropped, "hest": hest_meta}
+    return adata

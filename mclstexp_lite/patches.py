@@ -377,6 +377,13 @@ def extract_patches(
     elif not out.flags.writeable:
         raise ValueError("out must be writable.")
 
+    if isinstance(image, (str, os.PathLike)) and Path(image).expanduser().is_file():
+        from . import slides
+
+        if slides.is_tiff(Path(image).expanduser()):
+            return _extract_from_slide(Path(image).expanduser(), centers, crop_px=crop_px,
+                                       out_size=out_size, fill=fill, ids=ids, out=out,
+                                       progress=progress)
     src, _ = _open_image(image)
     if isinstance(src, np.ndarray):
         height, width = src.shape[:2]
@@ -426,6 +433,30 @@ def extract_patches(
                 continue
             crop_img = Image.fromarray(buf)
         out[i] = np.asarray(crop_img.resize((out_size, out_size), _RESIZE_FILTER))
+    return out
+
+
+def _extract_from_slide(path: Path, centers, *, crop_px, out_size, fill, ids, out, progress):
+    """:func:`extract_patches` for a TIFF: each crop is a region read, so only the tiles
+    under the spots are decoded (a whole-slide image is never held in memory)."""
+    from . import slides
+
+    with slides.open_slide(path) as slide:
+        _check_inside(centers, slide.width, slide.height, crop_px, ids)
+        rounded = _round_half_up(centers)
+        order = np.lexsort((rounded[:, 0], rounded[:, 1]))  # row by row: sequential reads
+        iterator = order
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(order, desc="patches", unit="spot")
+        for i in iterator:
+            crop = slide.read_region(int(rounded[i, 0]) - crop_px // 2,
+                                     int(rounded[i, 1]) - crop_px // 2, crop_px, crop_px,
+                                     pad_value=fill)
+            if crop_px != out_size:
+                crop = np.asarray(Image.fromarray(crop).resize((out_size, out_size), _RESIZE_FILTER))
+            out[i] = crop
     return out
 
 
@@ -669,6 +700,7 @@ def patch_cache(
     library_id=None,
     overwrite=False,
     progress=True,
+    stain=None,
 ) -> np.memmap:
     """H&E patches of every spot, cached on disk and returned memory-mapped.
 
@@ -698,6 +730,10 @@ def patch_cache(
         Rebuild the entry from the image even if a valid one exists.
     progress
         Show a progress bar while cropping.
+    stain
+        Optional fitted :class:`mclstexp_lite.stain.StainNormalizer`: return the patches
+        stain-normalised, from an entry of their own (see Notes). ``None`` (default):
+        the patches as cut.
 
     Returns
     -------
@@ -731,6 +767,19 @@ def patch_cache(
     ``{'path': ..., 'json': ..., 'params': {...}}`` for provenance (the patches
     themselves are not stored in ``adata``).
 
+    With ``stain=``, the unnormalised entry is opened (or built) first and its patches,
+    normalised with ``stain.transform``, are written as a separate entry in the
+    subfolder ``stained/`` of the cache directory, named
+    ``<unnormalised key>_<method>-<fingerprint>`` and written atomically in the same way.
+    Its JSON adds ``stain`` (the normaliser's ``to_dict()``), ``stain_fingerprint``,
+    ``stain_stats`` (patches normalised / left unchanged) and the key and creation time
+    of the entry it was built from; it is reused only while all of these match, so a
+    rebuilt unnormalised entry or another normaliser gives a new one. Because the key
+    differs, :func:`mclstexp_lite.features.patch_identity` and hence the feature cache
+    tell normalised and unnormalised patches apart. The provenance in ``adata.uns``
+    then points at the normalised entry and adds ``params['stain']`` (method and
+    fingerprint).
+
     Raises
     ------
     ValueError
@@ -739,6 +788,10 @@ def patch_cache(
     FileNotFoundError
         If the source image is needed and missing.
     """
+    if stain is not None:
+        return _stained_patch_cache(adata, stain, patch_um=patch_um, out_size=out_size,
+                                    cache_dir=cache_dir, library_id=library_id,
+                                    overwrite=overwrite, progress=progress)
     out_size = _positive_int(out_size, "out_size")
     patch_um = _positive_float(patch_um, "patch_um")
     inputs = _section_inputs(adata, library_id)
@@ -859,6 +912,96 @@ def patch_cache(
                 "source_image_sha256": inputs["sha256"],
             },
         }
+    return result
+
+
+#: Subfolder of the patch cache for stain-normalised entries. They must stay out of the
+#: folder itself, where ``_gather_from_sibling`` looks for unnormalised crops to copy.
+_STAINED_SUBDIR = "stained"
+
+
+def _stained_patch_cache(adata, stain, *, patch_um, out_size, cache_dir, library_id, overwrite,
+                         progress) -> np.memmap:
+    """:func:`patch_cache` with ``stain=``: the normalised entry, built from the plain one."""
+    from . import stain as st
+
+    if isinstance(stain, str):
+        raise TypeError(
+            f"stain must be a fitted mclstexp_lite.stain.StainNormalizer, got the string "
+            f"{stain!r}; fit one on the reference sections first, e.g. "
+            f"stain.fit_on_sections(training_sections, {stain!r}) (cv.run_cv(stain={stain!r}) "
+            "does this per fold)."
+        )
+    if not isinstance(stain, st.StainNormalizer):
+        raise TypeError(
+            f"stain must be a fitted mclstexp_lite.stain.StainNormalizer or None, got "
+            f"{type(stain).__name__}."
+        )
+    if not stain.is_fitted:
+        raise ValueError(
+            "stain is not fitted; call stain.fit(reference_patches) or use "
+            "stain.fit_on_sections(...) before passing it to patch_cache."
+        )
+    base = patch_cache(adata, patch_um=patch_um, out_size=out_size, cache_dir=cache_dir,
+                       library_id=library_id, overwrite=overwrite, progress=progress)
+    base_json = Path(base.filename).with_suffix(".json")
+    base_meta = json.loads(base_json.read_text(encoding="utf-8"))
+    fingerprint = stain.fingerprint
+    key = f"{base_meta['key']}_{stain.method}-{fingerprint}"
+    directory = base_json.parent / _STAINED_SUBDIR
+    directory.mkdir(parents=True, exist_ok=True)
+    npy_path, json_path = directory / f"{key}.npy", directory / f"{key}.json"
+    expected = {"stain_fingerprint": fingerprint, "source_entry": base_meta["key"],
+                "source_created": base_meta.get("created"), "obs_names": base_meta["obs_names"]}
+
+    result = None
+    if not overwrite:
+        try:
+            opened = _open_entry(directory, key)
+        except _StaleEntry as err:
+            logger.warning("Stained patch cache entry %s is unusable (%s); rebuilding it.", npy_path, err)
+            opened = None
+        if opened is not None:
+            arr, stored = opened
+            mismatch = [field for field, value in expected.items() if stored.get(field) != value]
+            if mismatch:
+                logger.warning("Stained patch cache entry %s does not match (%s); rebuilding it.",
+                               npy_path, ", ".join(mismatch))
+            else:
+                result = arr
+
+    if result is None:
+        from mclstexp_lite import __version__
+
+        stats: dict = {}
+
+        def fill(dest):
+            stain.transform(base, out=dest, progress=progress)
+            stats.update(stain.last_stats)
+
+        meta = {k: v for k, v in base_meta.items() if k not in ("built_from", "created", "package_version")}
+        meta.update(expected)
+        meta.update(
+            key=key,
+            stain=stain.to_dict(),
+            stain_stats=stats,  # filled by fill() before the JSON is written
+            built_from=f"cache entry {base_meta['key']} + stain normalisation ({stain.method})",
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            package_version=__version__,
+        )
+        _write_entry(directory, key, tuple(base.shape), fill, meta)
+        logger.info("Stain-normalised %d patches of %s into %s (%s).", len(base),
+                    base_meta.get("library_id"), npy_path, stats)
+        opened = _open_entry(directory, key)
+        if opened is None:  # pragma: no cover - removed by another process meanwhile
+            raise RuntimeError(f"Patch cache entry {json_path} vanished right after it was written.")
+        result = opened[0]
+
+    record = adata.uns.get("mclstexp") if not getattr(adata, "is_view", False) else None
+    if isinstance(record, MutableMapping) and isinstance(record.get("patches"), MutableMapping):
+        record["patches"]["path"] = str(npy_path)
+        record["patches"]["json"] = str(json_path)
+        record["patches"]["params"]["stain"] = {"method": stain.method, "fingerprint": fingerprint}
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,111 @@ def test_spots_off_the_tissue_or_squeezed_into_a_corner_are_warned_about(tmp_pat
     c, s, i = _write_section(tmp_path / "b")
     with pytest.warns(UserWarning, match=r"spots cover only 1\.0% of the image"):
         ds.from_files(c, s, i, section="S", pixel_scale=0.1)
+
+
+def test_stain_under_the_spots_is_compared_with_the_rest_of_the_image(tmp_path):
+    """SYNTHETIC images: tissue drawn exactly around the spots (no warning, a high stain
+    contrast) vs tissue over the left half of the image, where half of the spots' centres
+    are stained (the on-tissue check passes) but there is as much stain elsewhere."""
+    from PIL import Image, ImageDraw
+
+    c, s, i = _write_section(tmp_path)
+    img = Image.new("RGB", (500, 400), (250, 250, 250))
+    draw = ImageDraw.Draw(img)
+    for x in range(1, 5):
+        for y in range(1, 4):
+            draw.ellipse((x * 100 - 45, y * 100 - 45, x * 100 + 45, y * 100 + 45),
+                         fill=(170, 60, 150))
+    img.save(i)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = ds.from_files(c, s, i, section="S")
+    md = a.uns["spatial"]["S"]["metadata"]
+    assert md["stain_under_spots"] > 0.7 and md["stain_elsewhere"] < 0.01
+    assert md["stain_contrast"] > 50
+    img = np.full((400, 500, 3), 250, np.uint8)
+    img[:370, :250] = (170, 60, 150)
+    Image.fromarray(img).save(i)
+    with pytest.warns(UserWarning, match=r"S: little stain under the spots compared with the "
+                                         r"rest of the image .*he\.jpg.*pixel_scale \(now 1\)"):
+        a = ds.from_files(c, s, i, section="S")
+    md = a.uns["spatial"]["S"]["metadata"]
+    assert md["spots_on_tissue"] >= 0.5 and md["stain_contrast"] < ds._MIN_STAIN_CONTRAST
+
+
+def test_a_wholly_stained_image_is_not_a_stain_contrast_warning(tmp_path, recwarn):
+    """SYNTHETIC random-noise image (every pixel 'stained', like an image cropped to the
+    tissue): the comparison says nothing, so it does not warn."""
+    c, s, i = _write_section(tmp_path)
+    a = ds.from_files(c, s, i, section="S")
+    assert a.uns["spatial"]["S"]["metadata"]["stain_elsewhere"] > ds._MAX_STAINED_ELSEWHERE
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+@needs_data
+def test_her2st_sections_pass_the_stain_check(her2_c2, her2_a1):
+    for a, s in ((her2_c2, "C2"), (her2_a1, "A1")):
+        assert a.uns["spatial"][s]["metadata"]["stain_contrast"] > ds._MIN_STAIN_CONTRAST
+
+
+@needs_data
+def test_another_sections_image_or_a_wrong_scale_is_warned_about(data_root):
+    """Real HER2+ files: C5's spots on B4's image (another patient) and C3's spots with
+    a pixel_scale 10x too small."""
+    d = data_root / "her2st" / "data"
+    b4_image = next((d / "ST-imgs" / "B" / "B4").glob("*.jpg"))
+    with pytest.warns(UserWarning, match=r"C5: little stain under the spots.*BT10737_D2_HE\.jpg"):
+        a = ds.from_files(d / "ST-cnts" / "C5.tsv.gz", d / "ST-spotfiles" / "C5_selection.tsv",
+                          b4_image, section="C5")
+    assert a.uns["spatial"]["C5"]["metadata"]["stain_contrast"] < ds._MIN_STAIN_CONTRAST
+    c3_image = next((d / "ST-imgs" / "C" / "C3").glob("*.jpg"))
+    with pytest.warns(UserWarning) as got:
+        ds.from_files(d / "ST-cnts" / "C3.tsv.gz", d / "ST-spotfiles" / "C3_selection.tsv",
+                      c3_image, section="C3", pixel_scale=0.1)
+    text = " ".join(str(w.message) for w in got)
+    assert "spots cover only" in text and "lie on stained tissue" in text
+
+
+def _write_with_ids(folder: Path):
+    """SYNTHETIC section whose count table names genes by versioned Ensembl ids."""
+    ids = [f"ENSG{i:011d}.3" for i in range(5)]
+    return _write_section(folder, counts=lambda cn: cn.set_axis(ids, axis=1)), ids
+
+
+def test_gene_map_adds_symbols_that_a_symbol_panel_finds(tmp_path):
+    from mclstexp_lite import pp
+
+    (c, s, i), ids = _write_with_ids(tmp_path)
+    table = tmp_path / "features.tsv.gz"
+    pd.DataFrame({"gene_id": [g.split(".")[0] for g in ids],
+                  "gene_name": ["ERBB2", "GNAS", "FASN", "CD74", "ACTB"]}).to_csv(
+        table, sep="\t", index=False)
+    a = ds.from_files(c, s, i, section="S", gene_map=table)
+    assert list(a.var_names) == ids and list(a.var["gene_ids"]) == ids
+    assert list(a.var["gene_symbols"]) == ["ERBB2", "GNAS", "FASN", "CD74", "ACTB"]
+    assert a.uns["mclstexp"]["files"]["gene_map"] == str(table)
+    out = pp.subset_genes(a, ["FASN", "ERBB2"])
+    np.testing.assert_array_equal(out.X.toarray(), a.X.toarray()[:, [2, 0]])
+    few = tmp_path / "few.tsv"
+    few.write_text(f"{ids[0]}\tERBB2\n")
+    with pytest.warns(UserWarning, match=r"gives a symbol to only 1 of the 5 genes"):
+        b = ds.from_files(c, s, i, section="S", gene_map=few)
+    assert list(b.var["gene_symbols"]) == ["ERBB2", "", "", "", ""]
+
+
+def test_gene_map_mistakes_name_the_table_and_the_fix(tmp_path):
+    (c, s, i), ids = _write_with_ids(tmp_path)
+    swapped = tmp_path / "swapped.tsv"
+    swapped.write_text("".join(f"SYM{k}\t{g}\n" for k, g in enumerate(ids)))
+    with pytest.raises(ValueError, match=r"second column of .*swapped\.tsv.*Swap the columns"):
+        ds.from_files(c, s, i, section="S", gene_map=swapped)
+    other = tmp_path / "mouse.tsv"
+    other.write_text("ENSMUSG00000000001\tGnai3\n")
+    with pytest.raises(ValueError, match=r"none of the gene names of .*counts\.tsv.*mouse\.tsv"
+                                         r".*another organism"):
+        ds.from_files(c, s, i, section="S", gene_map=other)
+    clash = tmp_path / "clash.tsv"
+    clash.write_text(f"{ids[0]}\tERBB2\n{ids[0]}\tHER2\n")
+    with pytest.raises(ValueError, match=r"clash\.tsv \(the `gene_map` table\): 1 id\(s\) map to "
+                                         r"more than one symbol"):
+        ds.from_files(c, s, i, section="S", gene_map=clash)
