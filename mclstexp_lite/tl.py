@@ -589,11 +589,14 @@ def predict_section(
 
     _check_spotdata(reference, "reference")
     _check_adata(test_adata, "test_adata")
-    if list(test_adata.var_names) != list(reference.genes):
+    image_only = test_adata.n_vars == 0
+    if not image_only and list(test_adata.var_names) != list(reference.genes):
         raise ValueError(
             "`test_adata` and `reference` have different genes (or gene order); prepare "
             "both with the same panel: pp.prepare(adata, genes)."
         )
+    if model is not None:
+        check_model_reference(model, reference)
     need_model = image_emb is None or reference_emb is None
     if need_model and model is None:
         raise ValueError("`model` is None; pass a trained model, or both `image_emb` and "
@@ -631,10 +634,27 @@ def predict_section(
         "n_reference": int(len(reference)),
         "model_config": json.dumps(model_config, sort_keys=True),
     }
-    return prediction_anndata(pred, test_adata, info=info)
+    return prediction_anndata(pred, test_adata, info=info,
+                              genes=list(reference.genes) if image_only else None)
 
 
-def prediction_anndata(pred, true_adata, *, info: dict):
+def check_model_reference(model, reference) -> None:
+    """Refuse a model and a reference bank that do not belong together.
+
+    The model's spot encoder reads ``n_genes`` expression values per spot; a reference
+    with another number of genes was not what it was trained on (another panel), and
+    retrieval would average expression of genes the embeddings never saw.
+    """
+    n = (getattr(model, "config", None) or {}).get("n_genes")
+    if n is not None and int(n) != reference.n_genes:
+        raise ValueError(
+            f"the model was trained on {n} genes but the reference has {reference.n_genes} "
+            f"(e.g. {list(reference.genes[:3])}); build the reference from the sections the "
+            "model was trained on, prepared with the same gene panel (pp.prepare(adata, "
+            "genes)).")
+
+
+def prediction_anndata(pred, true_adata, *, info: dict, genes=None):
     """Wrap a prediction in an AnnData laid out like the truth.
 
     Parameters
@@ -648,6 +668,9 @@ def prediction_anndata(pred, true_adata, *, info: dict):
         How the prediction was made; stored as ``uns['mclstexp_prediction']`` after
         ``test_section`` is added. Values must be h5ad-writable: str, int, float, bool
         or lists of them (``None`` is stored as the string ``"None"``).
+    genes
+        Column names when ``true_adata`` has no genes (an image-only section from
+        :func:`mclstexp_lite.datasets.from_image`); default ``true_adata.var_names``.
 
     Returns
     -------
@@ -662,20 +685,27 @@ def prediction_anndata(pred, true_adata, *, info: dict):
     _check_adata(true_adata, "true_adata")
     if not isinstance(info, dict):
         raise TypeError(f"`info` must be a dict, got {type(info).__name__}.")
+    import pandas as pd
+
     X = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-    if X.shape != (true_adata.n_obs, true_adata.n_vars):
+    var = (true_adata.var.copy() if genes is None
+           else pd.DataFrame(index=pd.Index([str(g) for g in genes])))
+    if X.shape != (true_adata.n_obs, len(var)):
         raise ValueError(f"`pred` has shape {X.shape} but the section has "
-                         f"{(true_adata.n_obs, true_adata.n_vars)} (spots, genes).")
+                         f"{(true_adata.n_obs, len(var))} (spots, genes).")
     if X.dtype.kind not in "biuf":
         raise TypeError(f"`pred` must be numeric, got dtype {X.dtype}.")
     out = ad.AnnData(
         X=np.ascontiguousarray(X, dtype=np.float32),
         obs=true_adata.obs.copy(),
-        var=true_adata.var.copy(),
+        var=var,
         obsm={k: np.array(v, copy=True) for k, v in true_adata.obsm.items()},
     )
     if "spatial" in true_adata.uns:
         out.uns["spatial"] = copy.deepcopy(dict(true_adata.uns["spatial"]))
+    mask = (true_adata.uns.get("mclstexp") or {}).get("tissue_mask")
+    if mask is not None:  # image-only sections: the tissue found, for plots
+        out.uns["mclstexp"] = {"tissue_mask": np.array(mask, copy=True)}
     record = {k: _h5ad_value(v) for k, v in info.items()}
     record["test_section"] = _section_of(true_adata)
     out.uns[PREDICTION_KEY] = record
@@ -718,4 +748,5 @@ def _check_spotdata(data, name: str) -> None:
                         f"{type(data).__name__}; build it with SpotData.from_anndata.")
 
 
-__all__ += ["predict_section", "embed_reference", "prediction_anndata", "PREDICTION_KEY"]
+__all__ += ["predict_section", "embed_reference", "prediction_anndata", "check_model_reference",
+            "PREDICTION_KEY"]

@@ -1,0 +1,431 @@
+"""New slide in, predicted expression out: a saved predictor and a command line.
+
+A *predictor* is everything retrieval needs, in one file: the trained model (its image
+encoder and projection head embed the new slide's patches), the reference bank (the
+spot embeddings and expression of the training sections, the gene names), how patches
+were cut (``patch_um``, ``patch_size``), the spot layout to lay over a new slide (pitch,
+diameter, grid), and the retrieval settings (``top_k``, ``metric``). It is written with
+``torch.save`` as a dict of tensors and plain values and read with
+``torch.load(weights_only=True)``: no pickled code runs when it is loaded, and the
+training data folders are not needed.
+
+Library::
+
+    from mclstexp_lite import predict
+    p = predict.build_predictor(model, reference)        # after training
+    predict.save_predictor(p, "her2st_quick.predictor.pt")
+    pred = predict.predict_image("her2st_quick.predictor.pt", "slide.tif",
+                                 um_per_px=0.5, out="slide_pred.h5ad")
+
+Command line (same thing, with a figure of the predicted maps beside the ``.h5ad``)::
+
+    python -m mclstexp_lite.predict --model her2st_quick.predictor.pt \\
+        --image slide.tif --um-per-px 0.5 --out slide_pred.h5ad
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import datasets as ds
+from . import download as dl
+from . import patches as pt
+from . import tl
+from . import train as tr
+
+__all__ = ["Predictor", "build_predictor", "save_predictor", "load_predictor",
+           "predict_image", "plot_prediction", "nearest_spots", "FORMAT", "main"]
+
+#: Format tag stored in every predictor file.
+FORMAT = "mclstexp_lite.predictor/1"
+_REQUIRED = ("format", "model", "model_config", "preprocessing", "encoder_fingerprint",
+             "reference_emb", "reference_expr", "genes", "info")
+
+
+@dataclass
+class Predictor:
+    """A trained model and its reference bank, ready to predict new slides.
+
+    Attributes
+    ----------
+    model
+        The :class:`mclstexp_lite.models.MclSTExp` (eval mode).
+    reference_emb
+        ``(N, D)`` float32 spot embeddings of the reference (training) spots.
+    reference_expr
+        ``(N, G)`` float32 normalised expression of the same spots.
+    genes
+        The ``G`` gene names, in column order.
+    info
+        Plain values: ``reference_sections``, ``reference_n_spots``, ``top_k``,
+        ``metric``, ``patch_um``, ``patch_size``, ``spot_pitch_um``,
+        ``spot_diameter_um``, ``grid``, ``train_config`` (dict or ``None``),
+        ``created``, ``package_version``.
+    """
+
+    model: object
+    reference_emb: np.ndarray
+    reference_expr: np.ndarray
+    genes: list[str]
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n, g = len(self.reference_emb), len(self.genes)
+        if self.reference_expr.shape != (n, g):
+            raise ValueError(f"predictor: reference expression has shape "
+                             f"{self.reference_expr.shape}, expected ({n}, {g}) (spots, genes)")
+        dim = self.model.config.get("proj_dim")
+        if self.reference_emb.ndim != 2 or (dim is not None and self.reference_emb.shape[1] != dim):
+            raise ValueError(f"predictor: reference embeddings have shape "
+                             f"{self.reference_emb.shape} but the model embeds into {dim} "
+                             "dimensions; they come from another model")
+        if int(self.model.config.get("n_genes", g)) != g:
+            raise ValueError(f"predictor: the model was trained on "
+                             f"{self.model.config['n_genes']} genes but the reference has {g}; "
+                             "build it from the model's own training sections")
+
+    def predict(self, section, *, um_per_px: float | None = None, tissue_mask=None,
+                name: str | None = None, device="auto", progress: bool = True,
+                cache_dir=None):
+        """Predict the expression of a slide.
+
+        Parameters
+        ----------
+        section
+            An H&E image path (virtual spots are laid over its tissue with
+            :func:`mclstexp_lite.datasets.from_image`, at the predictor's spot layout), or
+            an AnnData from a loader (its spots are used; its counts are not read).
+        um_per_px, tissue_mask, name
+            Passed to :func:`~mclstexp_lite.datasets.from_image` for an image path.
+        cache_dir
+            Patch cache directory (default: the package's).
+
+        Returns
+        -------
+        anndata.AnnData
+            Predicted expression (float32, the predictor's genes), the section's spots,
+            ``obsm['spatial']`` and ``uns['spatial']`` (plots on the H&E with
+            ``sc.pl.spatial``), ``uns['mclstexp_prediction']`` (how it was made).
+        """
+        import anndata as ad
+
+        if isinstance(section, ad.AnnData):
+            adata = section
+            if um_per_px is not None or tissue_mask is not None:
+                raise ValueError("um_per_px= and tissue_mask= apply to an image path; an "
+                                 "AnnData section already has its scale and spots")
+        else:
+            adata = ds.from_image(section, um_per_px=um_per_px, tissue_mask=tissue_mask,
+                                  section=name, spot_pitch_um=self.info["spot_pitch_um"],
+                                  spot_diameter_um=self.info["spot_diameter_um"],
+                                  grid=self.info["grid"])
+        spatial = adata.uns.get("spatial") or {}
+        if len(spatial) != 1:
+            raise ValueError(f"the section must hold one library in uns['spatial'], found "
+                             f"{len(spatial)}; load it with mclstexp_lite.datasets")
+        lib = str(next(iter(spatial)))
+        data = tr.SpotData.from_anndata({lib: adata[:, []] if adata.n_vars else adata},
+                                        patch_um=self.info["patch_um"],
+                                        patch_size=self.info["patch_size"],
+                                        cache_dir=cache_dir, progress=progress)
+        dev = tr.resolve_device(device)
+        emb = tr.embed_images(self.model, data, device=dev, progress=progress)
+        pred = tl.retrieve(emb, self.reference_emb, self.reference_expr,
+                           top_k=int(self.info["top_k"]), metric=str(self.info["metric"]),
+                           device=dev, progress=progress)
+        record = {
+            "method": "mclstexp",
+            "top_k": int(self.info["top_k"]),
+            "metric": str(self.info["metric"]),
+            "reference_sections": list(self.info["reference_sections"]),
+            "reference_n_spots": list(self.info["reference_n_spots"]),
+            "n_reference": int(len(self.reference_emb)),
+            "predictor_created": str(self.info.get("created", "")),
+            "image_only": bool(adata.n_vars == 0),
+        }
+        return tl.prediction_anndata(pred, adata, info=record, genes=list(self.genes))
+
+
+def build_predictor(model, reference, *, top_k: int = 50, metric: str = "l1",
+                    patch_um: float = pt.DEFAULT_PATCH_UM, patch_size: int = 224,
+                    spot_pitch_um: float = ds.LEGACY_ST_PITCH_UM,
+                    spot_diameter_um: float = ds.LEGACY_ST_SPOT_DIAMETER_UM,
+                    grid: str = "square", train_config=None, reference_emb=None,
+                    device="auto") -> Predictor:
+    """Bundle a trained model with its reference bank.
+
+    Parameters
+    ----------
+    model
+        The trained :class:`mclstexp_lite.models.MclSTExp`.
+    reference
+        :class:`mclstexp_lite.train.SpotData` of the sections it was trained on (their
+        expression is what predictions average).
+    top_k, metric
+        Retrieval settings used by :meth:`Predictor.predict` (the tutorials' quick
+        profile: 50, ``"l1"``; the paper: 200).
+    patch_um, patch_size
+        How patches were cut for training (the defaults are the package's).
+    spot_pitch_um, spot_diameter_um, grid
+        The spot layout of the training data, laid over new slides (legacy ST default;
+        Visium: 100, 55, ``"hex"``).
+    train_config
+        Optional :class:`mclstexp_lite.train.TrainConfig`, stored for provenance.
+    reference_emb
+        Precomputed reference embeddings (e.g. from a cross-validation fold); default
+        computed with :func:`mclstexp_lite.tl.embed_reference`.
+    """
+    if not isinstance(reference, tr.SpotData):
+        raise TypeError(f"reference must be a mclstexp_lite.train.SpotData, got "
+                        f"{type(reference).__name__}; build it with SpotData.from_anndata")
+    tl.check_model_reference(model, reference)
+    if grid not in ("square", "hex"):
+        raise ValueError(f"grid must be 'square' (legacy ST) or 'hex' (Visium), got {grid!r}")
+    if reference_emb is None:
+        reference_emb = tl.embed_reference(model, reference, device=device)
+    from . import __version__
+
+    sizes = np.bincount(reference.groups, minlength=len(reference.sections))
+    info = {
+        "reference_sections": [str(s) for s in reference.sections],
+        "reference_n_spots": [int(n) for n in sizes],
+        "top_k": int(top_k),
+        "metric": str(metric),
+        "patch_um": float(patch_um),
+        "patch_size": int(patch_size),
+        "spot_pitch_um": float(spot_pitch_um),
+        "spot_diameter_um": float(spot_diameter_um),
+        "grid": grid,
+        "train_config": train_config.to_dict() if hasattr(train_config, "to_dict") else train_config,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "package_version": __version__,
+    }
+    model = model.cpu().eval()
+    return Predictor(model=model, reference_emb=np.asarray(reference_emb, dtype=np.float32),
+                     reference_expr=np.asarray(reference.expr, dtype=np.float32),
+                     genes=[str(g) for g in reference.genes], info=info)
+
+
+def save_predictor(predictor: Predictor, path, *, overwrite: bool = False) -> Path:
+    """Write ``predictor`` to one file (atomically; an existing file needs ``overwrite``)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace "
+                              "it, or choose another name.")
+    model = predictor.model
+    payload = {
+        "format": FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_config": dict(model.config),
+        "preprocessing": model.preprocessing,
+        "encoder_fingerprint": model.image_encoder.fingerprint(),
+        "reference_emb": torch.from_numpy(np.ascontiguousarray(predictor.reference_emb)),
+        "reference_expr": torch.from_numpy(np.ascontiguousarray(predictor.reference_expr)),
+        "genes": list(predictor.genes),
+        "info": dict(predictor.info),
+    }
+    dl.atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def load_predictor(path, *, map_location="cpu") -> Predictor:
+    """Read a predictor file safely (``weights_only=True``) and check it is whole.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Not a predictor (e.g. a training checkpoint: the message says how to turn one into
+        a predictor), an unknown format, or parts that do not belong together (the image
+        encoder's weights differ from those the reference was embedded with, gene or
+        embedding counts differ).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no predictor file at {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read the predictor {path}: {type(exc).__name__}: {exc}. It "
+                         "is truncated or not a predictor file; write it again with "
+                         "predict.save_predictor") from exc
+    if isinstance(obj, dict) and "format" not in obj and {"model", "config", "epoch"} <= set(obj):
+        raise ValueError(
+            f"{path} is a training checkpoint, not a predictor: it has no reference bank. "
+            "Build one with predict.build_predictor(train.model_from_checkpoint(path), "
+            "reference) and save it with predict.save_predictor.")
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path} is not a {FORMAT} file (format: {found!r}); write it with "
+                         "this package's predict.save_predictor")
+    missing = [k for k in _REQUIRED if k not in obj]
+    if missing:
+        raise ValueError(f"{path}: predictor file lacks {missing}; write it again")
+    model = tr.model_from_state(obj)
+    fp = model.image_encoder.fingerprint()
+    if fp != obj["encoder_fingerprint"]:
+        raise ValueError(
+            f"{path}: the image encoder's weights (sha256 {fp[:12]}...) are not those the "
+            f"reference bank was embedded with ({str(obj['encoder_fingerprint'])[:12]}...); "
+            "the file was edited or assembled from different models. Build it again with "
+            "predict.build_predictor.")
+    return Predictor(model=model, reference_emb=obj["reference_emb"].numpy(),
+                     reference_expr=obj["reference_expr"].numpy(),
+                     genes=[str(g) for g in obj["genes"]], info=dict(obj["info"]))
+
+
+def nearest_spots(pred, target, *, max_distance_um: float | None = None):
+    """Predictions of ``pred``'s spots at the spots of ``target`` (same image frame).
+
+    Each spot of ``target`` (e.g. the measured spots of a section whose image was
+    predicted on virtual spots) takes the prediction of the nearest spot of ``pred``;
+    spots with none within ``max_distance_um`` (default: half the predicted spot pitch)
+    are dropped.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``pred``'s genes at the kept spots of ``target`` (``obs``, ``obsm`` and
+        ``uns['spatial']`` of ``target``), ``obs['distance_um']`` to the spot used.
+    """
+    from scipy.spatial import cKDTree
+
+    meta = next(iter(pred.uns["spatial"].values()))["metadata"]
+    tmeta = next(iter(target.uns["spatial"].values()))["metadata"]
+    if meta.get("source_image_sha256") and tmeta.get("source_image_sha256") and \
+            meta["source_image_sha256"] != tmeta["source_image_sha256"]:
+        raise ValueError("pred and target are on different images (source_image_sha256 "
+                         "differs); their pixel coordinates cannot be matched")
+    um = float(meta["um_per_px"])
+    limit = float(max_distance_um if max_distance_um is not None
+                  else float(meta.get("spot_pitch_um", ds.LEGACY_ST_PITCH_UM)) / 2)
+    dist, idx = cKDTree(np.asarray(pred.obsm["spatial"])).query(np.asarray(target.obsm["spatial"]))
+    dist_um = dist * um
+    keep = dist_um <= limit
+    out = tl.prediction_anndata(np.asarray(pred.X)[idx[keep]], target[keep],
+                                info=dict(pred.uns.get(tl.PREDICTION_KEY, {})),
+                                genes=list(pred.var_names))
+    out.obs["distance_um"] = dist_um[keep].astype(np.float32)
+    return out
+
+
+def plot_prediction(pred, genes: Sequence[str] | None = None, *, n_genes: int = 4,
+                    ncols: int = 4):
+    """Predicted maps of ``genes`` on the H&E (``scanpy.pl.spatial``); default the
+    ``n_genes`` genes whose prediction varies most across spots. Returns the figure."""
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    if genes is None:
+        var = np.asarray(pred.X).var(axis=0)
+        genes = [pred.var_names[i] for i in np.argsort(-var)[:n_genes]]
+    unknown = [g for g in genes if g not in pred.var_names]
+    if unknown:
+        raise ValueError(f"genes {unknown} are not in the prediction's "
+                         f"{pred.n_vars} genes (e.g. {list(pred.var_names[:5])})")
+    import warnings
+
+    lib = next(iter(pred.uns["spatial"]))
+    with warnings.catch_warnings():  # scanpy points to squidpy; sc.pl.spatial zooms to the spots
+        warnings.filterwarnings("ignore", message="Use `squidpy.pl.spatial_scatter` instead")
+        axes = sc.pl.spatial(pred, color=list(genes), library_id=lib, img_key="hires",
+                             ncols=min(ncols, len(genes)), show=False, cmap="magma",
+                             frameon=False)
+    fig = (axes[0] if isinstance(axes, list) else axes).figure
+    fig.suptitle(f"predicted expression, {lib} ({pred.n_obs} spots)")
+    return fig
+
+
+def predict_image(predictor, image, *, um_per_px: float | None = None, out=None,
+                  overwrite: bool = False, figure=None, genes: Sequence[str] | None = None,
+                  tissue_mask=None, name: str | None = None, device="auto",
+                  progress: bool = True, cache_dir=None):
+    """One call from an H&E image to predicted expression (and a figure).
+
+    Parameters
+    ----------
+    predictor
+        A :class:`Predictor` or the path of a predictor file.
+    image, um_per_px, tissue_mask, name
+        The slide (see :func:`mclstexp_lite.datasets.from_image`).
+    out
+        Optional ``.h5ad`` path for the prediction (written atomically; an existing file
+        needs ``overwrite``).
+    figure, genes
+        Optional ``.png`` path for :func:`plot_prediction` of ``genes``.
+
+    Returns
+    -------
+    anndata.AnnData
+    """
+    for target in (out, figure):
+        if target is not None and Path(target).exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) or "
+                                  "choose another name.")
+    if out is not None and not str(out).endswith(".h5ad"):
+        raise ValueError(f"out must end in .h5ad, got {out}")
+    if not isinstance(predictor, Predictor):
+        predictor = load_predictor(predictor)
+    unknown = [g for g in (genes or []) if g not in set(predictor.genes)]
+    if unknown:
+        raise ValueError(f"genes {unknown} are not among the predictor's {len(predictor.genes)} "
+                         f"genes (e.g. {predictor.genes[:5]}); choose genes of its panel")
+    pred = predictor.predict(image, um_per_px=um_per_px, tissue_mask=tissue_mask, name=name,
+                             device=device, progress=progress, cache_dir=cache_dir)
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        fig = plot_prediction(pred, genes)
+        dl.atomic_write(figure, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"),
+                        suffix=Path(figure).suffix or ".png")
+        plt.close(fig)
+    if out is not None:
+        dl.atomic_write_h5ad(pred, out)
+    return pred
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m mclstexp_lite.predict",
+        description="Predict spatial gene expression from an H&E image with a saved "
+                    "predictor (predict.save_predictor). Writes the prediction (.h5ad) and "
+                    "a figure of predicted maps on the tissue (.png beside it).")
+    ap.add_argument("--model", required=True, help="predictor file (.pt)")
+    ap.add_argument("--image", required=True, help="H&E image: TIFF (pyramidal or not), JPEG, PNG")
+    ap.add_argument("--um-per-px", type=float, default=None,
+                    help="microns per pixel of the image (default: what the TIFF states)")
+    ap.add_argument("--out", required=True, help="output .h5ad")
+    ap.add_argument("--figure", default=None, help="output figure (default: OUT with .png)")
+    ap.add_argument("--genes", nargs="*", default=None,
+                    help="genes to draw (default: the 4 most variable predictions)")
+    ap.add_argument("--mask", default=None, help="tissue mask image (non-zero = tissue)")
+    ap.add_argument("--name", default=None, help="section name (default: the image's stem)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    figure = args.figure or str(Path(args.out).with_suffix(".png"))
+    try:
+        pred = predict_image(args.model, args.image, um_per_px=args.um_per_px, out=args.out,
+                             overwrite=args.overwrite, figure=figure, genes=args.genes,
+                             tissue_mask=args.mask, name=args.name, device=args.device,
+                             progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"predicted {pred.n_vars} genes at {pred.n_obs} spots -> {args.out}; figure {figure}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Saved predictors, image-only prediction, the command line, and their bad inputs.
+
+A tiny model (ResNet-18, random init, 32 px, one epoch) is trained on SYNTHETIC sections
+(tests/test_cv.py) and predicts a SYNTHETIC slide (tests/test_slides.py): these tests
+check plumbing and safety, not prediction quality (notebook 06 does that on real data).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mclstexp_lite import predict, tl
+from mclstexp_lite import train as tr
+
+from .test_cv import RUN, synthetic_sections, tiny_config
+from .test_slides import UM, synthetic_slide
+
+LAYOUT = dict(patch_um=RUN["patch_um"], patch_size=RUN["patch_size"], spot_pitch_um=100.0,
+              spot_diameter_um=55.0, grid="hex", top_k=5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(2)
+    d = tmp_path_factory.mktemp("predict")
+    sections = synthetic_sections(d / "sections", spots={"S1": 40, "S2": 36, "S3": 30},
+                                  patients={"S1": "P", "S2": "P", "S3": "Q"})
+    ref = {k: sections[k] for k in ("S1", "S2")}
+    data = tr.SpotData.from_anndata(ref, patch_um=RUN["patch_um"], patch_size=RUN["patch_size"],
+                                    progress=False)
+    model = tr.train(data, tiny_config(), progress=False).model
+    p = predict.build_predictor(model, data, **LAYOUT)
+    path = predict.save_predictor(p, d / "tiny.predictor.pt")
+    img = synthetic_slide()
+    Image.fromarray(img).save(d / "slide.png")
+    return {"dir": d, "sections": sections, "data": data, "model": model, "predictor": p,
+            "path": path, "slide": d / "slide.png"}
+
+
+def test_a_saved_predictor_predicts_like_the_model_it_came_from(trained):
+    loaded = predict.load_predictor(trained["path"])
+    assert loaded.genes == list(trained["data"].genes)
+    assert loaded.info["reference_sections"] == ["S1", "S2"] and loaded.info["grid"] == "hex"
+    test = trained["sections"]["S3"]
+    got = loaded.predict(test, device="cpu", progress=False)
+    test_data = tr.SpotData.from_anndata({"S3": test}, patch_um=RUN["patch_um"],
+                                         patch_size=RUN["patch_size"], progress=False)
+    want = tl.predict_section(trained["model"], trained["data"], test, top_k=5, device="cpu",
+                              test_data=test_data)
+    assert got.n_obs == test.n_obs and list(got.var_names) == list(test.var_names)
+    np.testing.assert_allclose(got.X, want.X, rtol=1e-5, atol=1e-6)
+
+
+def test_the_file_loads_without_unpickling_code(trained):
+    obj = torch.load(trained["path"], weights_only=True)  # raises if anything needs pickle
+    assert obj["format"] == predict.FORMAT
+    assert obj["reference_emb"].shape[0] == obj["reference_expr"].shape[0] == len(trained["data"])
+
+
+def test_predict_image_writes_h5ad_and_figure(trained):
+    import anndata as ad
+
+    out, fig = trained["dir"] / "pred.h5ad", trained["dir"] / "pred.png"
+    pred = predict.predict_image(trained["path"], trained["slide"], um_per_px=UM, out=out,
+                                 figure=fig, progress=False, device="cpu")
+    assert pred.n_vars == len(trained["data"].genes) and pred.n_obs > 50
+    back = ad.read_h5ad(out)
+    assert back.uns["mclstexp_prediction"]["image_only"]
+    assert list(back.var_names) == list(pred.var_names)
+    np.testing.assert_array_equal(back.X, pred.X)
+    assert fig.stat().st_size > 5_000
+    # outputs are never silently replaced
+    with pytest.raises(FileExistsError, match="pred.h5ad exists.*overwrite"):
+        predict.predict_image(trained["path"], trained["slide"], um_per_px=UM, out=out,
+                              progress=False)
+
+
+def test_command_line(trained, capsys):
+    out = trained["dir"] / "cli" / "slide.h5ad"
+    rc = predict.main(["--model", str(trained["path"]), "--image", str(trained["slide"]),
+                       "--um-per-px", str(UM), "--out", str(out), "--no-progress",
+                       "--device", "cpu", "--genes", "g0", "g1"])
+    assert rc == 0, capsys.readouterr().err
+    assert out.exists() and out.with_suffix(".png").exists()
+    assert "predicted 6 genes" in capsys.readouterr().out
+
+
+def test_command_line_bad_input_leaves_nothing(trained, tmp_path, capsys):
+    Image.fromarray(np.full((300, 400, 3), 240, np.uint8)).save(tmp_path / "glass.png")
+    out = tmp_path / "o.h5ad"
+    rc = predict.main(["--model", str(trained["path"]), "--image", str(tmp_path / "glass.png"),
+                       "--um-per-px", "2", "--out", str(out), "--no-progress"])
+    assert rc == 2 and "no tissue found" in capsys.readouterr().err
+    rc = predict.main(["--model", str(trained["path"]), "--image", str(trained["slide"]),
+                       "--out", str(out), "--no-progress"])
+    assert rc == 2 and "does not state its pixel size" in capsys.readouterr().err
+    rc = predict.main(["--model", str(trained["path"]), "--image", str(trained["slide"]),
+                       "--um-per-px", "2", "--out", str(out), "--genes", "NOPE"])
+    assert rc == 2 and "NOPE" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["glass.png"]
+
+
+def test_bad_predictor_files(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no predictor file"):
+        predict.load_predictor(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="cannot read the predictor.*junk.pt"):
+        predict.load_predictor(tmp_path / "junk.pt")
+    # a training checkpoint is not a predictor: the message says how to make one
+    run = tmp_path / "run"
+    tr.train(trained["data"], tiny_config(), out_dir=run, progress=False)
+    with pytest.raises(ValueError, match="training checkpoint.*build_predictor"):
+        predict.load_predictor(run / tr.CHECKPOINT)
+    # image encoder weights that are not the ones the bank was embedded with
+    obj = torch.load(trained["path"], weights_only=True)
+    key = next(k for k in obj["model"] if k.startswith("image_encoder.backbone.")
+               and obj["model"][k].is_floating_point())
+    obj["model"][key] = obj["model"][key] + 1.0
+    torch.save(obj, tmp_path / "tampered.pt")
+    with pytest.raises(ValueError, match="weights .* are not those the reference bank"):
+        predict.load_predictor(tmp_path / "tampered.pt")
+    # an existing file is not replaced unless asked
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        predict.save_predictor(trained["predictor"], trained["path"])
+
+
+def test_model_and_reference_with_different_genes_are_refused(trained):
+    import anndata as ad
+
+    other = {k: ad.AnnData(X=a.X[:, :4], obs=a.obs, obsm=dict(a.obsm), uns=dict(a.uns))
+             for k, a in trained["sections"].items() if k in ("S1", "S2")}
+    for a in other.values():
+        a.var_names = [f"g{i}" for i in range(4)]
+    data4 = tr.SpotData.from_anndata(other, patch_um=RUN["patch_um"],
+                                     patch_size=RUN["patch_size"], progress=False)
+    with pytest.raises(ValueError, match="trained on 6 genes but the reference has 4"):
+        predict.build_predictor(trained["model"], data4, **LAYOUT)
+    with pytest.raises(ValueError, match="trained on 6 genes but the reference has 4"):
+        tl.predict_section(trained["model"], data4, other["S1"], top_k=5, device="cpu")
+
+
+def test_nearest_spots_carries_predictions_to_measured_spots(trained):
+    from mclstexp_lite import datasets as ds
+
+    p = trained["predictor"]
+    virtual = p.predict(trained["slide"], um_per_px=UM, progress=False, device="cpu")
+    target = ds.from_image(trained["slide"], um_per_px=UM, spot_pitch_um=100,
+                           spot_diameter_um=55, grid="square")  # another layout, same image
+    moved = predict.nearest_spots(virtual, target)
+    assert 0 < moved.n_obs <= target.n_obs and (moved.obs["distance_um"] <= 50).all()
+    i = 0
+    j = int(np.argmin(np.linalg.norm(virtual.obsm["spatial"] - moved.obsm["spatial"][i], axis=1)))
+    np.testing.assert_array_equal(moved.X[i], virtual.X[j])
