@@ -1,6 +1,7 @@
 # Two commands (see README.md):
 #   make tutorials   run every notebook with papermill (PROFILE=quick by default)
-#   make test        run the test suite
+#   make test        run the test suite (the full suite, as CI runs it)
+#   make test-fast   the suite without the tests marked slow
 # Both create ./.venv on first use with the pinned versions of requirements.txt.
 
 PYTHON  ?= python3
@@ -10,7 +11,7 @@ PROFILE ?= quick
 OUT     ?= outputs/tutorials
 PYTEST_ARGS ?=
 
-.PHONY: tutorials test env clean-venv
+.PHONY: tutorials test test-fast env clean-venv
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ tutorials: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

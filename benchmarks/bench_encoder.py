@@ -66,6 +66,7 @@ def spots_of(section: str, n: int, cache_dir):
 def measure(label, profile, overrides, fields, n_spots, batch, args, timings_out):
     import torch
 
+    from mclstexp_lite import embed
     from mclstexp_lite import features as fx
     from mclstexp_lite import train as tr
 
@@ -79,7 +80,7 @@ def measure(label, profile, overrides, fields, n_spots, batch, args, timings_out
     size = encoder.image_size
     # the model-only tensors get the memory layout the pipeline hands to the model (NCHW or
     # channels-last: convolutions run at different speeds), so that only the pipeline differs
-    probe = tr._prepare_images(data.images(np.arange(2)), encoder, config, train=False,
+    probe = embed.prepare_images(data.images(np.arange(2)), encoder, config, train=False,
                                generator=None, channels_last=False)
     layout = (torch.channels_last if probe.is_contiguous(memory_format=torch.channels_last)
               else torch.contiguous_format)
@@ -136,11 +137,11 @@ def measure(label, profile, overrides, fields, n_spots, batch, args, timings_out
     for _ in range(args.reps):
         t = C.Timer()
         with t:
-            x8 = tr._batch_images(data, idx, size, None, memory_format=torch.channels_last)
+            x8 = fx.batch_images(data, idx, size, None, memory_format=torch.channels_last)
         gather_resize.append(t.seconds)
         t = C.Timer()
         with t:
-            tr._prepare_images(x8, encoder, config, train=False, generator=None,
+            embed.prepare_images(x8, encoder, config, train=False, generator=None,
                                channels_last=False)
         normalise.append(t.seconds)
         t = C.Timer()
@@ -165,7 +166,7 @@ def measure(label, profile, overrides, fields, n_spots, batch, args, timings_out
         for _ in range(args.reps):
             t = C.Timer()
             with t:
-                g = tr._resize_u8(u8_cl, size)
+                g = fx.resize_u8(u8_cl, size)
             grouped.append(t.seconds)
             t = C.Timer()
             with t:

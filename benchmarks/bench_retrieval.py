@@ -100,7 +100,7 @@ def run_ours(query, keys, expr, top_k):
 def profile_chunk(query, keys, expr, top_k) -> dict | None:
     """Milliseconds per stage of ours on its first chunk of queries.
 
-    Calls the private helpers of :mod:`mclstexp_lite.tl` in the order ``retrieve`` does;
+    Calls the kernels of :mod:`mclstexp_lite.retrieval` in the order ``retrieve`` does;
     returns None if they have changed. Also times the alternative for the last stage (the
     blocked gather used for banks too large to copy to float64), with its largest
     difference.
@@ -108,6 +108,7 @@ def profile_chunk(query, keys, expr, top_k) -> dict | None:
     import torch
     import torch.nn.functional as F
 
+    from mclstexp_lite import retrieval as rv
     from mclstexp_lite import tl
 
     try:
@@ -117,22 +118,22 @@ def profile_chunk(query, keys, expr, top_k) -> dict | None:
         e = torch.from_numpy(expr)
         acc = torch.float64
         out = {"chunk_queries": chunk}
-        with torch.no_grad(), tl._full_precision_matmul():
+        with torch.no_grad(), rv.full_precision_matmul():
             ku = F.normalize(k, p=2, dim=1)
             buffer = torch.empty((chunk, len(keys)), dtype=torch.float32)
             t = C.Timer()
             with t:
-                sims = tl._similarity_block(F.normalize(q, p=2, dim=1), ku, out=buffer)
+                sims = rv.similarity_block(F.normalize(q, p=2, dim=1), ku, out=buffer)
             out["cosine_matmul_ms"] = t.seconds * 1000
             t = C.Timer()
             with t:
-                idx = tl._topk_lowest_index(sims, top_k)
+                idx = rv.topk_lowest_index(sims, top_k)
             out["top_k_ms"] = t.seconds * 1000
             del sims
             t = C.Timer()
             with t:
-                dist = tl._distances(q.to(acc), k, idx, "l1", acc, tl.CPU_GATHER_BYTES)
-                w = tl._inverse_square_weights(dist)
+                dist = rv.distances(q.to(acc), k, idx, "l1", acc, tl.CPU_GATHER_BYTES)
+                w = rv.inverse_square_weights(dist)
             out["l1_distances_weights_ms"] = t.seconds * 1000
             # the weighted sum as retrieve does it on the CPU (a CSR matrix of the top_k
             # weights per query times the float64 bank, converted once per call) and,
@@ -143,11 +144,11 @@ def profile_chunk(query, keys, expr, top_k) -> dict | None:
             out["bank_to_float64_once_ms"] = t.seconds * 1000
             t = C.Timer()
             with t:
-                sparse = tl._weighted_sum_sparse(w, e64, idx)
+                sparse = rv.weighted_sum_sparse(w, e64, idx)
             out["weighted_expression_sum_ms"] = t.seconds * 1000
             t = C.Timer()
             with t:
-                dense = tl._weighted_sum(w, e, idx, acc, tl.CPU_GATHER_BYTES)
+                dense = rv.weighted_sum(w, e, idx, acc, tl.CPU_GATHER_BYTES)
             out["alternative_blocked_gather_sum_ms"] = t.seconds * 1000
             out["alternative_max_abs_diff"] = float((sparse - dense).abs().max())
         return {key: round(v, 1) if key.endswith("_ms") else v for key, v in out.items()}

@@ -6,7 +6,13 @@
   re-exports the first four as public API);
 - :func:`sha256_file`, streamed and memoised per (path, mtime, size);
 - :func:`pil_pixel_limit`, PIL's decompression-bomb limit changed for one decode only;
-- :func:`to_dense`, numpy / scipy.sparse / AnnData ``X`` to a dense array.
+- :func:`to_dense`, numpy / scipy.sparse / AnnData ``X`` to a dense array;
+- :func:`positive_int`, :func:`positive_float`: the one check of a positive integer
+  / positive finite number argument;
+- :func:`safe_name`, text reduced to a file-name-safe key part;
+- :func:`check_anndata`, :func:`section_name`: the AnnData type check and the section
+  name that error messages use;
+- :func:`load_matching_npz`, a cached ``.npz`` read back only when it matches.
 """
 
 from __future__ import annotations
@@ -129,3 +135,117 @@ def to_dense(x, dtype=None) -> np.ndarray:
     if hasattr(x, "toarray") and hasattr(x, "nnz"):
         x = x.toarray()
     return np.asarray(x, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- checks
+def positive_int(value, name: str, *, strict_type: bool = False) -> int:
+    """``value`` as an ``int`` >= 1, else an error that names ``name``.
+
+    A bool or non-integer is a ``ValueError`` (``strict_type=True``: a ``TypeError``
+    that names its type), as is an integer below 1. ``name`` is used as written (add
+    backticks there if the module's messages quote names).
+    """
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if strict_type:
+            raise TypeError(f"{name} must be a positive integer, got {value!r} "
+                            f"({type(value).__name__}).")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if value < 1:
+        if strict_type:
+            raise ValueError(f"{name} must be a positive integer (>= 1), got {value}.")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- AnnData
+def check_anndata(adata, name: str = "adata") -> None:
+    """A ``TypeError`` naming ``name`` unless ``adata`` is an :class:`anndata.AnnData`."""
+    import anndata as ad
+
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(f"`{name}` must be an anndata.AnnData, got {type(adata).__name__}. "
+                        "Load a section with mclstexp_lite.datasets first.")
+
+
+def section_name(adata) -> str:
+    """A readable name for error messages: obs['section'], else uns['mclstexp']['section']."""
+    from collections.abc import Mapping
+
+    if "section" in adata.obs.columns:
+        names = [str(s) for s in dict.fromkeys(adata.obs["section"].astype(str))]
+        if names:
+            return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+    meta = adata.uns.get("mclstexp", {})
+    if isinstance(meta, Mapping) and meta.get("section"):
+        return str(meta["section"])
+    return "<unnamed section>"
+
+
+# ------------------------------------------------------------------------- npz cache
+def load_matching_npz(path: str | os.PathLike, expect) -> dict | None:
+    """The arrays of the ``.npz`` at ``path`` if it exists and every ``expect`` entry
+    equals the stored array (same shape and values), else ``None``.
+
+    A file that cannot be read or that differs is logged (a warning) and treated as
+    absent, so the caller recomputes and overwrites it.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # truncated or foreign file: recompute
+        log.warning("cannot read %s (%s); recomputing", path, exc)
+        return None
+    for k, v in expect.items():
+        if k not in arrays or arrays[k].shape != np.shape(v) or not np.array_equal(arrays[k], v):
+            log.warning("%s does not match this fold (%s differs); recomputing", path, k)
+            return None
+    return arrays
+
+
+def positive_float(value, name: str) -> float:
+    """``value`` as a ``float`` > 0 and finite: a ``TypeError`` naming ``name`` and the
+    type for a bool or non-number, a ``ValueError`` for zero, negative, nan or inf."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite number, got {value}.")
+    return value
+
+
+def check_dropout(value, name: str = "dropout") -> float:
+    """``value`` as a dropout probability in [0, 1), else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def safe_name(text: str, *, fallback: str = "x") -> str:
+    """``text`` reduced to letters, digits, ``.`` and ``-`` (for cache file names);
+    ``fallback`` when nothing is left."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(text)).strip("-.") or fallback
+
+
+def h5ad_value(v):
+    """``v`` as a value ``uns`` can hold in an h5ad file: ``None`` becomes ``"None"``,
+    numpy scalars Python ones, lists and tuples lists (recursively)."""
+    if v is None:
+        return "None"
+    if isinstance(v, (list, tuple)):
+        return [h5ad_value(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

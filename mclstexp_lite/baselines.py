@@ -46,9 +46,11 @@ efficient leave-one-spot-out is used instead. One alpha is shared by all genes.
 from __future__ import annotations
 
 import logging
-import numbers
+import time
 
 import numpy as np
+
+from . import _util
 
 __all__ = [
     "METHODS",
@@ -59,10 +61,14 @@ __all__ = [
     "section_color_features",
     "encoder_features",
     "fit_ridge",
+    "ridge_fold",
+    "RIDGE_METHODS",
 ]
 
 #: Baselines implemented here (``"bleep"`` is a model variant, see the module notes).
 METHODS = ("mean", "ridge_features", "ridge_color")
+#: The ridge baselines (:func:`ridge_fold`).
+RIDGE_METHODS = ("ridge_features", "ridge_color")
 
 #: Ridge penalties searched by :func:`fit_ridge` (on standardised features): 1e-2 to
 #: 1e7 in half decades. (Up to 1e5 before 2026-11-24; on random-encoder features the
@@ -137,7 +143,7 @@ def color_features(patches, *, batch_size: int = 128) -> np.ndarray:
         raise TypeError(f"`patches` must have dtype uint8 (RGB 0-255), got {patches.dtype}.")
     if patches.ndim != 4 or patches.shape[-1] != 3:
         raise ValueError(f"`patches` must have shape (n, H, W, 3), got {tuple(patches.shape)}.")
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = _util.positive_int(batch_size, "`batch_size`")
     n = patches.shape[0]
     out = np.empty((n, len(COLOR_FEATURE_NAMES)), dtype=np.float64)
     for start in range(0, n, batch_size):
@@ -285,6 +291,95 @@ def fit_ridge(features, expr, *, groups=None, alphas=DEFAULT_ALPHAS):
     return model
 
 
+def ridge_fold(method: str, adatas, *, train, test, config, patch_um: float,
+               patch_size: int = 224, stain=None, device="auto", progress: bool = False,
+               cache=None) -> dict:
+    """Fit one ridge baseline on a fold's training sections and predict its test sections.
+
+    The ``"ridge_features"`` / ``"ridge_color"`` fold of :func:`mclstexp_lite.cv.run_cv`:
+    features of every patch (:func:`encoder_features` or :func:`section_color_features`),
+    a ridge from the training spots' features to their expression (:func:`fit_ridge`,
+    penalty chosen leave-one-training-section-out), then its prediction for each test
+    section.
+
+    Parameters
+    ----------
+    method
+        ``"ridge_features"`` or ``"ridge_color"`` (:data:`RIDGE_METHODS`).
+    adatas
+        ``{section: AnnData}`` prepared with one gene panel; holds at least the
+        ``train`` and ``test`` sections.
+    train, test
+        Section names to fit on and to predict.
+    config
+        :class:`mclstexp_lite.train.TrainConfig`: the image encoder of
+        ``"ridge_features"`` (unused by ``"ridge_color"``).
+    patch_um, patch_size, stain
+        Patch geometry and stain normalisation of
+        :meth:`mclstexp_lite.train.SpotData.from_anndata`.
+    device, progress
+        Where to compute encoder features; progress bars.
+    cache
+        Path of an ``.npz`` that keeps the features (``run_cv``: the fold's
+        ``embeddings.npz``, keys ``kind``, ``train``, ``train_obs_names``,
+        ``train_sections``, ``test__<section>``, ``test_obs_names__<section>``,
+        ``seconds``): reused when its method and spots match, else computed and written
+        atomically. ``None``: always computed, nothing written.
+
+    Returns
+    -------
+    dict
+        ``predictions`` (``{section: (n_spots, n_genes) array}``), ``alpha`` (the chosen
+        penalty), ``fit_seconds`` (the ridge fit), ``feature_seconds`` (computing the
+        features; when reused, the time they took then) and ``predict_seconds``
+        (``{section: seconds}``).
+    """
+    from . import train as tr
+
+    if method not in RIDGE_METHODS:
+        raise ValueError(f"method must be one of {RIDGE_METHODS}, got {method!r}.")
+
+    def spot_data(names):
+        return tr.SpotData.from_anndata({s: adatas[s] for s in names}, patch_um=patch_um,
+                                        patch_size=patch_size, progress=progress, stain=stain)
+
+    def features(data):
+        if method == "ridge_features":
+            return encoder_features(data, config=config, device=device, progress=progress)
+        return np.concatenate([section_color_features(p, name=n)
+                               for p, n in zip(data.patches, data.sections)])
+
+    train_expr = np.concatenate([_util.to_dense(adatas[s].X, np.float32) for s in train])
+    train_sections = np.concatenate(
+        [np.full(adatas[s].n_obs, s, dtype=object) for s in train]).astype(str)
+    train_data = spot_data(train)
+    expect = {"train_obs_names": np.array(train_data.obs_names, dtype=str),
+              "kind": np.array(method)}
+    for s in test:
+        expect[f"test_obs_names__{s}"] = np.array(adatas[s].obs_names, dtype=str)
+    feats = None if cache is None else _util.load_matching_npz(cache, expect)
+    if feats is None:
+        t0 = time.time()
+        feats = dict(expect)
+        feats["train_sections"] = train_sections
+        feats["train"] = features(train_data)
+        for s in test:
+            feats[f"test__{s}"] = features(spot_data([s]))
+        feats["seconds"] = np.array(time.time() - t0)
+        if cache is not None:
+            _util.atomic_savez(cache, feats)
+    t0 = time.time()
+    ridge = fit_ridge(feats["train"], train_expr, groups=train_sections)
+    fit_seconds = time.time() - t0
+    preds, predict_seconds = {}, {}
+    for s in test:
+        t0 = time.time()
+        preds[s] = ridge.predict(feats[f"test__{s}"])
+        predict_seconds[s] = time.time() - t0
+    return {"predictions": preds, "alpha": float(ridge[-1].alpha_), "fit_seconds": fit_seconds,
+            "feature_seconds": float(feats["seconds"]), "predict_seconds": predict_seconds}
+
+
 def _split_mse(Z, Y, splits, alphas) -> np.ndarray:
     """Mean over ``splits`` of the held-out MSE of a ridge with intercept, per alpha.
 
@@ -313,10 +408,8 @@ def _split_mse(Z, Y, splits, alphas) -> np.ndarray:
 
 # ------------------------------------------------------------------------- helpers
 def _as_2d(x, name: str) -> np.ndarray:
-    if hasattr(x, "toarray") and hasattr(x, "nnz"):
-        x = x.toarray()
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        arr = _util.to_dense(x, np.float64)
     except (TypeError, ValueError) as err:
         raise TypeError(f"`{name}` must be a numeric 2-D array.") from err
     if arr.ndim != 2:
@@ -324,9 +417,3 @@ def _as_2d(x, name: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"`{name}` contains NaN or infinite values.")
     return arr
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return int(value)

@@ -17,6 +17,9 @@ Two fold schemes (:func:`make_folds`):
 with :func:`mclstexp_lite.metrics.summarize`. Methods: ``"mclstexp"`` (the model),
 ``"bleep"`` (the BLEEP-style model, ``spot_encoder="none"``), and the baselines of
 :mod:`mclstexp_lite.baselines` (``"mean"``, ``"ridge_features"``, ``"ridge_color"``).
+The result tables (:func:`load_results`, :func:`summarize_results`,
+:func:`summary_markdown`, :func:`compare`) live in :mod:`mclstexp_lite.results` and are
+re-exported here.
 
 Results folder written by :func:`run_cv`
 ----------------------------------------
@@ -60,7 +63,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import warnings
@@ -71,7 +73,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from . import download
+from . import _util
+from . import baselines as bl
+from .folds import FOLDS_FILE as _FOLDS
+from .folds import (SCHEMES, Fold, check_folder_name, check_leakage, load_folds, make_folds,
+                    patients_of, save_folds)
+from .results import compare, load_results, summarize_results, summary_markdown
 
 log = logging.getLogger(__name__)
 
@@ -93,184 +100,19 @@ __all__ = [
     "compare",
 ]
 
-#: Fold schemes of :func:`make_folds`.
-SCHEMES = ("section", "patient")
-#: Methods :func:`run_cv` runs.
-METHODS = ("mclstexp", "bleep", "mean", "ridge_features", "ridge_color")
 _NEURAL = ("mclstexp", "bleep")
-_RIDGE = ("ridge_features", "ridge_color")
+#: Methods :func:`run_cv` runs (the one list of them): the two retrieval models, then
+#: the baselines of :data:`mclstexp_lite.baselines.METHODS`.
+METHODS = _NEURAL + bl.METHODS
+_RIDGE = bl.RIDGE_METHODS
 #: Columns of the per-section metrics table (``metrics.csv``), in order.
 ROW_COLUMNS = ("method", "scheme", "fold", "test_section", "pcc_acg", "pcc_heg", "mse",
                "mae", "n_spots", "n_genes", "n_constant_genes", "seconds")
 _CONFIG = "config.json"
-_FOLDS = "folds.json"
 _METRICS = "metrics.json"
 _EMB = "embeddings.npz"
 # config.json keys that may differ between runs of the same study
 _VOLATILE = ("package_version", "created", "device")
-
-
-# ============================================================================ folds
-@dataclass(frozen=True)
-class Fold:
-    """One cross-validation fold.
-
-    Attributes
-    ----------
-    name
-        Fold name, also its folder name: the held-out section (``"section"`` scheme)
-        or patient (``"patient"`` scheme).
-    test
-        Held-out sections, each scored separately.
-    train
-        Sections the model is trained (or the baseline fitted) on.
-    reference
-        Sections whose spots form the retrieval reference bank (equal to ``train``
-        in both schemes).
-    """
-
-    name: str
-    test: tuple
-    train: tuple
-    reference: tuple
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "test": list(self.test), "train": list(self.train),
-                "reference": list(self.reference)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Fold":
-        return cls(name=str(d["name"]), test=tuple(d["test"]), train=tuple(d["train"]),
-                   reference=tuple(d["reference"]))
-
-
-def make_folds(sections: Mapping[str, str], scheme: str = "section") -> list[Fold]:
-    """Build the folds of a scheme.
-
-    Parameters
-    ----------
-    sections
-        ``{section: patient}`` for every section of the study, in the order folds and
-        training lists should follow.
-    scheme
-        ``"section"`` (leave one section out; other sections of the same patient stay
-        in training and reference) or ``"patient"`` (leave one patient out).
-
-    Returns
-    -------
-    list of Fold
-        ``"section"``: one fold per section, named after it. ``"patient"``: one fold
-        per patient (in order of first appearance), named after it, whose ``test`` is
-        all that patient's sections.
-
-    Raises
-    ------
-    ValueError
-        Unknown ``scheme``; fewer than two sections (``"section"``) or patients
-        (``"patient"``), since a fold would have no training data; a section or patient
-        name that cannot be a folder name.
-    TypeError
-        If ``sections`` is not a mapping of strings to strings.
-    """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}.")
-    if not isinstance(sections, Mapping):
-        raise TypeError("`sections` must be a mapping {section: patient}, got "
-                        f"{type(sections).__name__}; e.g. cv.patients_of(adatas).")
-    for s, p in sections.items():
-        if not isinstance(s, str) or not isinstance(p, str):
-            raise TypeError(f"`sections` must map str to str, got {s!r}: {p!r}.")
-        for name in (s, p):
-            _check_folder_name(name)
-    names = list(sections)
-    if scheme == "section":
-        if len(names) < 2:
-            raise ValueError(f"the 'section' scheme needs at least 2 sections, got {names}; "
-                             "a fold would have no training data.")
-        return [Fold(s, (s,), tuple(o for o in names if o != s),
-                     tuple(o for o in names if o != s)) for s in names]
-    patients = list(dict.fromkeys(sections.values()))
-    if len(patients) < 2:
-        raise ValueError(
-            f"the 'patient' scheme needs sections from at least 2 patients, got only "
-            f"{patients}; holding out the only patient leaves no training data. Add "
-            "sections of another patient or use scheme='section'.")
-    folds = []
-    for p in patients:
-        test = tuple(s for s in names if sections[s] == p)
-        rest = tuple(s for s in names if sections[s] != p)
-        folds.append(Fold(p, test, rest, rest))
-    return folds
-
-
-def save_folds(folds: Sequence[Fold], path, *, scheme: str, sections: Mapping[str, str]) -> None:
-    """Write folds to a JSON file (atomically).
-
-    Parameters
-    ----------
-    folds
-        From :func:`make_folds`.
-    path
-        Target file (e.g. ``results/folds.json``).
-    scheme, sections
-        Recorded alongside, as given to :func:`make_folds`.
-    """
-    _atomic_write_json(Path(path), {"scheme": scheme, "sections": dict(sections),
-                                    "folds": [f.to_dict() for f in folds]})
-
-
-def load_folds(path) -> list[Fold]:
-    """Read folds written by :func:`save_folds`."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / _FOLDS
-    with open(path) as fh:
-        d = json.load(fh)
-    if "folds" not in d:
-        raise ValueError(f"{path} is not a folds file (no 'folds').")
-    return [Fold.from_dict(f) for f in d["folds"]]
-
-
-def patients_of(adatas: Mapping) -> dict[str, str]:
-    """``{section: patient}`` from each section's ``obs['patient']``.
-
-    Raises
-    ------
-    ValueError
-        If a section lacks ``obs['patient']`` or holds several patients.
-    """
-    out = {}
-    for s, a in adatas.items():
-        if "patient" not in a.obs:
-            raise ValueError(f"section {s!r} has no obs['patient']; load it with "
-                             "mclstexp_lite.datasets or set obs['patient'] yourself.")
-        values = a.obs["patient"].astype(str).unique()
-        if len(values) != 1:
-            raise ValueError(f"section {s!r} holds spots of several patients {list(values)}; "
-                             "one patient per section is expected.")
-        out[str(s)] = str(values[0])
-    return out
-
-
-def _check_leakage(fold: Fold, patients: Mapping[str, str], scheme: str) -> None:
-    """Refuse a fold whose training or reference data include what it tests."""
-    seen = set(fold.train) | set(fold.reference)
-    bad = set(fold.test) & seen
-    if bad:
-        raise RuntimeError(f"fold {fold.name}: test section(s) {sorted(bad)} are also in "
-                           "training/reference; folds.json was edited or corrupted.")
-    if scheme == "patient":
-        test_patients = {patients[s] for s in fold.test}
-        leaked = sorted(s for s in seen if patients[s] in test_patients)
-        if leaked:
-            raise RuntimeError(f"fold {fold.name}: section(s) {leaked} of held-out patient(s) "
-                               f"{sorted(test_patients)} are in training/reference.")
-
-
-def _check_folder_name(name: str) -> None:
-    if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|\0'):
-        raise ValueError(f"{name!r} cannot be used as a fold folder name; rename the section "
-                         "or patient (letters, digits, '_', '-', '.').")
 
 
 # =========================================================================== config
@@ -313,22 +155,16 @@ def _sha256_text(items) -> str:
     return h.hexdigest()
 
 
-def _dense_f32(X) -> np.ndarray:
-    if hasattr(X, "toarray") and hasattr(X, "nnz"):
-        X = X.toarray()
-    return np.ascontiguousarray(np.asarray(X, dtype=np.float32))
-
-
 def _fingerprint(adata) -> dict:
     return {"n_spots": int(adata.n_obs),
             "obs_sha256": _sha256_text(adata.obs_names),
-            "expr_sha256": hashlib.sha256(_dense_f32(adata.X).tobytes()).hexdigest()}
+            "expr_sha256": hashlib.sha256(
+                _util.to_dense(adata.X, np.float32).tobytes()).hexdigest()}
 
 
 def _run_config(*, adatas, patients, scheme, method, config, top_k, metric, patch_um,
                 patch_size, device) -> dict:
     from . import __version__
-    from . import baselines as bl
 
     genes = list(next(iter(adatas.values())).var_names)
     d = {
@@ -355,9 +191,17 @@ def _run_config(*, adatas, patients, scheme, method, config, top_k, metric, patc
 
 
 def _identity(cfg: Mapping) -> dict:
+    """What must match for a results folder to hold this run: ``config.json`` without
+    its volatile keys, the training config compared by the one "same run?" rule
+    (:func:`mclstexp_lite.checkpoint.run_identity`, with ``epochs``)."""
+    from . import checkpoint
+
     d = {k: v for k, v in cfg.items() if k not in _VOLATILE}
     tc = dict(d.get("train_config") or {})
-    tc.pop("device", None)
+    try:
+        tc = checkpoint.run_identity(tc, epochs=True)
+    except (TypeError, ValueError):  # not a TrainConfig of this version: compare as written
+        tc.pop("device", None)
     d["train_config"] = tc
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
@@ -376,33 +220,6 @@ def _diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
 def _short(v) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= 60 else s[:57] + "..."
-
-
-# ====================================================================== atomic I/O
-_umask_mode = download._umask_mode
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    download.atomic_write_text(path, text)
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    download.atomic_write_json(path, obj)
-
-
-_atomic_write_h5ad = download.atomic_write_h5ad
-
-
-def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    download.atomic_write(path, write, suffix=".npz")
-
-
-def _file_sha256(path: Path) -> str:
-    return download.sha256_file(path)
 
 
 # ========================================================================== run_cv
@@ -440,14 +257,6 @@ def _select(all_folds: list[Fold], folds) -> list[Fold]:
     return [f for f in all_folds if f.name in set(folds)]
 
 
-def _check_top_k(top_k) -> int:
-    import numbers
-
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-    return int(top_k)
-
-
 def _prepare_out_dir(out: Path, run_cfg: dict, all_folds: list[Fold], selected: list[Fold],
                      overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
@@ -481,7 +290,7 @@ def _prepare_out_dir(out: Path, run_cfg: dict, all_folds: list[Fold], selected: 
             f"{out} exists, is not empty and has no {_CONFIG}, so it is not a run_cv "
             "results folder; choose another out_dir (nothing was written).")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(cfg_path, run_cfg)
+    _util.atomic_write_json(cfg_path, run_cfg)
 
 
 def _clear(out: Path, folds: Sequence[Fold]) -> None:
@@ -589,7 +398,7 @@ def run_cv(
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}.")
     cfg = method_config(method, config)
-    top_k = _check_top_k(top_k)
+    top_k = _util.positive_int(top_k, "top_k")
     if metric not in ("l1", "l2"):
         raise ValueError(f"metric must be 'l1' or 'l2', got {metric!r}.")
     patch_um = pt.DEFAULT_PATCH_UM if patch_um is None else float(patch_um)
@@ -617,7 +426,7 @@ def run_cv(
             if progress:
                 log.info("%s: fold %s already complete, skipped", out, fold.name)
             continue
-        _check_leakage(fold, patients, scheme)
+        check_leakage(fold, patients, scheme)
         fold_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         fold_geometry, normaliser = geometry, _fold_stain(stain, adatas, fold, geometry, progress)
@@ -629,7 +438,7 @@ def run_cv(
         if normaliser is not None:
             record["stain"] = normaliser.to_dict()
         record["wall_seconds_this_run"] = time.time() - t0
-        _atomic_write_json(fold_dir / _METRICS, record)
+        _util.atomic_write_json(fold_dir / _METRICS, record)
         if progress:
             for r in record["rows"]:
                 log.info("%s %s fold %s / %s: PCC-ACG %.3f PCC-HEG %.3f MSE %.4f", method,
@@ -645,9 +454,9 @@ def _stain_config(stain) -> dict | None:
     if stain is None:
         return None
     if isinstance(stain, str):
-        method = st._check_method(stain)
-        return {"method": method, "fit": "each fold's training sections, "
-                "stain.fit_on_sections defaults", "settings": st.StainNormalizer(method).settings()}
+        norm = st.StainNormalizer(stain)  # checks the method name
+        return {"method": norm.method, "fit": "each fold's training sections, "
+                "stain.fit_on_sections defaults", "settings": norm.settings()}
     if isinstance(stain, st.StainNormalizer):
         return {"method": stain.method, "fit": "given", "fingerprint": stain.fingerprint}
     raise TypeError(f"stain must be None, 'macenko', 'reinhard' or a fitted "
@@ -674,30 +483,11 @@ def _spot_data(adatas, names, geometry, progress):
                                     stain=geometry.get("stain"))
 
 
-def _load_npz(path: Path, expect: Mapping[str, np.ndarray]) -> dict | None:
-    """The arrays of ``path`` if it exists and every ``expect`` entry matches, else None."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as exc:  # truncated or foreign file: recompute
-        log.warning("cannot read %s (%s); recomputing", path, exc)
-        return None
-    for k, v in expect.items():
-        if k not in arrays or arrays[k].shape != np.shape(v) or not np.array_equal(arrays[k], v):
-            log.warning("%s does not match this fold (%s differs); recomputing", path, k)
-            return None
-    return arrays
-
-
 def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top_k, metric,
               device, geometry, n_heg, progress) -> dict:
-    from . import baselines as bl
     from . import tl
     from . import train as tr
 
-    train_data = None
     details: dict = {"method": method, "scheme": scheme, "fold": fold.to_dict()}
     preds: dict = {}
     extra_secs: dict = {s: 0.0 for s in fold.test}
@@ -709,12 +499,12 @@ def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top
                           progress=progress)
         fit_seconds = float(sum(h["seconds"] for h in result.history))
         details["history"] = result.history
-        ckpt_sha = _file_sha256(fold_dir / tr.CHECKPOINT)
+        ckpt_sha = _util.sha256_file(fold_dir / tr.CHECKPOINT)
         expect = {"checkpoint_sha256": np.array(ckpt_sha),
                   "reference_obs_names": np.array(ref_data.obs_names, dtype=str)}
         for s in fold.test:
             expect[f"test_obs_names__{s}"] = np.array(adatas[s].obs_names, dtype=str)
-        emb = _load_npz(fold_dir / _EMB, expect)
+        emb = _util.load_matching_npz(fold_dir / _EMB, expect)
         if emb is None:
             t0 = time.time()
             emb = dict(expect)
@@ -725,7 +515,7 @@ def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top
                 emb[f"test__{s}"] = tr.embed_images(result.model, test_data, config=config,
                                                     device=device, progress=progress)
             emb["seconds"] = np.array(time.time() - t0)
-            _atomic_savez(fold_dir / _EMB, emb)
+            _util.atomic_savez(fold_dir / _EMB, emb)
         embed_seconds = float(emb["seconds"])
         k = top_k
         if k > len(ref_data):
@@ -742,44 +532,25 @@ def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top
                 method=method)
             extra_secs[s] = time.time() - t0
         model_config = json.dumps(result.model.config, sort_keys=True)
-    else:
+    elif method == "mean":
         t0 = time.time()
-        train_expr = np.concatenate([_dense_f32(adatas[s].X) for s in fold.train])
-        train_sections = np.concatenate(
-            [np.full(adatas[s].n_obs, s, dtype=object) for s in fold.train]).astype(str)
-        if method == "mean":
-            mean = bl.mean_expression(train_expr)
-            fit_seconds = time.time() - t0
-            embed_seconds = 0.0
-            for s in fold.test:
-                preds[s] = np.broadcast_to(mean, (adatas[s].n_obs, mean.size))
-        else:
-            train_data = _spot_data(adatas, fold.train, geometry, progress)
-            expect = {"train_obs_names": np.array(train_data.obs_names, dtype=str),
-                      "kind": np.array(method)}
-            for s in fold.test:
-                expect[f"test_obs_names__{s}"] = np.array(adatas[s].obs_names, dtype=str)
-            feats = _load_npz(fold_dir / _EMB, expect)
-            if feats is None:
-                t1 = time.time()
-                feats = dict(expect)
-                feats["train_sections"] = train_sections
-                feats["train"] = _features(method, train_data, config, device, progress)
-                for s in fold.test:
-                    feats[f"test__{s}"] = _features(
-                        method, _spot_data(adatas, [s], geometry, progress), config, device,
-                        progress)
-                feats["seconds"] = np.array(time.time() - t1)
-                _atomic_savez(fold_dir / _EMB, feats)
-            embed_seconds = float(feats["seconds"])
-            t1 = time.time()
-            ridge = bl.fit_ridge(feats["train"], train_expr, groups=train_sections)
-            fit_seconds = time.time() - t1
-            details["ridge_alpha"] = float(ridge[-1].alpha_)
-            for s in fold.test:
-                t2 = time.time()
-                preds[s] = ridge.predict(feats[f"test__{s}"])
-                extra_secs[s] = time.time() - t2
+        train_expr = np.concatenate([_util.to_dense(adatas[s].X, np.float32)
+                                     for s in fold.train])
+        mean = bl.mean_expression(train_expr)
+        fit_seconds = time.time() - t0
+        embed_seconds = 0.0
+        for s in fold.test:
+            preds[s] = np.broadcast_to(mean, (adatas[s].n_obs, mean.size))
+    else:
+        ridge = bl.ridge_fold(method, adatas, train=fold.train, test=fold.test, config=config,
+                              patch_um=geometry["patch_um"], patch_size=geometry["patch_size"],
+                              stain=geometry.get("stain"), device=device, progress=progress,
+                              cache=fold_dir / _EMB)
+        preds, fit_seconds = ridge["predictions"], ridge["fit_seconds"]
+        embed_seconds = ridge["feature_seconds"]
+        extra_secs.update(ridge["predict_seconds"])
+        details["ridge_alpha"] = ridge["alpha"]
+    if method not in _NEURAL:
         model_config = "{}"
         details["top_k_used"] = None
 
@@ -792,10 +563,10 @@ def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top
         if method in _NEURAL:
             pred_ad = preds[s]
             pred_ad.uns[tl.PREDICTION_KEY].update(
-                {k: tl._h5ad_value(v) for k, v in info.items() if k != "model_config"})
+                {k: _util.h5ad_value(v) for k, v in info.items() if k != "model_config"})
         else:
             pred_ad = tl.prediction_anndata(preds[s], adatas[s], info=info)
-        _atomic_write_h5ad(pred_ad, fold_dir / f"pred_{s}.h5ad")
+        _util.atomic_write_h5ad(pred_ad, fold_dir / f"pred_{s}.h5ad")
         with warnings.catch_warnings():
             if method == "mean":  # a constant prediction has no correlation, by design
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -812,18 +583,10 @@ def _score(pred_ad, truth, n_heg: int) -> tuple[dict, dict]:
     and what ``metrics.json`` keeps per section (the HEG genes)."""
     from . import metrics as mt
 
-    m = mt.summarize(pred_ad.X, _dense_f32(truth.X), genes=list(truth.var_names), n_heg=n_heg)
+    m = mt.summarize(pred_ad.X, _util.to_dense(truth.X, np.float32),
+                     genes=list(truth.var_names), n_heg=n_heg)
     return ({c: m[c] for c in ROW_COLUMNS[4:11]},
             {k: m[k] for k in ("n_heg", "n_constant_heg", "heg_genes")})
-
-
-def _features(method, data, config, device, progress) -> np.ndarray:
-    from . import baselines as bl
-
-    if method == "ridge_features":
-        return bl.encoder_features(data, config=config, device=device, progress=progress)
-    return np.concatenate([bl.section_color_features(p, name=n)
-                           for p, n in zip(data.patches, data.sections)])
 
 
 # ====================================================================== aggregation
@@ -835,12 +598,12 @@ def _aggregate(out: Path, all_folds: Sequence[Fold]) -> pd.DataFrame:
             with open(p) as fh:
                 rows.extend(json.load(fh)["rows"])
     df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
-    _atomic_write_text(out / "metrics.csv", df.to_csv(index=False))
+    _util.atomic_write_text(out / "metrics.csv", df.to_csv(index=False))
     if len(df):
         table = summarize_results(df)
         table = _with_top_k(table, out)
-        _atomic_write_text(out / "summary.csv", table.to_csv(index=False))
-        _atomic_write_text(out / "summary.md", summary_markdown(table) + "\n")
+        _util.atomic_write_text(out / "summary.csv", table.to_csv(index=False))
+        _util.atomic_write_text(out / "summary.md", summary_markdown(table) + "\n")
     return df
 
 
@@ -850,205 +613,6 @@ def _with_top_k(table: pd.DataFrame, out: Path) -> pd.DataFrame:
     table = table.copy()
     table.insert(2, "top_k", cfg.get("top_k"))
     return table
-
-
-def load_results(out_dir) -> pd.DataFrame:
-    """The per-section metrics (``metrics.csv``) of a results folder.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``out_dir`` has no ``metrics.csv`` (not a finished :func:`run_cv` folder).
-    """
-    p = Path(out_dir) / "metrics.csv"
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist; run cv.run_cv(..., out_dir={str(out_dir)!r}) "
-                                "first.")
-    return pd.read_csv(p, dtype={"fold": str, "test_section": str})
-
-
-def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme"),
-                      shared: bool = True) -> pd.DataFrame:
-    """Mean and sample sd of the metrics over held-out sections.
-
-    Parameters
-    ----------
-    per_section
-        Rows as in ``metrics.csv`` (:data:`ROW_COLUMNS`).
-    by
-        Grouping columns.
-    shared
-        ``True`` (default): within each scheme, methods (the other ``by`` columns) are
-        compared only on the held-out sections they all have, the rule of
-        :func:`mclstexp_lite.pl.shared_sections` (which :func:`~mclstexp_lite.pl.metric_bars`
-        uses too); a row that lost sections says which in ``left_out``. ``False``
-        averages whatever sections each group has.
-
-    Returns
-    -------
-    pandas.DataFrame
-        The ``by`` columns, ``n_folds`` (distinct folds), ``n_sections`` (held-out
-        sections averaged over: under both schemes every section of the study is
-        scored once, so both schemes average the same sections), and
-        ``<metric>_mean``/``<metric>_sd`` for PCC-ACG, PCC-HEG, MSE and MAE
-        (:func:`mclstexp_lite.metrics.summary_table`). Only when sections were left
-        out, a ``left_out`` column (after ``n_sections``): per row, the sections it was
-        scored on that are not in its mean, each with the methods that lack it, e.g.
-        ``"C2 (not scored for: ridge_color)"``; ``""`` for rows that lost none. A group
-        with no section in common with the others keeps its row, with no metrics.
-    """
-    from . import metrics as mt
-
-    by = [by] if isinstance(by, str) else list(by)
-    left_out = None
-    if shared and "test_section" in per_section.columns:
-        per_section, left_out = _shared_rows(per_section, by)
-    table = mt.summary_table(per_section, by=by).rename(columns={"n_folds": "n_sections"})
-    folds = per_section.groupby(by, sort=True, dropna=False)["fold"].nunique()
-    table.insert(len(by), "n_folds", folds.to_numpy())
-    if left_out:
-        empty = [k for k in left_out if k not in set(map(tuple, table[by].to_numpy().tolist()))]
-        if empty:  # groups with nothing in common: a row without metrics
-            extra = pd.DataFrame([dict(zip(by, k), n_folds=0, n_sections=0) for k in empty])
-            table = pd.concat([table, extra], ignore_index=True).sort_values(by)
-            table = table.reset_index(drop=True)
-        cells = [left_out.get(tuple(k), "") for k in table[by].to_numpy().tolist()]
-        table.insert(len(by) + 2, "left_out", cells)
-    return table
-
-
-def _run_label(columns, values) -> str:
-    """A group's name in notes: the method, with ``k=`` for a retrieval top_k."""
-    parts = []
-    for c, v in zip(columns, values):
-        if c in ("_k", "top_k"):
-            if pd.notna(v) and float(v) >= 0:
-                parts.append(f"k={int(v)}")
-        else:
-            parts.append(str(v))
-    return " ".join(parts)
-
-
-def _shared_rows(per_section: pd.DataFrame, by: list) -> tuple[pd.DataFrame, dict]:
-    """The rows of the sections every group of a scheme has (pl.shared_sections), and
-    ``{group key: "section (not scored for: ...)"}`` for the groups that lost rows."""
-    from .pl import shared_sections
-
-    col = "scheme" if "scheme" in by else None
-    hue = [c for c in by if c != col]
-    if not hue or per_section.empty:
-        return per_section, {}
-    df = per_section.reset_index(drop=True)
-    df = df.assign(_run=[_run_label(hue, v) for v in zip(*(df[c] for c in hue))],
-                   _col=df[col] if col else "")
-    kept, _, missing = shared_sections(df, hue="_run", col="_col", with_missing=True)
-    gone = df.loc[~df.index.isin(kept.index)]
-    left_out: dict = {}
-    for key, part in gone.groupby(by, sort=True, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        c = part["_col"].iloc[0]
-        left_out[key] = "; ".join(
-            f"{s} (not scored for: {', '.join(missing[c][s])})"
-            for s in sorted(set(part["test_section"].astype(str))))
-    return kept.drop(columns=["_run", "_col"]), left_out
-
-
-_LABELS = {"pcc_acg": "PCC-ACG", "pcc_heg": "PCC-HEG", "mse": "MSE", "mae": "MAE"}
-
-
-def summary_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
-    """Render a :func:`summarize_results` / :func:`compare` table as Markdown.
-
-    Each metric becomes one ``mean ± sd`` column (:func:`mclstexp_lite.metrics.fmt`); a
-    metric with no value in any held-out section (a correlation of the constant ``mean``
-    prediction) is shown as ``undefined*`` with a footnote saying why. A ``left_out``
-    column (sections not shared by every method, :func:`summarize_results`) gets a
-    footnote that says methods are compared on the sections they share.
-    """
-    from . import metrics as mt
-
-    lead = [c for c in table.columns if not c.endswith(("_mean", "_sd"))]
-    metrics = [c[:-5] for c in table.columns if c.endswith("_mean")]
-    head = lead + [_LABELS.get(m, m) for m in metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    undefined = False
-    for _, r in table.iterrows():
-        cells = [_cell(r[c]) for c in lead]
-        for m in metrics:
-            if "n_sections" in r and r["n_sections"] == 0:
-                cells.append("-")
-            elif pd.isna(r[f"{m}_mean"]):
-                cells.append("undefined*")
-                undefined = True
-            else:
-                cells.append(mt.fmt(r[f"{m}_mean"], r[f"{m}_sd"], digits=digits))
-        lines.append("| " + " | ".join(cells) + " |")
-    if undefined:
-        lines += ["", "\\* undefined: no held-out section has a value, e.g. a correlation of a "
-                  "prediction that is the same at every spot (the `mean` baseline), which "
-                  "has no variation to correlate with."]
-    if "left_out" in table.columns and (table["left_out"].astype(str) != "").any():
-        lines += ["", "left_out: methods are compared only on the held-out sections they all "
-                  "have (per scheme); these sections were scored for that row but are not in "
-                  "its mean, because the methods named lack them (an incomplete or "
-                  "interrupted run). Rerun those methods to compare on every section."]
-    return "\n".join(lines)
-
-
-def _cell(v) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "-"
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
-
-def compare(results_dirs, *, per_section: bool = False) -> pd.DataFrame:
-    """One table across results folders (methods, schemes, retrieval settings).
-
-    Parameters
-    ----------
-    results_dirs
-        Folders written by :func:`run_cv` or :func:`rescore` (a single path is
-        accepted too).
-    per_section
-        Return the per-section rows of every folder (with a ``top_k`` column) instead
-        of the summary.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Summary: ``method``, ``scheme``, ``top_k`` (retrieval methods; NaN for
-        baselines), ``n_folds``, ``n_sections`` and mean/sd columns of PCC-ACG,
-        PCC-HEG, MSE, MAE; one row per folder, sorted by scheme, then method, then
-        ``top_k``. Within a scheme every row averages the same held-out sections, those
-        all folders have (:func:`summarize_results`); a ``left_out`` column names the
-        others when there are any.
-    """
-    if isinstance(results_dirs, (str, os.PathLike)):
-        results_dirs = [results_dirs]
-    parts = []
-    for d in results_dirs:
-        df = load_results(d)
-        with open(Path(d) / _CONFIG) as fh:
-            cfg = json.load(fh)
-        df["top_k"] = cfg.get("top_k")
-        parts.append(df)
-    if not parts:
-        raise ValueError("`results_dirs` is empty; pass at least one run_cv results folder.")
-    allrows = pd.concat(parts, ignore_index=True)
-    allrows["top_k"] = pd.to_numeric(allrows["top_k"])
-    if per_section:
-        return allrows
-    key = allrows["top_k"].fillna(-1)
-    allrows = allrows.assign(_k=key)
-    table = summarize_results(allrows, by=("scheme", "method", "_k"))
-    table = table.rename(columns={"_k": "top_k"})
-    table["top_k"] = table["top_k"].where(table["top_k"] >= 0)
-    order = {m: i for i, m in enumerate(METHODS)}
-    table = table.assign(_o=table["method"].map(order).fillna(len(order)))
-    table = table.sort_values(["scheme", "_o", "top_k"], na_position="first")
-    return table.drop(columns="_o").reset_index(drop=True)
 
 
 # ========================================================================== rescore
@@ -1097,7 +661,7 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
     if data_fp != src_cfg["data"] or patients != src_cfg["sections"]:
         raise ValueError(f"`adatas` are not the sections {src} was computed from (spots or "
                          "expression differ); load and prepare them the same way.")
-    top_k = _check_top_k(top_k)
+    top_k = _util.positive_int(top_k, "top_k")
     metric = src_cfg["metric"] if metric is None else metric
     if metric not in ("l1", "l2"):
         raise ValueError(f"metric must be 'l1' or 'l2', got {metric!r}.")
@@ -1119,7 +683,7 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
         fold_dir = out / fold.name
         if (fold_dir / _METRICS).exists():
             continue
-        _check_leakage(fold, patients, scheme)
+        check_leakage(fold, patients, scheme)
         fold_dir.mkdir(parents=True, exist_ok=True)
         with np.load(npz, allow_pickle=False) as z:
             emb = {k: z[k] for k in z.files}
@@ -1141,11 +705,11 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
                     "reference_n_spots": [int(n) for n in sizes], "n_reference": len(ref),
                     "rescored_from": source}
             pred_ad = tl.prediction_anndata(pred, adatas[s], info=info)
-            _atomic_write_h5ad(pred_ad, fold_dir / f"pred_{s}.h5ad")
+            _util.atomic_write_h5ad(pred_ad, fold_dir / f"pred_{s}.h5ad")
             scores, per_section[s] = _score(pred_ad, adatas[s], src_cfg.get("n_heg", 50))
             rows.append({"method": method, "scheme": scheme, "fold": fold.name,
                          "test_section": s, **scores, "seconds": time.time() - t0})
-        _atomic_write_json(fold_dir / _METRICS, {
+        _util.atomic_write_json(fold_dir / _METRICS, {
             "method": method, "scheme": scheme, "fold": fold.to_dict(), "rows": rows,
             "per_section": per_section, "top_k_used": k, "rescored_from": source})
     return _aggregate(out, all_folds)
@@ -1163,7 +727,7 @@ class _ExprBank:
 
 
 def _expression_only(adatas, names) -> _ExprBank:
-    expr = np.concatenate([_dense_f32(adatas[s].X) for s in names])
+    expr = np.concatenate([_util.to_dense(adatas[s].X, np.float32) for s in names])
     groups = np.concatenate([np.full(adatas[s].n_obs, i) for i, s in enumerate(names)])
     obs = [str(o) for s in names for o in adatas[s].obs_names]
     return _ExprBank(expr, groups, list(names), obs)

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from . import _util
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +184,9 @@ def rows(dataset: str | None = None, section: str | None = None,
 
 
 # ---------------------------------------------------------------------- checksums
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+#: Hex sha256 of a file, read in 1 MiB chunks (``memo=True``: remembered per path,
+#: mtime and size). The implementation is :func:`mclstexp_lite._util.sha256_file`.
+sha256_file = _util.sha256_file
 
 
 def git_blob_sha1_file(path: str | os.PathLike) -> str:
@@ -363,54 +359,12 @@ def _download(row: ManifestRow, target: Path, *, progress: bool = True,
     log.info("downloaded %s (%d bytes)", target, received)
 
 
-def _umask_mode() -> int:
-    """The mode a new file gets under the process's umask (``0o666 & ~umask``)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _normal_permissions(path: str | os.PathLike) -> None:
-    """mkstemp creates 0600 files; give the final file the usual umask-based mode."""
-    os.chmod(path, _umask_mode())
-
-
-def atomic_write(path: str | os.PathLike, write, *, suffix: str = ".part") -> Path:
-    """Write a file atomically: ``write(tmp)`` fills a temp file beside ``path``, which is
-    fsynced, given normal permissions and renamed into place.
-
-    An interrupted or failing write leaves the previous file (if any) untouched and no
-    partial file. ``suffix`` keeps the extension for writers that check it (h5ad, png).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        _normal_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def atomic_write_h5ad(adata, path: str | os.PathLike) -> None:
-    """Write an AnnData to ``.h5ad`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, adata.write_h5ad, suffix=".h5ad")
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON atomically (temp file in the same folder + rename)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+# ------------------------------------------------------------------- atomic writes
+# Public here (notebooks call ml.download.atomic_write_h5ad); one implementation, in _util.
+atomic_write = _util.atomic_write
+atomic_write_text = _util.atomic_write_text
+atomic_write_json = _util.atomic_write_json
+atomic_write_h5ad = _util.atomic_write_h5ad
 
 
 def status(dataset: str | None = None, *, data_dir: str | os.PathLike | None = None):

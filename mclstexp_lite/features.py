@@ -43,7 +43,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -51,6 +50,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._util import atomic_write, atomic_write_json, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +182,13 @@ def patch_identity(patches) -> str:
     return f"pixels:{h.hexdigest()}"
 
 
-def safe_name(text: str) -> str:
-    """``text`` reduced to letters, digits, ``.`` and ``-`` (for cache file names)."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(text)).strip("-.") or "x"
-
-
 # ---------------------------------------------------------------- compute
 @torch.inference_mode()
 def _compute(encoder, patches, view: int, device: torch.device, batch_size: int, amp_dtype,
              progress: bool, desc: str) -> np.ndarray:
     from tqdm.auto import tqdm
 
-    from .models import normalize_uint8
+    from .image_encoder import normalize_uint8
 
     n = len(patches)
     size = encoder.image_size
@@ -245,7 +241,7 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
     numpy.ndarray
         float32 ``(n, encoder.out_dim)`` (a read-only memory map when cached).
     """
-    from .train import autocast_dtype, resolve_device
+    from .config import autocast_dtype, resolve_device
 
     view = _check_view(view)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
@@ -298,7 +294,6 @@ def cached_array(identity: dict, compute, *, dim: int, cache_dir=None, label: st
     ``.json``). ``cache_dir=False`` computes without caching.
     """
     from . import __version__
-    from . import download
 
     if cache_dir is False:
         return compute()
@@ -322,8 +317,8 @@ def cached_array(identity: dict, compute, *, dim: int, cache_dir=None, label: st
             np.save(fh, out)
 
     meta_path.unlink(missing_ok=True)
-    download.atomic_write(npy, write, suffix=".npy")
-    download.atomic_write_json(meta_path, {
+    atomic_write(npy, write, suffix=".npy")
+    atomic_write_json(meta_path, {
         **identity, **(extra or {}), "key": key, "feature_dim": int(dim),
         "seconds": round(secs, 3),
         "images_per_s": round(len(out) / secs, 2) if secs > 0 else None,

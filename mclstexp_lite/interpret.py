@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from . import _util
+
 log = logging.getLogger(__name__)
 
 #: Genes the tutorials look at when they are in the panel.
@@ -25,9 +27,7 @@ CANCER_GENES = ("ERBB2", "GNAS", "FASN", "MYL12B", "GRB7", "STARD3", "KRT19", "E
 
 
 def _dense(x) -> np.ndarray:
-    from scipy import sparse
-
-    return np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
+    return _util.to_dense(x, np.float64)
 
 
 def rank_genes(pairs: Sequence[tuple], *, genes: Sequence[str] | None = None):

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .results import shared_sections  # noqa: F401  (ml.pl.shared_sections, metric_bars)
+
 
 def _plt():
     import matplotlib.pyplot as plt
@@ -17,11 +19,11 @@ def _plt():
     return plt
 
 
-def _lib(adata):
+def _lib(adata) -> str:
     libs = list(adata.uns.get("spatial", {}))
     if len(libs) != 1:
         raise ValueError(f"expected one library in adata.uns['spatial'], found {libs}")
-    return adata.uns["spatial"][libs[0]]
+    return libs[0]
 
 
 def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
@@ -30,66 +32,78 @@ def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
     """Draw the section's H&E with spots coloured by ``values``.
 
     ``values``: None (spots outlined only), an ``obs`` column name, or an array with
-    one value per spot (numbers: colour map; strings/categories: one colour per class).
-    Spots are drawn as circles of their true diameter (``spot_diameter_fullres``) times
-    ``size`` (default 1).
+    one value per spot (numbers: colour map, ``vmin``/``vmax`` default to the finite
+    range; strings/categories: one colour per class, classes in sorted order, ``tab10``
+    or ``tab20``). Spots are drawn as circles of their true diameter
+    (``spot_diameter_fullres``, default 10 px) times ``size`` (default 1) on the
+    ``hires`` image of ``adata.uns['spatial']`` (the one library the loaders fill), by
+    :func:`squidpy.pl.spatial_scatter`; the view is the spots' extent. ``adata`` is
+    not changed.
     """
+    import anndata as ad
+    import pandas as pd
+    import squidpy as sq
+    from matplotlib.colors import ListedColormap
+
     plt = _plt()
-    lib = _lib(adata)
-    img = lib["images"].get("hires")
+    library = _lib(adata)
+    lib = adata.uns["spatial"][library]
     scale = lib["scalefactors"]["tissue_hires_scalef"]
-    xy = np.asarray(adata.obsm["spatial"]) * scale
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5, 5))
-    if img is not None:
-        ax.imshow(img)
-    from matplotlib.collections import EllipseCollection
-
-    diam = lib["scalefactors"].get("spot_diameter_fullres", 10) * scale * (size or 1.0)
-
-    def circles(sel, **kw):
-        n = int(sel.sum())
-        coll = EllipseCollection(np.full(n, diam), np.full(n, diam), np.zeros(n), units="xy",
-                                 offsets=xy[sel], offset_transform=ax.transData, **kw)
-        ax.add_collection(coll)
-        return coll
-
+    diameter = lib["scalefactors"].get("spot_diameter_fullres", 10)
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    # what squidpy reads, beside the values to colour by; the caller's AnnData stays as is
+    view = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={"spatial": xy},
+                      uns={"spatial": {library: {
+                          "images": dict(lib.get("images", {})),
+                          "scalefactors": {**lib["scalefactors"],
+                                           "spot_diameter_fullres": diameter}}}})
+    style: dict = {}
     if isinstance(values, str):
         values = adata.obs[values].to_numpy()
-    everything = np.ones(len(xy), dtype=bool)
     if values is None:
-        circles(everything, facecolors="none", edgecolors="k", linewidths=0.5)
+        style = dict(color=None)
     else:
         values = np.asarray(values)
+        if values.shape != (adata.n_obs,):
+            raise ValueError(f"`values` must have one value per spot ({adata.n_obs}), got "
+                             f"shape {values.shape}")
         if values.dtype.kind in "biuf":
-            coll = circles(everything, cmap=cmap, alpha=alpha, linewidths=0)
-            coll.set_array(values.astype(float))
-            coll.set_clim(vmin if vmin is not None else np.nanmin(values),
-                          vmax if vmax is not None else np.nanmax(values))
-            if colorbar:
-                plt.colorbar(coll, ax=ax, fraction=0.046, pad=0.02)
+            view.obs["value"] = values.astype(float)
+            style = dict(color="value", cmap=cmap, colorbar=False, linewidth=0,
+                         vmin=np.nanmin(values) if vmin is None else vmin,
+                         vmax=np.nanmax(values) if vmax is None else vmax)
         else:
-            from matplotlib.lines import Line2D
-
-            cats = sorted({str(v) for v in values})
+            labels = values.astype(str)
+            cats = sorted(set(labels))
             colors = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
-            handles = []
-            for i, c in enumerate(cats):
-                col = colors(i % colors.N)
-                circles(values.astype(str) == c, facecolors=[col], alpha=alpha, linewidths=0.4,
-                        edgecolors="white")
-                handles.append(Line2D([], [], marker="o", ls="", color=col, label=c))
-            if legend:
-                ax.legend(handles=handles, fontsize=7, loc="upper left",
-                          bbox_to_anchor=(1.0, 1.0), frameon=False)
+            view.obs["value"] = pd.Categorical(labels, categories=cats)
+            style = dict(color="value", linewidth=0.4, edgecolor="white",
+                         palette=ListedColormap([colors(i % colors.N) for i in range(len(cats))]),
+                         legend_loc="right margin" if legend else None, legend_fontsize=7,
+                         legend_fontweight="normal")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    sq.pl.spatial_scatter(view, shape="circle", library_id=library, scale_factor=scale,
+                          img="hires" in view.uns["spatial"][library]["images"],
+                          img_res_key="hires", size=size or 1.0, alpha=alpha, ax=ax,
+                          title=title or "", **style)
+    if colorbar and style.get("cmap") is not None:  # slimmer than squidpy's own
+        plt.colorbar(ax.collections[-1], ax=ax, fraction=0.046, pad=0.02)
+    if values is None:  # squidpy fills uncoloured spots with transparent na_color: outline them
+        spots = ax.collections[-1]
+        spots.set_alpha(np.ones(len(xy)))  # squidpy set an alpha per spot (all 0)
+        spots.set_facecolor("none")
+        spots.set_edgecolor("k")
+        spots.set_linewidth(0.5)
+    xy = xy * scale
+    diam = diameter * scale * (size or 1.0)
     pad = 0.04 * max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1])) + diam
     ax.set_xlim(xy[:, 0].min() - pad, xy[:, 0].max() + pad)
     ax.set_ylim(xy[:, 1].max() + pad, xy[:, 1].min() - pad)
     ax.set_aspect("equal")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=10)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.set_title(title or "", fontsize=10)
     return ax.figure
 
 
@@ -150,38 +164,6 @@ def loss_curve(history: Sequence[dict], *, title: str = "training loss"):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def shared_sections(per_fold, *, hue: str = "method", col: str = "scheme",
-                    with_missing: bool = False):
-    """The rows of ``per_fold`` whose held-out section every ``hue`` group of their ``col``
-    group has, and a note per ``col`` group that lost rows (empty when none did).
-
-    Methods scored on different held-out sections cannot be averaged side by side. The
-    rule is shared by :func:`metric_bars` and :func:`mclstexp_lite.cv.summarize_results`
-    (so also :func:`mclstexp_lite.cv.compare` and the results tables).
-
-    With ``with_missing=True`` a third value is returned: ``{col value: {section: [hue
-    groups without it]}}`` for every section left out.
-    """
-    key = "test_section" if "test_section" in per_fold.columns else "fold"
-    parts, notes, missing = [], [], {}
-    for c, part in per_fold.groupby(col, sort=False):
-        groups = {h: set(g[key]) for h, g in part.groupby(hue, sort=False)}
-        shared = set.intersection(*groups.values()) if groups else set()
-        kept = part[part[key].isin(shared)]
-        if len(kept) < len(part):
-            dropped = sorted(set(part[key]) - shared)
-            missing[c] = {s: [str(h) for h, have in groups.items() if s not in have]
-                          for s in dropped}
-            lacking = "; ".join(f"{s}: {', '.join(missing[c][s])}" for s in dropped)
-            notes.append(f"{c}: compared on the {len(shared)} held-out section(s) every method "
-                         f"has; left out {dropped} (not scored for {lacking})")
-        parts.append(kept)
-    import pandas as pd
-
-    kept = pd.concat(parts) if parts else per_fold.iloc[:0]
-    return (kept, notes, missing) if with_missing else (kept, notes)
 
 
 def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "mse", "mae"),

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +36,13 @@ import numpy as np
 import torch
 
 from . import datasets as ds
-from . import download as dl
 from . import patches as pt
 from . import tl
-from . import train as tr
+from ._util import atomic_write, atomic_write_h5ad
+from .checkpoint import model_from_state
+from .config import resolve_device
+from .embed import embed_images
+from .spotdata import SpotData
 
 __all__ = ["Predictor", "build_predictor", "save_predictor", "load_predictor",
            "predict_image", "plot_prediction", "nearest_spots", "FORMAT", "main"]
@@ -133,12 +135,12 @@ class Predictor:
             raise ValueError(f"the section must hold one library in uns['spatial'], found "
                              f"{len(spatial)}; load it with mclstexp_lite.datasets")
         lib = str(next(iter(spatial)))
-        data = tr.SpotData.from_anndata({lib: adata[:, []] if adata.n_vars else adata},
-                                        patch_um=self.info["patch_um"],
-                                        patch_size=self.info["patch_size"],
-                                        cache_dir=cache_dir, progress=progress)
-        dev = tr.resolve_device(device)
-        emb = tr.embed_images(self.model, data, device=dev, progress=progress)
+        data = SpotData.from_anndata({lib: adata[:, []] if adata.n_vars else adata},
+                                     patch_um=self.info["patch_um"],
+                                     patch_size=self.info["patch_size"],
+                                     cache_dir=cache_dir, progress=progress)
+        dev = resolve_device(device)
+        emb = embed_images(self.model, data, device=dev, progress=progress)
         pred = tl.retrieve(emb, self.reference_emb, self.reference_expr,
                            top_k=int(self.info["top_k"]), metric=str(self.info["metric"]),
                            device=dev, progress=progress)
@@ -184,7 +186,7 @@ def build_predictor(model, reference, *, top_k: int = 50, metric: str = "l1",
         Precomputed reference embeddings (e.g. from a cross-validation fold); default
         computed with :func:`mclstexp_lite.tl.embed_reference`.
     """
-    if not isinstance(reference, tr.SpotData):
+    if not isinstance(reference, SpotData):
         raise TypeError(f"reference must be a mclstexp_lite.train.SpotData, got "
                         f"{type(reference).__name__}; build it with SpotData.from_anndata")
     tl.check_model_reference(model, reference)
@@ -233,7 +235,7 @@ def save_predictor(predictor: Predictor, path, *, overwrite: bool = False) -> Pa
         "genes": list(predictor.genes),
         "info": dict(predictor.info),
     }
-    dl.atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -271,7 +273,7 @@ def load_predictor(path, *, map_location="cpu") -> Predictor:
     missing = [k for k in _REQUIRED if k not in obj]
     if missing:
         raise ValueError(f"{path}: predictor file lacks {missing}; write it again")
-    model = tr.model_from_state(obj)
+    model = model_from_state(obj)
     fp = model.image_encoder.fingerprint()
     if fp != obj["encoder_fingerprint"]:
         raise ValueError(
@@ -386,11 +388,11 @@ def predict_image(predictor, image, *, um_per_px: float | None = None, out=None,
         import matplotlib.pyplot as plt
 
         fig = plot_prediction(pred, genes)
-        dl.atomic_write(figure, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"),
+        atomic_write(figure, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"),
                         suffix=Path(figure).suffix or ".png")
         plt.close(fig)
     if out is not None:
-        dl.atomic_write_h5ad(pred, out)
+        atomic_write_h5ad(pred, out)
     return pred
 
 

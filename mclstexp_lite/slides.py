@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._util import pil_pixel_limit
+
 __all__ = ["Slide", "open_slide", "tissue_mask", "lay_spots", "MAX_DECODE_PIXELS",
            "MIN_SATURATION", "MIN_PIECE_MM2", "is_tiff"]
 
@@ -178,9 +180,7 @@ def _pil_open(path: Path):
     limit (:data:`MAX_DECODE_PIXELS`) with a message that says what to do."""
     from PIL import Image
 
-    from .patches import _pil_pixel_limit
-
-    with _pil_pixel_limit(None):
+    with pil_pixel_limit(None):
         return Image.open(path)
 
 
@@ -220,10 +220,8 @@ class _PILSlide(Slide):
     def _decode(self, img) -> np.ndarray:
         from PIL import Image
 
-        from .patches import _pil_pixel_limit
-
         try:
-            with _pil_pixel_limit(None):  # size checked in __init__
+            with pil_pixel_limit(None):  # size checked in __init__
                 if img.mode == "P":
                     img = img.convert("RGBA")
                 elif img.mode not in ("RGB", "RGBA"):

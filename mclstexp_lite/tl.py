@@ -2,7 +2,10 @@
 
 :func:`retrieve` is the mclSTExp prediction step: the image embedding of every
 held-out spot looks up its nearest reference-spot embeddings and the prediction is
-the inverse-squared-distance weighted mean of their measured expression.
+the inverse-squared-distance weighted mean of their measured expression (its kernels:
+:mod:`mclstexp_lite.retrieval`). :func:`predict_section` does it for a held-out section:
+embed its patches and the reference spots (:mod:`mclstexp_lite.embed`), retrieve, and
+wrap the result in an AnnData laid out like the truth (:func:`prediction_anndata`).
 
 ``torch`` is imported when this module is imported, which happens only when
 ``mclstexp_lite.tl`` is first accessed (the package imports submodules lazily).
@@ -10,13 +13,14 @@ the inverse-squared-distance weighted mean of their measured expression.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import retrieval as rv
+from ._util import h5ad_value
 
 __all__ = ["retrieve", "default_chunk_size"]
 
@@ -109,9 +113,9 @@ def retrieve(
         Apart from floating-point rounding, the result does not depend on the
         chunking.
     device
-        Where to compute (``"cpu"``, ``"cuda"``, a ``torch.device``). ``None`` uses
-        the device of the first ``torch.Tensor`` among ``query``, ``keys``,
-        ``key_expr``, else the CPU.
+        Where to compute (``"auto"``, ``"cpu"``, ``"cuda"``, a ``torch.device``; see
+        :func:`mclstexp_lite.train.resolve_device`). ``None`` uses the device of the
+        first ``torch.Tensor`` among ``query``, ``keys``, ``key_expr``, else the CPU.
     return_indices
         Also return the selected key indices.
     progress
@@ -176,9 +180,9 @@ def retrieve(
     from tqdm.auto import tqdm
 
     tensors = {
-        "query": _as_tensor(query, "query"),
-        "keys": _as_tensor(keys, "keys"),
-        "key_expr": _as_tensor(key_expr, "key_expr", allow_sparse=True),
+        "query": rv.as_tensor(query, "query"),
+        "keys": rv.as_tensor(keys, "keys"),
+        "key_expr": rv.as_tensor(key_expr, "key_expr", allow_sparse=True),
     }
     for name, tensor in tensors.items():
         if tensor.ndim != 2:
@@ -227,17 +231,21 @@ def retrieve(
             f"`chunk_size` must be a positive integer or None, got {chunk_size!r}."
         )
     for name, tensor in tensors.items():
-        _check_finite(tensor, name)
+        rv.check_finite(tensor, name)
 
     if device is None:
         first = next((x for x in (query, keys, key_expr) if isinstance(x, torch.Tensor)), None)
         device = first.device if first is not None else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"`device` {device!r} is not a torch device; use e.g. 'cpu' or 'cuda'."
-        ) from err
+    else:
+        from .config import resolve_device  # the one device rule ("auto" included)
+
+        try:
+            device = device if device == "auto" else torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"`device` {device!r} is not a torch device; use e.g. 'cpu' or 'cuda'."
+            ) from err
+        device = resolve_device(device)
     acc = torch.float32 if device.type == "mps" else torch.float64
 
     torch_out = isinstance(key_expr, torch.Tensor)
@@ -254,7 +262,7 @@ def retrieve(
     )
     starts = range(0, n_query, chunk_size)
     gather_bytes = CPU_GATHER_BYTES if device.type == "cpu" else BLOCK_BYTES
-    with torch.no_grad(), _full_precision_matmul():
+    with torch.no_grad(), rv.full_precision_matmul():
         keys_dev = k_all.detach().to(device)
         keys_unit = F.normalize(keys_dev.float(), p=2, dim=1)
         expr_dev = e_all.detach().to(device)
@@ -269,17 +277,17 @@ def retrieve(
         for start in tqdm(starts, desc="retrieve", unit="chunk", disable=not progress):
             stop = min(start + chunk_size, n_query)
             q = q_all[start:stop].detach().to(device)
-            sims = _similarity_block(
+            sims = rv.similarity_block(
                 F.normalize(q.float(), p=2, dim=1), keys_unit, out=sims_buffer[: stop - start]
             )
-            idx = _topk_lowest_index(sims, top_k)
+            idx = rv.topk_lowest_index(sims, top_k)
             del sims
-            dist = _distances(q.to(acc), keys_dev, idx, metric, acc, gather_bytes)
-            weights = _inverse_square_weights(dist)
+            dist = rv.distances(q.to(acc), keys_dev, idx, metric, acc, gather_bytes)
+            weights = rv.inverse_square_weights(dist)
             if expr_sparse is not None:
-                chunk_pred = _weighted_sum_sparse(weights, expr_sparse, idx)
+                chunk_pred = rv.weighted_sum_sparse(weights, expr_sparse, idx)
             else:
-                chunk_pred = _weighted_sum(weights, expr_dev, idx, acc, gather_bytes)
+                chunk_pred = rv.weighted_sum(weights, expr_dev, idx, acc, gather_bytes)
             pred[start:stop] = chunk_pred.to(device=out_device, dtype=torch.float32)
             if indices is not None:
                 indices[start:stop] = idx.to(out_device)
@@ -315,168 +323,6 @@ def default_chunk_size(n_keys: int, n_genes: int, *, block_bytes: int | None = N
     return max(1, min(by_sims, by_pred))
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _as_tensor(x, name: str, *, allow_sparse: bool = False) -> torch.Tensor:
-    """Return ``x`` as a real-valued tensor (float32, or float64 if it was float64)."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    else:
-        if allow_sparse and hasattr(x, "toarray") and hasattr(x, "nnz"):
-            x = x.toarray()
-        try:
-            arr = np.asarray(x)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"`{name}` must be a numeric array or tensor.") from err
-        if arr.dtype.kind not in "biuf":
-            raise TypeError(
-                f"`{name}` must hold real numbers, got dtype {arr.dtype}; "
-                "convert it with np.asarray(..., dtype=np.float32)."
-            )
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.is_complex():
-        raise TypeError(f"`{name}` must hold real numbers, got dtype {t.dtype}.")
-    if t.layout != torch.strided:
-        t = t.to_dense()
-    if t.dtype != torch.float64:
-        t = t.to(torch.float32)
-    return t
-
-
-def _check_finite(t: torch.Tensor, name: str) -> None:
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(t).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        raise ValueError(
-            f"`{name}` contains {n_nan} NaN and {n_inf} infinite values; "
-            "remove or impute them before retrieval."
-        )
-
-
-@contextlib.contextmanager
-def _full_precision_matmul():
-    """Temporarily forbid TF32/bf16 shortcuts in float32 matrix products."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def _similarity_block(
-    query_unit: torch.Tensor, keys_unit: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Cosine similarities of a chunk of unit queries to all unit keys, ``(c, K)``."""
-    if out is None:
-        return query_unit @ keys_unit.T
-    return torch.mm(query_unit, keys_unit.T, out=out)
-
-
-def _topk_lowest_index(sims: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest entries per row, ties toward the lower column.
-
-    Rows are returned ordered by decreasing value, equal values by increasing index,
-    i.e. the first ``k`` entries of a stable descending sort of each row.
-    """
-    n_cols = sims.shape[1]
-    # One extra place tells whether a key outside the selection ties with the k-th.
-    vals, idx = torch.topk(sims, min(k + 1, n_cols), dim=1, largest=True, sorted=True)
-    if vals.shape[1] > k:
-        ambiguous = vals[:, k] == vals[:, k - 1]
-        vals, idx = vals[:, :k], idx[:, :k]
-        if bool(ambiguous.any()):
-            rows = ambiguous.nonzero().squeeze(1)
-            s, t = sims[rows], vals[rows, k - 1 :]
-            above = s > t
-            equal = s == t
-            n_free = k - above.sum(dim=1, keepdim=True, dtype=torch.int32)
-            rank = equal.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
-            keep = above | (equal & (rank <= n_free))
-            cols = keep.nonzero()[:, 1].view(rows.numel(), k)  # row-major: ascending
-            idx[rows] = cols
-            vals[rows] = s.gather(1, cols)
-    # ``topk`` orders by decreasing value; only rows with equal values inside the
-    # selection (or rebuilt above) need the canonical order of equal values.
-    unsorted = (vals[:, 1:] >= vals[:, :-1]).any(dim=1)
-    if bool(unsorted.any()):
-        rows = unsorted.nonzero().squeeze(1)
-        i, v = idx[rows], vals[rows]
-        by_index = torch.argsort(i, dim=1)
-        i, v = i.gather(1, by_index), v.gather(1, by_index)
-        by_value = torch.sort(v, dim=1, descending=True, stable=True).indices
-        idx[rows] = i.gather(1, by_value)
-    return idx
-
-
-def _row_blocks(n_rows: int, k: int, width: int, budget: int):
-    """Blocks ``(rows, cols)`` of a ``n_rows x k`` index array such that the gathered
-    ``rows x cols x width`` float64 block stays within ``budget`` bytes (at least one
-    row and one column per block)."""
-    per_row = 8 * k * max(width, 1)
-    if per_row <= budget:
-        step = max(1, budget // per_row)
-        for i in range(0, n_rows, step):
-            yield slice(i, i + step), slice(0, k)
-    else:
-        step = max(1, budget // (8 * max(width, 1)))
-        for i in range(n_rows):
-            for j in range(0, k, step):
-                yield slice(i, i + 1), slice(j, j + step)
-
-
-def _distances(q, keys, idx, metric: str, acc, budget: int = BLOCK_BYTES):
-    """Distances between each query row and its selected keys, ``(c, k)`` in ``acc``."""
-    n_rows, k = idx.shape
-    out = torch.empty((n_rows, k), dtype=acc, device=q.device)
-    for rows, cols in _row_blocks(n_rows, k, q.shape[1], budget):
-        diff = keys[idx[rows, cols]].to(acc)  # a new tensor: safe to change in place
-        diff.sub_(q[rows, None, :])
-        if metric == "l1":
-            out[rows, cols] = diff.abs_().sum(dim=-1)
-        else:
-            out[rows, cols] = diff.square_().sum(dim=-1).sqrt_()
-    return out
-
-
-def _inverse_square_weights(dist: torch.Tensor) -> torch.Tensor:
-    """Row-normalised ``1 / d**2``; rows with a zero distance average those keys only."""
-    zero = dist == 0
-    has_zero = zero.any(dim=1, keepdim=True)
-    d_min = dist.min(dim=1, keepdim=True).values
-    # In rows with a zero distance the (d_min / d) branch is 0/0 and is discarded.
-    ratio = torch.where(has_zero, zero.to(dist.dtype), (d_min / dist).square())
-    return ratio / ratio.sum(dim=1, keepdim=True)
-
-
-def _weighted_sum(weights, expr, idx, acc, budget: int = BLOCK_BYTES):
-    """``sum_j weights[:, j] * expr[idx[:, j]]`` in ``acc``, in bounded blocks."""
-    n_rows, k = idx.shape
-    out = torch.zeros((n_rows, expr.shape[1]), dtype=acc, device=weights.device)
-    for rows, cols in _row_blocks(n_rows, k, expr.shape[1], budget):
-        block = expr[idx[rows, cols]].to(acc)  # (r, j, G)
-        out[rows].unsqueeze(1).baddbmm_(weights[rows, None, cols], block)
-    return out
-
-
-def _weighted_sum_sparse(weights, expr, idx):
-    """The same as :func:`_weighted_sum` as one product of a CSR matrix (``c x K``,
-    ``top_k`` weights per row) with the bank ``expr`` (already in the weights' dtype)."""
-    n_rows, k = idx.shape
-    cols, order = torch.sort(idx, dim=1)  # CSR wants ascending columns in each row
-    weights = weights.gather(1, order)
-    crow = torch.arange(0, n_rows * k + 1, k, dtype=torch.int64, device=idx.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        matrix = torch.sparse_csr_tensor(
-            crow, cols.reshape(-1), weights.reshape(-1), size=(n_rows, expr.shape[0]),
-            check_invariants=False,
-        )
-        return matrix @ expr
-
-
 # =========================================================== section prediction
 #: Key of ``uns`` where :func:`predict_section` and :func:`prediction_anndata` record
 #: how a prediction was made.
@@ -503,10 +349,10 @@ def embed_reference(model, reference, *, device="auto") -> np.ndarray:
         spots attend to each other in the Transformer), see
         :func:`mclstexp_lite.train.embed_spots`.
     """
-    from . import train as tr
+    from .embed import embed_spots
 
     _check_spotdata(reference, "reference")
-    return np.asarray(tr.embed_spots(model, reference, device=device, per_section=True),
+    return np.asarray(embed_spots(model, reference, device=device, per_section=True),
                       dtype=np.float32)
 
 
@@ -585,7 +431,9 @@ def predict_section(
     """
     import json
 
-    from . import train as tr
+    from .config import resolve_device
+    from .embed import embed_images
+    from .spotdata import SpotData
 
     _check_spotdata(reference, "reference")
     _check_adata(test_adata, "test_adata")
@@ -601,16 +449,16 @@ def predict_section(
     if need_model and model is None:
         raise ValueError("`model` is None; pass a trained model, or both `image_emb` and "
                          "`reference_emb`.")
-    dev = tr.resolve_device(device)
+    dev = resolve_device(device)
     if image_emb is None:
         if test_data is None:
-            test_data = tr.SpotData.from_anndata({_section_of(test_adata): test_adata},
-                                                 progress=progress)
+            test_data = SpotData.from_anndata({_section_of(test_adata): test_adata},
+                                              progress=progress)
         if len(test_data) != test_adata.n_obs:
             raise ValueError(f"`test_data` has {len(test_data)} spots but `test_adata` has "
                              f"{test_adata.n_obs}; build it from the same AnnData.")
-        image_emb = tr.embed_images(model, test_data, config=config, device=dev,
-                                    progress=progress)
+        image_emb = embed_images(model, test_data, config=config, device=dev,
+                                 progress=progress)
     if reference_emb is None:
         reference_emb = embed_reference(model, reference, device=dev)
     image_emb = np.asarray(image_emb, dtype=np.float32)
@@ -706,20 +554,10 @@ def prediction_anndata(pred, true_adata, *, info: dict, genes=None):
     mask = (true_adata.uns.get("mclstexp") or {}).get("tissue_mask")
     if mask is not None:  # image-only sections: the tissue found, for plots
         out.uns["mclstexp"] = {"tissue_mask": np.array(mask, copy=True)}
-    record = {k: _h5ad_value(v) for k, v in info.items()}
+    record = {k: h5ad_value(v) for k, v in info.items()}
     record["test_section"] = _section_of(true_adata)
     out.uns[PREDICTION_KEY] = record
     return out
-
-
-def _h5ad_value(v):
-    if v is None:
-        return "None"
-    if isinstance(v, (list, tuple)):
-        return [_h5ad_value(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def _section_of(adata) -> str:
@@ -741,9 +579,9 @@ def _check_adata(adata, name: str) -> None:
 
 
 def _check_spotdata(data, name: str) -> None:
-    from . import train as tr
+    from .spotdata import SpotData
 
-    if not isinstance(data, tr.SpotData):
+    if not isinstance(data, SpotData):
         raise TypeError(f"`{name}` must be a mclstexp_lite.train.SpotData, got "
                         f"{type(data).__name__}; build it with SpotData.from_anndata.")
 

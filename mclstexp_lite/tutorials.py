@@ -21,25 +21,27 @@ import time
 from pathlib import Path
 
 from . import download as dl
-from .download import atomic_write_text
+from ._util import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-PROFILES = NOTEBOOKS / "profiles"
+#: Folder of the notebook parameter files (``<profile>.yaml``: ``PROFILE``, the name of a
+#: training profile of :data:`mclstexp_lite.train.PROFILES`, plus notebook-only settings).
+PROFILE_DIR = NOTEBOOKS / "profiles"
 
 
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILES.glob("*.yaml"))
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
 def load_profile(name: str) -> dict:
     """Parameters of ``notebooks/profiles/<name>.yaml`` (unknown names list the valid ones)."""
     import yaml
 
-    path = PROFILES / f"{name}.yaml"
+    path = PROFILE_DIR / f"{name}.yaml"
     if not path.exists():
         raise SystemExit(f"unknown profile {name!r}; valid: {', '.join(available_profiles())} "
-                         f"(files in {PROFILES})")
+                         f"(files in {PROFILE_DIR})")
     with open(path) as fh:
         params = yaml.safe_load(fh) or {}
     if not isinstance(params, dict):

@@ -17,11 +17,20 @@ from typing import Mapping, Sequence
 
 from . import datasets as ds
 from . import download as dl
+from ._util import atomic_write, atomic_write_h5ad, atomic_write_json, positive_int
 
 log = logging.getLogger(__name__)
 
-#: Training profiles the notebooks accept (the table is :data:`mclstexp_lite.train.PROFILES`).
-PROFILES = ("quick", "densenet_frozen", "paper")
+
+
+def __getattr__(name: str):
+    # ``workflow.PROFILES`` is the one profile table, :data:`mclstexp_lite.train.PROFILES`
+    # (looked up on first use, so importing this module does not import torch)
+    if name == "PROFILES":
+        from .config import PROFILES
+
+        return PROFILES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------ parameters
@@ -46,12 +55,14 @@ def check_params(*, dataset: str, sections: Sequence[str], profile: str | None =
                          f"{', '.join(valid[dataset])}")
     if len(set(sections)) != len(sections):
         raise ValueError(f"SECTIONS lists a section twice: {list(sections)}")
-    if profile is not None and profile not in PROFILES:
-        raise ValueError(f"PROFILE={profile!r} is not known; use one of {PROFILES}")
+    if profile is not None:
+        from .config import PROFILES
+
+        if profile not in PROFILES:
+            raise ValueError(f"PROFILE={profile!r} is not known; use one of {tuple(PROFILES)}")
     for name, value in (("EPOCHS", epochs), ("BATCH_SIZE", batch_size)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if value is not None:
+            positive_int(value, name)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"SEED must be an integer, got {seed!r}")
     if test_section is not None and test_section not in sections:
@@ -156,7 +167,7 @@ def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
         raw = ds.load(dataset, s, data_dir=data_dir, progress=False)
         a = pp.prepare(raw, genes, method=method, missing="zero")
         a.uns["mclstexp_prepared"] = key
-        dl.atomic_write_h5ad(a, path)
+        atomic_write_h5ad(a, path)
         out[s] = a
     pp.save_panel(genes, folder / "panel.txt",
                   provenance=f"{dataset} panel used by the tutorials ({len(genes)} genes)")
@@ -178,10 +189,10 @@ def train_or_load(train_adatas: Mapping, config, *, out_dir, progress: bool = Tr
     ckpt_path = out_dir / tr.CHECKPOINT
     if ckpt_path.exists():
         ck = tr.load_checkpoint(ckpt_path)
-        same = tr._comparable(tr.TrainConfig.from_dict(ck["config"])) == tr._comparable(config)
+        same = tr.same_run(ck["config"], config)
         if same and ck["epoch"] >= config.epochs and ck.get("sections") == list(data.sections):
             log.info("reusing the finished training run in %s", out_dir)
-            return tr._model_from_ckpt(ck), list(ck["history"]), data
+            return tr.model_from_state(ck), list(ck["history"]), data
     res = tr.train(data, config, out_dir=out_dir, resume=True, progress=progress)
     return res.model, res.history, data
 
@@ -199,7 +210,7 @@ def write_metrics(folder, metrics: dict) -> Path:
     path = Path(folder) / "metrics.json"
     clean = _no_nan(metrics)
     json.dumps(clean, allow_nan=False)  # fail here, with the offending value, not half-way
-    dl.atomic_write_json(path, clean)
+    atomic_write_json(path, clean)
     return path
 
 
@@ -220,7 +231,7 @@ def _no_nan(obj):
 
 def save_figure(fig, folder, name: str, *, dpi: int = 120) -> Path:
     """Save a matplotlib figure as ``<folder>/<name>.png`` atomically."""
-    return dl.atomic_write(Path(folder) / f"{name}.png",
+    return atomic_write(Path(folder) / f"{name}.png",
                            lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"),
                            suffix=".png")
 

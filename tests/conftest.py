@@ -1,4 +1,22 @@
-"""Shared fixtures.
+"""Shared fixtures; the shared factories are plain functions in ``tests/factories.py``.
+
+Layout: the tests mirror the package, ``mclstexp_lite/<module>.py`` -> ``tests/test_<module>.py``.
+Modules without a file of that name are tested here:
+
+- ``datasets/`` (subpackage): test_datasets.py; ``datasets.hest_1k``: test_hest.py
+- ``panels``, ``gene_names``: test_pp.py (sections "panel files", "subset_genes",
+  "ids <-> symbols", "real data"), through ``pp``, which re-exports them
+- ``image_encoder``, ``spot_encoder``: test_models.py (sections "Image side", "Spot side")
+- ``tl``: ``retrieve`` in test_retrieval.py, ``predict_section`` in test_cv.py
+- ``_util``: through its users (atomic writes in test_cv.py, test_checkpoint.py,
+  test_patch_cache.py; the PIL limit in test_patches.py)
+- ``workflow``, ``tutorials``: test_notebooks.py (and ``tutorials.load_profile`` in
+  test_config.py)
+- package-wide rules (pins, unknown names, no unsafe unpickling): test_project.py
+
+Markers (declared in pyproject.toml, ``--strict-markers``): ``gpu`` needs CUDA (each also
+skips without it), ``slow`` takes more than ~20 s on 2 CPU cores (``make test-fast``
+leaves these out), ``internet`` needs the network beyond 127.0.0.1.
 
 Tests that read real data look for it under ``$MCLSTEXP_DATA`` or, failing that, the
 offline copy at ``../shared/data`` beside the repository; when neither is there they skip
@@ -69,3 +87,30 @@ def her2_a1(data_root):
     from mclstexp_lite import datasets
 
     return datasets.her2st("A1", data_dir=data_root, download=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One epoch of a tiny model on SYNTHETIC data; returns the output folder.
+
+    ``mode="frozen"`` (frozen backbone): a 46 MB checkpoint written in about a second,
+    instead of 131 MB (with the backbone's Adam moments) and ten times as long. Tests
+    that alter it work on a copy (``factories.fresh_copy``).
+    """
+    from mclstexp_lite import train as tr
+
+    from .factories import synthetic_spotdata, tiny_config
+
+    out = tmp_path_factory.mktemp("run")
+    tr.train(synthetic_spotdata(), tiny_config(seed=1), out_dir=out, progress=False)
+    return out
+
+
+@pytest.fixture()
+def small_patches(tmp_path):
+    """SYNTHETIC: 20 random 8x8 patches saved and memory-mapped like a cache entry."""
+    import numpy as np
+
+    arr = np.random.default_rng(4).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "p.npy", arr)
+    return arr, np.load(tmp_path / "p.npy", mmap_mode="r")

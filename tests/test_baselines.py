@@ -2,7 +2,7 @@
 encoder features, and their runs through cv.run_cv on the same folds.
 
 Data are SYNTHETIC (seeded random arrays; tiny random sections from
-tests/test_cv.py::synthetic_sections); every expected value comes from a plain NumPy
+tests/factories.py::synthetic_sections); every expected value comes from a plain NumPy
 or scikit-image computation written out here.
 """
 
@@ -17,8 +17,9 @@ import torch
 from mclstexp_lite import baselines as bl
 from mclstexp_lite import cv
 from mclstexp_lite import train as tr
+from mclstexp_lite import embed
 
-from .test_cv import PATIENTS, RUN, SPOTS, synthetic_sections, tiny_config
+from .factories import PATIENTS, RUN, SPOTS, synthetic_sections, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def test_encoder_features_are_the_untrained_encoder_of_the_config():
     assert f.shape == (len(data), 512) and f.dtype == np.float32
     torch.manual_seed(cfg.seed)
     model = tr.build_model(cfg, data.n_genes).eval()
-    x = tr._prepare_images(data.images(np.arange(len(data))), model.image_encoder, cfg,
+    x = embed.prepare_images(data.images(np.arange(len(data))), model.image_encoder, cfg,
                            train=False, generator=None, channels_last=False)
     with torch.no_grad():
         expected = model.image_encoder(x).numpy()

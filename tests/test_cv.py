@@ -1,8 +1,9 @@
-"""Cross-validation: fold construction and the patient rule, the results folder
-(refusals, resume, cached embeddings), section prediction, rescoring and tables.
+"""Cross-validation runs: the patient rule end to end, the results folder (refusals,
+resume, cached embeddings), section prediction (``tl.predict_section``) and rescoring.
+Folds are tested in test_folds.py, results tables in test_results.py.
 
 Data here are SYNTHETIC: tiny random sections (random RGB images, random expression,
-a few dozen spots) built by :func:`synthetic_sections`; they test bookkeeping, not
+a few dozen spots) built by ``factories.synthetic_sections``; they test bookkeeping, not
 biology. The real-data study is ``tools/run_results.py`` (docs/results.md).
 """
 
@@ -16,57 +17,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mclstexp_lite import cv, metrics, tl
+from mclstexp_lite import _util, cv, metrics, tl
 from mclstexp_lite import train as tr
 
-SPOTS = {"S1": 14, "S2": 12, "S3": 13}
-PATIENTS = {"S1": "P", "S2": "P", "S3": "Q"}
-GENES = 6
-
-
-def synthetic_sections(folder: Path, *, spots=SPOTS, patients=PATIENTS, genes=GENES, seed=0):
-    """SYNTHETIC prepared sections: a random 240 px RGB image per section (1 um/px),
-    random spot centres, random float32 "expression", obs/obsm/uns as in
-    docs/data_model.md."""
-    import anndata as ad
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name, n in spots.items():
-        img = rng.integers(0, 256, (240, 240, 3), dtype=np.uint8)
-        path = folder / f"{name}.png"
-        Image.fromarray(img).save(path)
-        a = ad.AnnData(X=rng.random((n, genes), dtype=np.float32))
-        a.var_names = [f"g{i}" for i in range(genes)]
-        a.obs_names = [f"{name}_{i}" for i in range(n)]
-        a.obs["section"] = pd.Categorical([name] * n)
-        a.obs["patient"] = pd.Categorical([patients[name]] * n)
-        a.obs["array_x"] = rng.integers(0, 12, n)
-        a.obs["array_y"] = rng.integers(0, 12, n)
-        a.obsm["spatial"] = rng.uniform(40, 200, (n, 2))
-        a.uns["spatial"] = {name: {
-            "images": {"hires": img[::4, ::4].copy()},
-            "scalefactors": {"tissue_hires_scalef": 0.25, "spot_diameter_fullres": 50.0},
-            "metadata": {"source_image_path": str(path), "source_image_sha256": "",
-                         "um_per_px": 1.0, "pixel_scale": 1.0, "spot_pitch_um": 200.0}}}
-        out[name] = a
-    return out
-
-
-def tiny_config(**kw) -> tr.TrainConfig:
-    """Tiny training: 1 epoch, 32 px, ResNet-18 (random init). ``mode="frozen"`` (frozen
-    encoder, trained heads) keeps the file fast; one test runs ``mode="full"``."""
-    base = dict(epochs=1, batch_size=8, lr=1e-3, image_size=32, device="cpu", seed=0,
-                mode="frozen",
-                model={"image_arch": "resnet18", "weights": None, "n_pos": 16})
-    base.update(kw)
-    return tr.TrainConfig.from_dict(base).validate()
-
-
-#: run_cv settings for the synthetic sections (64 um patches cached at 32 px).
-RUN = dict(top_k=5, n_heg=3, progress=False, device="cpu", patch_um=64.0, patch_size=32)
+from .factories import GENES, PATIENTS, RUN, SPOTS, synthetic_sections, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -82,63 +36,6 @@ def patient_run(sections, tmp_path_factory):
     df = cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
                    out_dir=out, **RUN)
     return out, df
-
-
-# ============================================================================ folds
-STUDY = {"A1": "A", "B1": "B", "B2": "B", "B3": "B", "C1": "C", "C2": "C"}
-
-
-def test_section_folds_leave_one_out_and_keep_replicates():
-    folds = cv.make_folds(STUDY, "section")
-    assert [f.name for f in folds] == list(STUDY)
-    for f in folds:
-        assert f.test == (f.name,)
-        assert f.train == tuple(s for s in STUDY if s != f.name)
-        assert f.reference == f.train
-    # the section-level leak: replicates of the held-out patient are in training
-    b2 = next(f for f in folds if f.name == "B2")
-    assert {"B1", "B3"} <= set(b2.train) and {"B1", "B3"} <= set(b2.reference)
-
-
-def test_patient_folds_hold_out_every_section_of_the_patient():
-    folds = cv.make_folds(STUDY, "patient")
-    assert [f.name for f in folds] == ["A", "B", "C"]
-    tested = [s for f in folds for s in f.test]
-    assert sorted(tested) == sorted(STUDY)  # every section scored exactly once
-    for f in folds:
-        assert set(f.test) == {s for s, p in STUDY.items() if p == f.name}
-        for s in set(f.train) | set(f.reference):
-            assert STUDY[s] != f.name, f"{s} of patient {f.name} leaked into fold {f.name}"
-        assert set(f.train) == set(STUDY) - set(f.test)
-
-
-@pytest.mark.parametrize("sections, scheme, err, match", [
-    (STUDY, "random", ValueError, "scheme must be one of"),
-    ({"B1": "B", "B2": "B"}, "patient", ValueError, "at least 2 patients"),
-    ({"B1": "B"}, "section", ValueError, "at least 2 sections"),
-    ({"B/1": "B", "C1": "C"}, "section", ValueError, "folder name"),
-    (["B1", "C1"], "section", TypeError, "mapping"),
-    ({"B1": 1, "C1": "C"}, "section", TypeError, "str to str"),
-])
-def test_make_folds_errors(sections, scheme, err, match):
-    with pytest.raises(err, match=match):
-        cv.make_folds(sections, scheme)
-
-
-def test_folds_file_round_trip(tmp_path):
-    folds = cv.make_folds(STUDY, "patient")
-    cv.save_folds(folds, tmp_path / "folds.json", scheme="patient", sections=STUDY)
-    assert cv.load_folds(tmp_path / "folds.json") == folds
-    assert json.loads((tmp_path / "folds.json").read_text())["sections"] == STUDY
-
-
-def test_leakage_guard_refuses_an_edited_fold():
-    bad = cv.Fold("B", ("B1", "B2"), ("A1", "B3"), ("A1", "B3"))
-    with pytest.raises(RuntimeError, match="B3"):
-        cv._check_leakage(bad, STUDY, "patient")
-    cv._check_leakage(bad, STUDY, "section")  # allowed there: replicates may train
-    with pytest.raises(RuntimeError, match="also in"):
-        cv._check_leakage(cv.Fold("B1", ("B1",), ("B1",), ("A1",)), STUDY, "section")
 
 
 def test_method_config():
@@ -219,7 +116,7 @@ def test_results_folder_layout_and_metrics(patient_run, sections):
     # atomic writes keep ordinary file permissions (mkstemp alone would give 0600)
     for f in (out / "metrics.csv", out / "config.json", out / "P" / "pred_S1.h5ad",
               out / "P" / "embeddings.npz"):
-        assert f.stat().st_mode & 0o777 == cv._umask_mode(), f
+        assert f.stat().st_mode & 0o777 == _util._umask_mode(), f
 
 
 def test_complete_folder_is_not_overwritten(patient_run, sections):
@@ -405,7 +302,7 @@ def test_predict_section_errors(sections):
         tl.prediction_anndata(np.zeros((3, 3)), sections["S3"], info={})
 
 
-# =================================================================== rescore/tables
+# ========================================================================= rescore
 def test_rescore_with_the_same_top_k_reproduces_the_run(patient_run, sections, tmp_path):
     out, df = patient_run
     same = cv.rescore(sections, out, top_k=RUN["top_k"], out_dir=tmp_path / "k5",
@@ -425,27 +322,6 @@ def test_rescore_with_the_same_top_k_reproduces_the_run(patient_run, sections, t
     md = cv.summary_markdown(table)
     assert md.count("\n") == 3 and "PCC-HEG" in md
     assert "left_out" not in table.columns  # both runs scored every section
-
-
-def test_compare_averages_only_the_sections_every_run_has(sections, tmp_path):
-    """An interrupted run (ridge_color, fold P only: S1, S2) beside a complete one (mean:
-    S1, S2, S3): both rows average S1 and S2, and the table says S3 was left out and why."""
-    full, part = tmp_path / "mean", tmp_path / "ridge"
-    cv.run_cv(sections, scheme="patient", method="mean", config=tiny_config(), out_dir=full,
-              **RUN)
-    cv.run_cv(sections, scheme="patient", method="ridge_color", config=tiny_config(),
-              out_dir=part, folds=["P"], **RUN)
-    per_section = cv.compare([full, part], per_section=True)
-    table = cv.compare([full, part]).set_index("method")
-    assert (table["n_sections"] == 2).all() and (table["n_folds"] == 1).all()
-    assert table.loc["mean", "left_out"] == "S3 (not scored for: ridge_color)"
-    assert table.loc["ridge_color", "left_out"] == ""
-    mean_rows = per_section[(per_section.method == "mean") & (per_section.test_section != "S3")]
-    assert table.loc["mean", "mse_mean"] == pytest.approx(mean_rows["mse"].mean())
-    md = cv.summary_markdown(table.reset_index())
-    assert "S3 (not scored for: ridge_color)" in md and "compared only on the held-out" in md
-    unshared = cv.summarize_results(per_section, shared=False).set_index("method")
-    assert unshared.loc["mean", "n_sections"] == 3 and "left_out" not in unshared.columns
 
 
 def test_run_cv_argument_errors(sections, tmp_path):

@@ -17,6 +17,10 @@ from mclstexp_lite import datasets as ds
 from mclstexp_lite import download as dl
 
 from .conftest import needs_data, SHARED_DATA
+import logging
+from mclstexp_lite import patches as P
+from mclstexp_lite import pp
+from .factories import damage_jpeg, listing, write_section
 
 
 # ------------------------------------------------------------------ real data
@@ -432,3 +436,127 @@ def test_gene_map_mistakes_name_the_table_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"clash\.tsv \(the `gene_map` table\): 1 id\(s\) map to "
                                          r"more than one symbol"):
         ds.from_files(c, s, i, section="S", gene_map=clash)
+
+
+# ------------------------------------------------- bad input (from test_bad_input.py)
+def test_jpeg_damaged_mid_stream_is_named_by_loader_and_extraction(tmp_path):
+    """A JPEG with overwritten bytes (not truncated) fails decoding with the file named."""
+    c, s, img = write_section(tmp_path)
+    damage_jpeg(img, "overwritten")
+    with pytest.raises(ValueError, match=r"he\.jpg.*(truncated or corrupt|corrupt)"):
+        ds.from_files(c, s, img, section="S")
+    with pytest.raises(ValueError, match="re-download") as err:
+        P.extract_patches(img, [[100.0, 100.0]], crop_px=20)
+    assert str(img) in str(err.value)
+
+
+@needs_data
+@pytest.mark.parametrize("kind, damage", [("counts", "flip"), ("image", "truncate")])
+def test_her2st_loader_refuses_files_that_fail_their_checksum(tmp_path, kind, damage):
+    """Real C2 files copied under a new data root, one of them altered."""
+    rows = {r.kind: r for r in dl.rows("her2st", "C2", kind=("counts", "spots", "image"))}
+    for r in rows.values():
+        dest = tmp_path / r.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SHARED_DATA / r.path, dest)  # content only: the copy is writable
+    target = tmp_path / rows[kind].path
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    target.write_bytes(bytes(data))
+    with pytest.raises(dl.ChecksumError) as err:
+        ds.her2st("C2", data_dir=tmp_path, download=False, progress=False)
+    msg = str(err.value)
+    assert str(target) in msg and "delete" in msg.lower() and rows[kind].url in msg
+
+
+def test_missing_section_files_offline_list_every_file_and_the_fix(tmp_path, monkeypatch):
+    """An empty data root with downloads off (MCLSTEXP_OFFLINE=1, as in CI)."""
+    monkeypatch.setenv("MCLSTEXP_OFFLINE", "1")
+    with pytest.raises(dl.DataMissingError) as err:
+        ds.her2st("C3", data_dir=tmp_path, progress=False)
+    msg = str(err.value)
+    for row in dl.rows("her2st", "C3", kind=("counts", "spots")):
+        assert str(tmp_path / row.path) in msg and row.url in msg
+    assert "MCLSTEXP_DATA" in msg and "switched off" in msg
+    assert listing(tmp_path) == []  # nothing was created while failing
+    with pytest.raises(dl.DataMissingError, match="P2_ST_rep1"):
+        ds.load("cscc", "P2_ST_rep1", data_dir=tmp_path, progress=False)
+
+
+def test_partial_count_spot_mismatch_keeps_the_shared_spots_and_logs_it(tmp_path, caplog):
+    c, s, img = write_section(
+        tmp_path,
+        counts=lambda t: pd.concat([t, t.iloc[:1].set_axis(["9x9"])]),  # no spot row
+        spots=lambda f: f.drop(index=5))  # 2x2 loses its spot row
+    with caplog.at_level(logging.INFO, logger="mclstexp_lite.datasets"):
+        a = ds.from_files(c, s, img, section="S")
+    assert a.n_obs == 11 and "S_2x2" not in a.obs_names and "S_9x9" not in a.obs_names
+    assert "kept 11 of the 11 rows" in caplog.text
+    assert "plus 2 count row(s) without a spot row" in caplog.text
+
+
+def test_spot_file_rows_sharing_rounded_coordinates_are_refused(tmp_path):
+    # row 1 moves to (0.98, 0.97): it rounds to 1x1, the id of row 0
+    c, s, img = write_section(tmp_path, spots=lambda f: f.assign(
+        x=np.where(f.index == 1, f.x.iloc[0] - 0.04, f.x),
+        y=np.where(f.index == 1, f.y.iloc[0], f.y)))
+    with pytest.raises(ValueError,
+                       match=r"spots\.tsv: 1 spot\(s\) share rounded array coordinates"):
+        ds.from_files(c, s, img, section="S")
+
+
+@pytest.mark.parametrize("spots, match", [
+    (lambda f: f.assign(pixel_x=["a"] * len(f)),
+     r"non-numeric values in column\(s\) \['pixel_x'\]"),
+    (lambda f: f.assign(x=f.x.astype(str) + "?"), r"non-numeric values in column\(s\) \['x'\]"),
+    (lambda f: f.assign(pixel_y=np.where(f.index == 3, np.nan, f.pixel_y)),
+     r"1 spot row\(s\) with missing \(NaN\)"),
+])
+def test_spot_file_coordinates_must_be_numbers(tmp_path, spots, match):
+    """Before the fix these gave a bare pandas error, or (NaN) a silent NaN image scale."""
+    c, s, img = write_section(tmp_path, spots=spots)
+    with pytest.raises(ValueError, match=match) as err:
+        ds.from_files(c, s, img, section="S")
+    assert str(s) in str(err.value)
+
+
+def test_zero_count_spots_all_zero_and_kept_zero(tmp_path, caplog):
+    import warnings
+
+    c, s, img = write_section(tmp_path, counts=lambda t: t * 0)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"counts\.tsv: no spots with counts left") as err:
+            ds.from_files(c, s, img, section="S")
+    assert "spots.tsv" in str(err.value)
+    assert any("12 with zero counts" in str(w.message) for w in rec)
+    # kept on request, normalisation then names the section and the count of such spots
+    c, s, img = write_section(tmp_path / "b", counts=lambda t: t.mul(
+        (t.index != "3x2").astype(int), axis=0))
+    a = ds.from_files(c, s, img, section="S", drop_zero_count_spots=False)
+    assert a.n_obs == 12
+    with pytest.raises(ValueError, match=r"section S: 1 of 12 spot\(s\) have zero total counts"):
+        pp.normalize(a)
+
+
+@pytest.mark.parametrize("name", ["visium_fixture", "mclstexp_panels", "x"])
+def test_list_sections_accepts_only_datasets_with_sections(name):
+    """Manifest entries without sections (a gene panel, the Visium fixture) are not
+    offered as valid names, and Visium users are told how to load their data."""
+    with pytest.raises(ValueError) as err:
+        ds.list_sections(name)
+    msg = str(err.value)
+    assert repr(name) in msg and "her2st, cscc" in msg and "datasets.visium(" in msg
+    assert "mclstexp_panels" not in msg.replace(repr(name), "")
+
+
+def test_from_files_missing_image_says_not_found(tmp_path):
+    c, s, img = write_section(tmp_path)
+    img.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        ds.from_files(c, s, img, section="S")
+    assert str(img) in str(err.value) and "not found" in str(err.value)
+    assert "corrupt" not in str(err.value)

@@ -149,9 +149,9 @@ def test_timm_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
 def test_preprocessing_is_saved_in_the_checkpoint_and_is_all_prediction_needs(tmp_path):
     """SYNTHETIC patches: a model trained at 48 px with Lite0's normalisation embeds the
     same images from its checkpoint alone (no config passed)."""
-    from .test_train import synthetic_data
+    from .factories import synthetic_spotdata
 
-    data = synthetic_data(size=32)
+    data = synthetic_spotdata(size=32)
     cfg = tr.TrainConfig.from_dict(dict(
         epochs=1, batch_size=8, lr=1e-3, image_size=48, device="cpu", seed=0, mode="full",
         model={"image_arch": "efficientnet_lite0", "weights": None, "n_pos": 16}))
@@ -206,4 +206,4 @@ def test_resume_of_a_run_that_named_the_size_explicitly_still_matches():
     DenseNet-121 is the same run (checkpoints written before the registry did)."""
     a = tr.TrainConfig(image_size=224, model={"weights": None})
     b = tr.TrainConfig(model={"weights": None})
-    assert tr._comparable(a) == tr._comparable(b)
+    assert tr.same_run(a, b)

@@ -15,8 +15,12 @@ import torch
 from mclstexp_lite import features as fx
 from mclstexp_lite import models as mdl
 from mclstexp_lite import train as tr
+from mclstexp_lite import embed
 
-from .test_train import synthetic_data
+from .factories import synthetic_spotdata, tiny_config
+
+#: the frozen-training tests: two epochs (mode="frozen" is the factory's default)
+FROZEN = dict(epochs=2, seed=3)
 
 
 @pytest.fixture
@@ -126,7 +130,7 @@ def test_views_are_the_dihedral_group():
 
 
 def test_spot_features_stack_sections_and_views(cache):
-    data = synthetic_data(size=32)
+    data = synthetic_spotdata(size=32)
     enc = _encoder()
     bank = fx.spot_features(enc, data, views=2, device="cpu", progress=False)
     assert bank.shape == (2, len(data), 512)
@@ -138,41 +142,34 @@ def test_spot_features_stack_sections_and_views(cache):
         fx.spot_features(enc, data, views=0)
 
 
-def _frozen_config(**kw):
-    base = dict(epochs=2, batch_size=8, lr=1e-3, image_size=32, device="cpu", seed=3,
-                mode="frozen", model={"image_arch": "resnet18", "weights": None, "n_pos": 16})
-    base.update(kw)
-    return tr.TrainConfig.from_dict(base).validate()
-
-
 def test_frozen_training_reads_the_cache_and_embeds_like_the_pixel_path(cache):
     """Frozen training and prediction use the cached features; the image embeddings equal
     those of the full pixel path through the same (frozen) encoder."""
-    data = synthetic_data(size=32)
-    res = tr.train(data, _frozen_config(), progress=False)
+    data = synthetic_spotdata(size=32)
+    res = tr.train(data, tiny_config(FROZEN), progress=False)
     assert all(np.isfinite(h["loss"]) for h in res.history)
     entries = sorted(cache.glob("*.json"))
     assert len(entries) == len(data.sections)
     cached = tr.embed_images(res.model, data, device="cpu", progress=False)
     assert sorted(cache.glob("*.json")) == entries  # reused, nothing new
-    pixel = tr._batched(res.model, data, tr.TrainConfig(device="cpu"), torch.device("cpu"), 64,
+    pixel = embed._batched(res.model, data, tr.TrainConfig(device="cpu"), torch.device("cpu"), 64,
                         False, "").numpy()
     np.testing.assert_allclose(cached, pixel, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_training_with_views_is_reproducible(cache):
-    data = synthetic_data(size=32)
-    a = tr.train(data, _frozen_config(feature_views=4), progress=False)
-    b = tr.train(data, _frozen_config(feature_views=4), progress=False)
+    data = synthetic_spotdata(size=32)
+    a = tr.train(data, tiny_config(FROZEN, feature_views=4), progress=False)
+    b = tr.train(data, tiny_config(FROZEN, feature_views=4), progress=False)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     assert len(list(cache.glob("*.json"))) == 4 * len(data.sections)
 
 
 def test_frozen_mode_needs_a_frozen_encoder():
-    data = synthetic_data(size=32)
+    data = synthetic_spotdata(size=32)
     model = mdl.MclSTExp(data.n_genes, image_arch="resnet18", weights=None, n_pos=16)
     with pytest.raises(ValueError, match="freeze_image=True"):
-        tr.train(data, _frozen_config(), model=model, progress=False)
+        tr.train(data, tiny_config(FROZEN), model=model, progress=False)
 
 
 def test_color_features_are_cached_per_section(cache):
@@ -192,11 +189,11 @@ def test_color_features_are_cached_per_section(cache):
 def test_frozen_training_resumes_to_the_same_weights(cache, tmp_path):
     """SYNTHETIC: a frozen run with random views, stopped after 2 epochs and resumed to 3,
     ends with exactly the weights of an uninterrupted 3-epoch run."""
-    data = synthetic_data(size=32)
-    whole = tr.train(data, _frozen_config(epochs=3, feature_views=2), progress=False)
+    data = synthetic_spotdata(size=32)
+    whole = tr.train(data, tiny_config(FROZEN, epochs=3, feature_views=2), progress=False)
     run = tmp_path / "run"
-    tr.train(data, _frozen_config(epochs=2, feature_views=2), out_dir=run, progress=False)
-    resumed = tr.train(data, _frozen_config(epochs=3, feature_views=2), out_dir=run,
+    tr.train(data, tiny_config(FROZEN, epochs=2, feature_views=2), out_dir=run, progress=False)
+    resumed = tr.train(data, tiny_config(FROZEN, epochs=3, feature_views=2), out_dir=run,
                        resume=True, progress=False)
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -231,3 +228,62 @@ def test_slices_of_a_patch_cache_entry_are_not_the_entry(tmp_path):
     assert fx.patch_identity(mm) == fx.patch_identity(mm[0:4]) == f"patch-cache:{key}:t0"
     ids = {fx.patch_identity(v) for v in (mm[:2], mm[2:], mm[::-1])}
     assert len(ids) == 3 and all(i.startswith("pixels:") for i in ids)
+
+
+# -------------------------------- resizing and gathering batches (from test_train.py)
+@pytest.mark.parametrize("n", [1, 7, 8, 19])
+def test_grouped_resize_is_bitwise_equal_to_whole_batch(n):
+    """SYNTHETIC uint8 patches: resizing a few images at a time (for speed on the CPU)
+    gives exactly the whole-batch float32 resize, whatever the batch size."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=g)
+    whole = F.interpolate(x.float(), size=(64, 64), mode="bilinear", antialias=True,
+                          align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    got = fx.resize_u8(x, 64)
+    assert got.dtype == torch.uint8 and got.shape == (n, 3, 64, 64)
+    assert torch.equal(got, whole)
+
+
+def test_batch_images_gathers_and_resizes_in_groups_bitwise():
+    """SYNTHETIC: gathering and resizing a few spots at a time equals gathering the
+    whole batch and resizing it, for batches across sections, with repeats."""
+    data = synthetic_spotdata(size=32)
+    idx = np.array([21, 3, 3, 17, 0, 9, 12, 11, 20, 5, 14])  # 11 spots: groups of 8 + 3
+    whole = fx.resize_u8(data.images(idx), 16)
+    assert torch.equal(fx.batch_images(data, idx, 16, torch.device("cpu")), whole)
+    # no resize needed: the plain gather, in the requested memory format
+    same = fx.batch_images(data, idx, 32, None, memory_format=torch.channels_last)
+    assert torch.equal(same, data.images(idx))
+    assert same.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------- damaged cache entries (from test_bad_input.py)
+def test_unreadable_feature_cache_is_recomputed_with_a_warning(trained_run, tmp_path, caplog):
+    """SYNTHETIC patches: a damaged feature-cache entry (empty, not an array, or a
+    half-written one without its JSON) is never used; it is recomputed with a warning."""
+    from mclstexp_lite import features as fx
+
+    model = tr.model_from_checkpoint(trained_run)
+    patches = synthetic_spotdata().patches[0]
+    enc = model.image_encoder
+    expected = fx.section_features(enc, patches, device="cpu", cache_dir=False, progress=False)
+    cache = tmp_path / "features"
+    fx.section_features(enc, patches, device="cpu", cache_dir=cache, name="S0", progress=False)
+    (npy,) = cache.glob("*.npy")
+    for content in (b"", b"not a numpy file"):
+        npy.write_bytes(content)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mclstexp_lite.features"):
+            got = fx.section_features(enc, patches, device="cpu", cache_dir=cache, name="S0",
+                                      progress=False)
+        assert "cannot read feature cache entry" in caplog.text and str(npy) in caplog.text
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(np.load(npy), expected)  # rewritten, readable
+    npy.with_suffix(".json").unlink()  # an interrupted write: array without its JSON
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mclstexp_lite.features"):
+        fx.section_features(enc, patches, device="cpu", cache_dir=cache, name="S0",
+                            progress=False)
+    assert "interrupted write" in caplog.text

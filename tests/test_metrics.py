@@ -650,3 +650,20 @@ def test_run_results_per_section_table_explains_its_gaps():
     full = pd.DataFrame([dict(r, pcc_acg=0.5, method="mclstexp", top_k=200) for r in rows])
     full = full.drop_duplicates("test_section")
     assert tool.PER_SECTION_NOTE not in tool.per_section_markdown(full)
+
+
+# ------------------------------------------------- bad input (from test_bad_input.py)
+def test_metrics_name_the_nan_input_and_accept_negative_values():
+    """SYNTHETIC values. NaN is an error naming `pred` or `true` (also for AnnData input);
+    negative values are valid (e.g. z-scored expression) and give the plain formulas."""
+    rng = np.random.default_rng(3)
+    true = rng.normal(size=(30, 5))
+    pred = true + rng.normal(scale=0.5, size=true.shape)
+    assert (true < 0).any()
+    assert metrics.mse(pred, true) == pytest.approx(np.mean((pred - true) ** 2), rel=1e-12)
+    assert metrics.mae(pred, true) == pytest.approx(np.mean(np.abs(pred - true)), rel=1e-12)
+    r = [np.corrcoef(pred[:, j], true[:, j])[0, 1] for j in range(5)]
+    assert metrics.pcc_acg(pred, true) == pytest.approx(np.mean(r), rel=1e-10)
+    bad = ad.AnnData(X=np.where(np.arange(5) == 2, np.nan, true).astype(np.float32))
+    with pytest.raises(ValueError, match=r"`true` contains 30 NaN"):
+        metrics.summarize(pred, bad)

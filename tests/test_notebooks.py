@@ -147,6 +147,7 @@ def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+@pytest.mark.slow
 @needs_data
 def test_quick_profile_runs_every_notebook(quick_run):
     out, records = quick_run
@@ -160,6 +161,7 @@ def test_quick_profile_runs_every_notebook(quick_run):
         assert list((out / "results" / name).glob("*.png")), f"{name} saved no figure"
 
 
+@pytest.mark.slow
 @needs_data
 def test_metrics_01(quick_run):
     m = _metrics(quick_run, "01_data_and_preprocessing")
@@ -169,6 +171,7 @@ def test_metrics_01(quick_run):
     assert m["patch_shape"] == [224, 224, 3]
 
 
+@pytest.mark.slow
 @needs_data
 def test_metrics_02(quick_run):
     from mclstexp_lite import train
@@ -184,6 +187,7 @@ def test_metrics_02(quick_run):
     assert m["heldout_top10_hit_rate"] > 1.5 * 10 / m["heldout_n_spots"]
 
 
+@pytest.mark.slow
 @needs_data
 def test_metrics_03(quick_run):
     m = _metrics(quick_run, "03_evaluation")
@@ -200,6 +204,7 @@ def test_metrics_03(quick_run):
             assert -1 <= vals["pcc_acg"] <= 1 and -1 <= vals["pcc_heg"] <= 1, key
 
 
+@pytest.mark.slow
 @needs_data
 def test_metrics_04(quick_run):
     m = _metrics(quick_run, "04_interpretation_immune_genes")
@@ -208,6 +213,7 @@ def test_metrics_04(quick_run):
     assert -1 <= m["immune_mean_r"] <= 1
 
 
+@pytest.mark.slow
 @needs_data
 def test_metrics_05(quick_run):
     m = _metrics(quick_run, "05_spatial_clustering")
@@ -246,6 +252,7 @@ def _write_own_section(folder):
     return {k: str(v) for k, v in paths.items()}
 
 
+@pytest.mark.slow
 @needs_data  # the published HER2+ panel it compares with
 def test_notebook_01_runs_on_own_files(tmp_path):
     """Notebook 01 with COUNTS_PATH, SPOTS_PATH, IMAGE_PATH (SYNTHETIC files written here)
@@ -286,6 +293,7 @@ def test_bad_own_file_parameters_are_stopped_with_a_clear_message(tmp_path, kw, 
         workflow.check_own_files(args.pop("counts"), args.pop("spots"), args.pop("image"), **args)
 
 
+@pytest.mark.slow
 @needs_data
 def test_metrics_06(quick_run):
     m = _metrics(quick_run, "06_predict_your_own_slide")

@@ -86,3 +86,130 @@ def test_pred_vs_true_says_why_a_correlation_is_undefined():
     titles = [ax.get_title() for ax in fig.axes]
     assert any("r undefined: constant" in t for t in titles)
     assert not any("nan" in t for t in titles)
+
+
+# ====================================================================== spots on tissue
+def _section(n=8, seed=0, n_libraries=1):
+    """SYNTHETIC section: random spot centres on a flat grey 100 px "H&E" (scale 0.5)."""
+    import anndata as ad
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a = ad.AnnData(rng.random((n, 3)).astype(np.float32))
+    a.var_names = ["g0", "g1", "g2"]
+    a.obs["label"] = (["tumour", "stroma"] * n)[:n]
+    a.obsm["spatial"] = rng.uniform(40, 160, (n, 2))
+    a.uns["spatial"] = {f"S{i}": {"images": {"hires": np.full((100, 100, 3), 200, np.uint8)},
+                                  "scalefactors": {"tissue_hires_scalef": 0.5,
+                                                   "spot_diameter_fullres": 20.0},
+                                  "metadata": {}} for i in range(n_libraries)}
+    return a
+
+
+def _spots(fig):
+    """The spot collection of a spots_on_tissue figure (its first axes)."""
+    from matplotlib.collections import PatchCollection
+
+    colls = [c for c in fig.axes[0].collections if isinstance(c, PatchCollection)]
+    assert len(colls) == 1
+    return colls[0]
+
+
+def test_spots_on_tissue_colours_numbers_at_their_true_size_and_place():
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    a = _section()
+    before = (list(a.obs.columns), list(a.uns), a.obsm["spatial"].copy())
+    values = np.linspace(1.0, 8.0, a.n_obs)
+    values[3] = np.nan
+    fig = pl.spots_on_tissue(a, values, title="numbers")
+    spots = _spots(fig)
+    assert len(spots.get_paths()) == a.n_obs
+    centres = np.array([(p.vertices.min(axis=0) + p.vertices.max(axis=0)) / 2
+                        for p in spots.get_paths()])
+    # circles of diameter spot_diameter_fullres * tissue_hires_scalef, centred on the spots
+    extent = np.array([np.ptp(p.vertices, axis=0) for p in spots.get_paths()])
+    np.testing.assert_allclose(extent, 10.0, rtol=1e-3)
+    np.testing.assert_allclose(centres, a.obsm["spatial"] * 0.5, atol=1e-3)
+    np.testing.assert_allclose(np.ma.filled(spots.get_array(), np.nan), values)
+    assert spots.get_clim() == (1.0, 8.0)  # the finite range: NaN is not a limit
+    assert len(fig.axes) == 2  # the colour bar
+    ax = fig.axes[0]
+    assert ax.get_title() == "numbers" and ax.get_xlabel() == "" and ax.get_ylabel() == ""
+    x0, x1 = ax.get_xlim()
+    y1, y0 = ax.get_ylim()  # image orientation: y grows downwards
+    assert x0 < centres[:, 0].min() and centres[:, 0].max() < x1
+    assert y0 < centres[:, 1].min() and centres[:, 1].max() < y1
+    assert (list(a.obs.columns), list(a.uns)) == before[:2]  # the section is not changed
+    np.testing.assert_array_equal(a.obsm["spatial"], before[2])
+    fig2 = pl.spots_on_tissue(a, values, vmin=0, vmax=2, colorbar=False)
+    assert _spots(fig2).get_clim() == (0, 2) and len(fig2.axes) == 1
+    plt.close("all")
+
+
+def test_spots_on_tissue_gives_each_class_one_colour_and_a_legend():
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    a = _section()
+    fig = pl.spots_on_tissue(a, "label")
+    spots = _spots(fig)
+    faces = spots.get_facecolor()
+    labels = a.obs["label"].to_numpy()
+    for c in ("tumour", "stroma"):
+        assert len({tuple(np.round(f, 4)) for f in faces[labels == c]}) == 1
+    assert not np.allclose(faces[labels == "tumour"][0], faces[labels == "stroma"][0])
+    legend = fig.axes[0].get_legend()
+    assert legend is not None
+    assert sorted(t.get_text() for t in legend.get_texts()) == ["stroma", "tumour"]
+    fig2 = pl.spots_on_tissue(a, "label", legend=False)
+    assert fig2.axes[0].get_legend() is None
+    plt.close("all")
+
+
+def test_spots_on_tissue_without_values_outlines_the_spots():
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig = pl.spots_on_tissue(_section())
+    spots = _spots(fig)
+    assert len(spots.get_facecolor()) == 0  # no fill
+    np.testing.assert_allclose(spots.get_edgecolor()[0], [0, 0, 0, 1])
+    plt.close("all")
+
+
+def test_spots_on_tissue_errors():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="one library"):
+        pl.spots_on_tissue(_section(n_libraries=2))
+    with pytest.raises(ValueError, match="one value per spot"):
+        pl.spots_on_tissue(_section(), np.arange(3.0))
+
+
+# =========================================================================== others
+def test_patch_gallery_loss_curve_and_model_diagram_draw_what_they_are_given():
+    """SYNTHETIC patches, history and parameter table."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    patches = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    fig = pl.patch_gallery(patches, [f"p{i}" for i in range(5)], ncols=3)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 6 and len(shown) == 5
+    np.testing.assert_array_equal(shown[4].images[0].get_array(), patches[4])
+    assert [ax.get_title() for ax in shown] == [f"p{i}" for i in range(5)]
+
+    history = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}, {"epoch": 3, "loss": 1.2}]
+    fig = pl.loss_curve(history, title="t")
+    (line,) = fig.axes[0].get_lines()
+    np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3])
+    np.testing.assert_array_equal(line.get_ydata(), [2.0, 1.5, 1.2])
+    assert fig.axes[0].get_title() == "t"
+
+    table = pd.DataFrame({"parameters": [1234567]}, index=["image_encoder"])
+    texts = [t.get_text() for t in pl.model_diagram(table).axes[0].texts]
+    assert any("1,234,567 params" in t for t in texts)
+    assert not any("params" in t for t in (x.get_text() for x in pl.model_diagram().axes[0].texts))
+    plt.close("all")

@@ -19,6 +19,7 @@ from scipy import sparse
 from mclstexp_lite import pp
 
 from .conftest import needs_data
+import scipy.sparse as sp
 
 # --------------------------------------------------------------------- synthetic data
 
@@ -632,3 +633,34 @@ def test_identical_rows_are_fine_and_an_unrelated_table_is_refused(tmp_path):
         pp.subset_genes(a, ["A"], id_map=path)
     with pytest.raises(FileNotFoundError, match="id_map file not found"):
         pp.subset_genes(a, ["A"], id_map=tmp_path / "nope.tsv")
+
+
+# ------------------------------------------------- bad input (from test_bad_input.py)
+@pytest.mark.parametrize("bad, match", [(np.nan, "1 NaN value"), (-2.0, "1 negative value")])
+def test_normalize_refuses_bad_values_in_sparse_counts(bad, match):
+    """SYNTHETIC sparse counts (test_pp covers dense ones); the section is named."""
+    X = np.random.default_rng(1).poisson(2.0, (20, 8)).astype(np.float32) + 1
+    X[4, 2] = bad
+    a = ad.AnnData(X=sp.csr_matrix(X), obs=pd.DataFrame({"section": ["S7"] * 20},
+                                                       index=[str(i) for i in range(20)]))
+    with pytest.raises(ValueError, match=f"section S7: adata.X holds {match}"):
+        pp.normalize(a)
+    assert pp.NORMALIZE_KEY not in a.uns and "counts" not in a.layers
+
+
+@pytest.mark.parametrize("method", ["library_size", "published"])
+def test_prepare_with_panel_genes_missing_from_a_section(method, caplog):
+    """SYNTHETIC section named in obs; the error lists the absent genes and the fix."""
+    X = np.random.default_rng(2).poisson(3.0, (15, 4)) + 1
+    a = ad.AnnData(X=sp.csr_matrix(X.astype(np.float32)),
+                   obs=pd.DataFrame({"section": ["B7"] * 15}, index=[f"s{i}" for i in range(15)]),
+                   var=pd.DataFrame(index=["ERBB2", "KRT5", "GATA3", "ESR1"]))
+    panel = ["ERBB2", "FOXA1", "ESR1", "MKI67"]
+    with pytest.raises(ValueError) as err:
+        pp.prepare({"B7": a}, panel, method=method)
+    msg = str(err.value)
+    assert "section B7: 2 of the 4 panel genes" in msg and "FOXA1" in msg and "MKI67" in msg
+    assert "missing='zero'" in msg
+    out = pp.prepare({"B7": a}, panel, method=method, missing="zero")["B7"]
+    assert list(out.var_names) == panel and "FOXA1" in caplog.text
+    assert np.all(out[:, ["FOXA1", "MKI67"]].X.toarray() == 0)

@@ -1,7 +1,7 @@
 """Saved predictors, image-only prediction, the command line, and their bad inputs.
 
 A tiny model (ResNet-18, random init, 32 px, one epoch) is trained on SYNTHETIC sections
-(tests/test_cv.py) and predicts a SYNTHETIC slide (tests/test_slides.py): these tests
+(tests/factories.py) and predicts a SYNTHETIC slide (tests/test_slides.py): these tests
 check plumbing and safety, not prediction quality (notebook 06 does that on real data).
 """
 
@@ -15,7 +15,7 @@ from PIL import Image
 from mclstexp_lite import predict, tl
 from mclstexp_lite import train as tr
 
-from .test_cv import RUN, synthetic_sections, tiny_config
+from .factories import RUN, synthetic_sections, tiny_config
 from .test_slides import UM, synthetic_slide
 
 LAYOUT = dict(patch_um=RUN["patch_um"], patch_size=RUN["patch_size"], spot_pitch_um=100.0,

@@ -283,7 +283,7 @@ def test_patch_cache_and_spotdata_take_a_fitted_normaliser(section, ref, tmp_pat
 
 # ============================================================================ cross-validation
 def test_run_cv_fits_per_fold_and_records_the_setting(tmp_path):
-    from tests.test_cv import RUN, synthetic_sections, tiny_config
+    from .factories import RUN, synthetic_sections, tiny_config
 
     sections = synthetic_sections(tmp_path / "img", spots={"S1": 10, "S2": 9, "S3": 8},
                                   patients={"S1": "P", "S2": "Q", "S3": "R"}, genes=4)

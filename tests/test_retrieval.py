@@ -1,4 +1,5 @@
-"""Tests for :func:`mclstexp_lite.tl.retrieve`.
+"""Tests for the retrieval stage: :func:`mclstexp_lite.tl.retrieve` and the kernels it is
+built from (mclstexp_lite.retrieval: top-k, similarity blocks, weighted sums).
 
 All data here are synthetic (seeded Gaussian embeddings and expression); they check
 the algorithm against a plain transcription of the published evaluation loop, not
@@ -13,6 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from mclstexp_lite import tl
+from mclstexp_lite import retrieval
 from mclstexp_lite.tl import default_chunk_size, retrieve
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -128,13 +130,13 @@ def test_chunking_gives_identical_results():
 def test_similarity_blocks_are_bounded(monkeypatch):
     """Synthetic: the Q x K similarity matrix is never formed in one piece."""
     shapes = []
-    original = tl._similarity_block
+    original = retrieval.similarity_block
 
     def recording(query_unit, keys_unit, **kwargs):
         shapes.append(tuple(query_unit.shape[:1]) + tuple(keys_unit.shape[:1]))
         return original(query_unit, keys_unit, **kwargs)
 
-    monkeypatch.setattr(tl, "_similarity_block", recording)
+    monkeypatch.setattr(retrieval, "similarity_block", recording)
     rng = np.random.default_rng(3)
     q, k, e = rng.normal(size=(50, 8)), rng.normal(size=(64, 8)), rng.random((64, 4))
     retrieve(q, k, e, top_k=10, chunk_size=7)
@@ -176,11 +178,11 @@ def test_topk_ties_go_to_lower_index():
     """Synthetic: many exact ties; selection equals a stable descending sort."""
     rng = np.random.default_rng(5)
     sims = torch.from_numpy(rng.integers(0, 3, size=(6, 5000)).astype(np.float32))
-    idx = tl._topk_lowest_index(sims, 100)
+    idx = retrieval.topk_lowest_index(sims, 100)
     expected = np.argsort(-sims.numpy(), axis=1, kind="stable")[:, :100]
     np.testing.assert_array_equal(idx.numpy(), expected)
     # all values equal: the first k columns
-    idx = tl._topk_lowest_index(torch.zeros(2, 50), 4)
+    idx = retrieval.topk_lowest_index(torch.zeros(2, 50), 4)
     np.testing.assert_array_equal(idx.numpy(), [[0, 1, 2, 3], [0, 1, 2, 3]])
 
 
@@ -197,7 +199,7 @@ def test_topk_mixed_ties_match_stable_sort(k):
         np.zeros(200),                             # one big tie
     ]
     sims = torch.tensor(np.stack(rows), dtype=torch.float32)
-    idx = tl._topk_lowest_index(sims, k)
+    idx = retrieval.topk_lowest_index(sims, k)
     expected = np.argsort(-sims.numpy(), axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(idx.numpy(), expected)
 
@@ -224,8 +226,8 @@ def test_sparse_and_gathered_sums_agree(gaussian, monkeypatch, dtype):
     q, k = gaussian["query"], gaussian["keys"]
     e = gaussian["key_expr"].astype(dtype)
     calls = []
-    original = tl._weighted_sum_sparse
-    monkeypatch.setattr(tl, "_weighted_sum_sparse",
+    original = retrieval.weighted_sum_sparse
+    monkeypatch.setattr(retrieval, "weighted_sum_sparse",
                         lambda *a: calls.append(1) or original(*a))
     sparse = retrieve(q, k, e, top_k=50, chunk_size=16)
     assert len(calls) == 3
@@ -244,7 +246,7 @@ def test_sparse_and_gathered_sums_agree(gaussian, monkeypatch, dtype):
 def test_row_blocks_cover_every_entry_once():
     for n_rows, k, width, budget in [(7, 5, 3, 8 * 5 * 3 * 2), (4, 9, 10, 8 * 10 * 2), (3, 4, 2, 1)]:
         seen = np.zeros((n_rows, k), dtype=int)
-        for rows, cols in tl._row_blocks(n_rows, k, width, budget):
+        for rows, cols in retrieval.row_blocks(n_rows, k, width, budget):
             block = seen[rows, cols]
             assert block.size * width * 8 <= max(budget, width * 8)
             seen[rows, cols] += 1
@@ -348,6 +350,7 @@ def test_input_validation(gaussian):
         retrieve(q, np.full(k.shape, "a"), e, top_k=3)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(gaussian):
     q = torch.from_numpy(gaussian["query"]).cuda()

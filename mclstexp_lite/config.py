@@ -1,0 +1,224 @@
+"""The training configuration: :class:`TrainConfig`, the profile table, the device.
+
+A :class:`TrainConfig` defines a training run (the paper's defaults); :data:`PROFILES`
+is the one table of named profiles (``paper``, ``quick``, ``densenet_frozen``): overrides
+of the same dataclass, not second code paths. The notebooks' YAML files name a profile
+and never repeat its numbers. :func:`resolve_device` is the one place a device setting
+(``"auto"``, ``"cpu"``, ``"cuda:1"``...) becomes a ``torch.device``.
+
+Everything here is re-exported by :mod:`mclstexp_lite.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from . import features as fx
+from ._util import positive_int
+
+__all__ = ["TrainConfig", "PROFILES", "resolve_device", "autocast_dtype", "input_size_of"]
+
+
+# =========================================================================== config
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint).
+
+    The defaults are the paper's: 90 epochs, batch 128, learning rate 1e-4, weight decay
+    1e-3, Adam (as in the published code; the paper's text says AdamW, select it with
+    ``optimizer="adamw"``), DenseNet-121 with ImageNet weights at 224 px, fine-tuned end
+    to end. Named profiles (:data:`PROFILES`) change numbers, not code paths.
+
+    Attributes
+    ----------
+    model
+        Keyword arguments for :class:`mclstexp_lite.models.MclSTExp` (``n_genes`` is
+        taken from the data).
+    image_size
+        Side of the image encoder's input; ``None`` (default): the encoder's own
+        (224 px for the built-in encoders, :mod:`mclstexp_lite.encoders`). Cached patches
+        (224 px) are resized when this differs; the tissue area stays the same. Stored
+        in the model's config, so the checkpoint says how to feed the encoder.
+    mode
+        ``"full"`` trains everything end to end (the paper). ``"frozen"`` freezes the
+        image encoder, takes its features of every patch from the on-disk feature cache
+        (:mod:`mclstexp_lite.features`, computed once per section, encoder and weights)
+        and trains the projection heads and the spot encoder on them: the field's
+        frozen-encoder protocol, and seconds per epoch on a CPU.
+    feature_views
+        ``"frozen"`` only: dihedral views of each patch (1-8; view 0 is the patch as
+        cut) whose features are cached; each epoch every spot uses one of them at
+        random. 1 (default) means no augmentation.
+    augment, rotation, jitter
+        ``"full"`` only: random flips, rotations (``"90"``: multiples of 90 degrees,
+        ``"any"``: any angle, as the published RandomRotation(180)) and colour jitter of
+        brightness, contrast and saturation (0.5 each in the published code), applied on
+        the device.
+    amp
+        ``"auto"``: bf16 autocast on CUDA devices that support it, off elsewhere;
+        ``"bf16"`` or ``"off"`` force it.
+    channels_last
+        ``None``: on for CUDA, off elsewhere.
+    """
+
+    epochs: int = 90
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    optimizer: str = "adam"
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool | None = None
+    image_size: int | None = None
+    mode: str = "full"
+    feature_views: int = 1
+    augment: bool = True
+    rotation: str | None = "90"
+    jitter: float = 0.5
+    min_batch: int = 2
+    model: dict = field(default_factory=lambda: {"image_arch": "densenet121",
+                                                 "weights": "imagenet"})
+
+    def validate(self) -> "TrainConfig":
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in ("epochs", "batch_size", "image_size", "min_batch", "feature_views"):
+            v = getattr(self, name)
+            if v is None and name == "image_size":
+                continue
+            positive_int(v, f"TrainConfig.{name}")
+        if self.feature_views > fx.N_VIEWS:
+            raise ValueError(f"TrainConfig.feature_views must be at most {fx.N_VIEWS} (the "
+                             f"dihedral views of a patch), got {self.feature_views}")
+        if self.mode == "lite":
+            raise ValueError("TrainConfig.mode='lite' was renamed 'frozen' (frozen encoder, "
+                             "features from the on-disk cache); use mode='frozen'")
+        if self.mode == "full" and self.feature_views != 1:
+            raise ValueError(f"TrainConfig.feature_views={self.feature_views} applies to "
+                             "mode='frozen' only (cached views of the frozen features); "
+                             "mode='full' augments the pixels (augment, rotation, jitter)")
+        for name in ("lr", "weight_decay", "jitter"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.lr == 0:
+            raise ValueError("TrainConfig.lr must be > 0")
+        choices = {"optimizer": ("adam", "adamw"), "amp": ("auto", "bf16", "off"),
+                   "mode": ("full", "frozen"), "rotation": ("90", "any", None)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")
+        if "weights" not in self.model:
+            raise ValueError("TrainConfig.model must say weights='imagenet', None or a path")
+        if "image_size" in self.model and self.image_size is not None \
+                and self.model["image_size"] != self.image_size:
+            raise ValueError(f"TrainConfig.image_size={self.image_size} and "
+                             f"model['image_size']={self.model['image_size']} disagree; set one")
+        resolve_device(self.device)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def profile(cls, name: str, **overrides) -> "TrainConfig":
+        """A named profile of :data:`PROFILES` with optional overrides.
+
+        ``model`` overrides are merged into the profile's model settings.
+        """
+        if name not in PROFILES:
+            raise ValueError(f"unknown profile {name!r}; valid: {', '.join(PROFILES)}")
+        base = dataclasses.asdict(cls())
+        prof = PROFILES[name]
+        base.update({k: v for k, v in prof.items() if k != "model"})
+        base["model"] = {**base["model"], **prof.get("model", {})}
+        model_over = overrides.pop("model", None) or {}
+        if not isinstance(model_over, Mapping):
+            raise TypeError("TrainConfig.profile: model= must be a dict of MclSTExp keyword "
+                            f"arguments, e.g. {{'n_pos': 128}}; got {type(model_over).__name__}")
+        base.update(overrides)
+        base["model"] = {**base["model"], **model_over}
+        return cls.from_dict(base).validate()
+
+
+#: Named profiles: overrides of the same dataclass, not a second code path.
+PROFILES: dict[str, dict] = {
+    # The paper: DenseNet-121 with ImageNet weights, fine-tuned end to end at 224 px, 90
+    # epochs, batch 128 (GPU, full data, weights downloaded by torchvision).
+    "paper": {},
+    # Every machine, offline, a laptop CPU: EfficientNet-Lite0 with the ImageNet weights
+    # of its pip package, frozen; its features of each 224 px patch are computed once and
+    # cached, then the heads and the spot Transformer train on them (seconds per epoch).
+    # lr and epochs from the sweep in docs/architecture.md ("Choosing the quick profile").
+    "quick": {"mode": "frozen", "epochs": 20, "batch_size": 128, "lr": 1e-4,
+              "model": {"image_arch": "efficientnet_lite0", "weights": "imagenet"}},
+    # A CPU with internet: the paper's DenseNet-121 (ImageNet weights from torchvision),
+    # frozen, the same cached-feature path and numbers as "quick".
+    "densenet_frozen": {"mode": "frozen", "epochs": 20, "batch_size": 128, "lr": 1e-4,
+                        "model": {"image_arch": "densenet121", "weights": "imagenet"}},
+}
+
+
+# =========================================================================== device
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks cuda > mps > cpu; an unavailable explicit device is an error."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device name (try 'auto', 'cpu', "
+                         "'cuda', 'cuda:1', 'mps')") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available here; use "
+                         "device='auto' or 'cpu'")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} asked for but MPS is not available; use 'auto'")
+    return dev
+
+
+def autocast_dtype(amp: str, device: torch.device):
+    """Autocast dtype for an ``amp`` setting (``"auto"``, ``"bf16"``, ``"off"``) on
+    ``device``: ``torch.bfloat16``, or ``None`` for full precision."""
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def input_size_of(config: TrainConfig) -> int:
+    """The input size ``config`` trains at (its ``image_size``, else the encoder's own)."""
+    from . import encoders
+
+    if config.image_size is not None:
+        return int(config.image_size)
+    if config.model.get("image_size") is not None:
+        return int(config.model["image_size"])
+    return encoders.get_spec(config.model.get("image_arch", "densenet121")).input_size

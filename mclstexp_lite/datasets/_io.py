@@ -1,0 +1,131 @@
+"""File helpers shared by the loaders: images, tables, gzipped files.
+
+Private to :mod:`mclstexp_lite.datasets` (the names carry no underscore because the
+module is private).
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .. import _util
+from .. import download as dl
+
+#: Longest side of the downscaled image stored in ``uns['spatial'][lib]['images']['hires']``.
+HIRES_MAX_PX = 2000
+#: Share of a spot file's rows that may be dropped before a warning says so.
+DROPPED_WARN_SHARE = 0.10
+#: PIL's decompression-bomb limit while a loader reads an image (full-resolution H&E
+#: scans exceed PIL's default of ~89 megapixels); set for that read only
+#: (:func:`mclstexp_lite._util.pil_pixel_limit`), never for the whole process.
+MAX_IMAGE_PIXELS = 2_000_000_000
+
+
+def image_pixel_limit():
+    """PIL's size guard at :data:`MAX_IMAGE_PIXELS` (or the process's own limit, if
+    higher) for one read: a context manager."""
+    from PIL import Image
+
+    return _util.pil_pixel_limit(max(Image.MAX_IMAGE_PIXELS or 0, MAX_IMAGE_PIXELS))
+
+
+def open_image(path: Path):
+    """Open an image (plain or .gz) with PIL, with a clear error for broken files.
+
+    Call it inside :func:`image_pixel_limit` (PIL checks the size when it opens a file).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"image file not found: {path}. Check the path, or fetch the section's files "
+            "with mclstexp_lite.download.fetch(dataset, section) (see data_manifest.csv).")
+    try:
+        img = Image.open(path)
+        img.size  # noqa: B018 - forces the header to be read
+        return img
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(
+            f"cannot read the image {path}: {exc}. The file is corrupt or not an image; "
+            f"delete it and download it again (its checksum is in data_manifest.csv)."
+        ) from exc
+
+
+def downscaled_rgb(path: Path, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Return (RGB uint8 array with longest side <= max_px, (width, height) of the source)."""
+    from PIL import Image
+
+    with image_pixel_limit():  # PIL checks the size at open and (TIFF) at decode
+        img = open_image(path)
+        src_size = img.size
+        scale = min(1.0, max_px / max(src_size))
+        target = (max(1, round(src_size[0] * scale)), max(1, round(src_size[1] * scale)))
+        try:
+            if img.format == "JPEG":
+                img.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale: much faster
+            img = img.convert("RGB")
+            if img.size != target:
+                img = img.resize(target, Image.Resampling.LANCZOS)
+            arr = np.asarray(img, dtype=np.uint8).copy()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot decode the image {path}: {exc}. The file is truncated or corrupt; "
+                f"delete it and download it again.") from exc
+    return arr, src_size
+
+
+def read_table(path: Path, **kw):
+    """A count / spot / label table: tab-separated, or comma-separated for a ``.csv``
+    name (gzip allowed), with an error that names the file and the likely fix."""
+    import pandas as pd
+
+    as_csv = str(path).endswith((".csv", ".csv.gz"))
+    try:
+        df = pd.read_csv(path, sep=None if as_csv else "\t",
+                         engine="python" if as_csv else "c", **kw)
+    except Exception as exc:  # pandas raises many kinds; give them context
+        raise ValueError(f"cannot read the table {path}: {type(exc).__name__}: {exc}") from exc
+    if not as_csv and df.shape[1] <= 1:
+        header = str(df.index.name or "") + " " + " ".join(map(str, df.columns))
+        if header.count(",") >= 2 or header.count(";") >= 2:
+            sep = "," if header.count(",") >= header.count(";") else ";"
+            raise ValueError(
+                f"{path}: read as tab-separated (its name does not end in .csv) but its header "
+                f"is separated by '{sep}' ({header.strip()[:60]!r}...). Rename it to .csv, or "
+                "save it with tabs.")
+    return df
+
+
+def looks_like_spot_file(columns) -> bool:
+    """The columns of a legacy-ST spot file (``pixel_x``, ``pixel_y``)?"""
+    return {"pixel_x", "pixel_y"} <= {str(c) for c in columns}
+
+
+def looks_like_spot_ids(names) -> bool:
+    """Do most of the first 50 names look like legacy-ST spot ids (``"12x7"``)?"""
+    import re
+
+    names = [str(n) for n in list(names)[:50]]
+    return bool(names) and sum(bool(re.fullmatch(r"\d+(\.\d+)?x\d+(\.\d+)?", n))
+                               for n in names) > len(names) / 2
+
+
+def unpack_gz(path: Path) -> Path:
+    """Decompress ``x.jpg.gz`` once into the cache; return the plain file's path."""
+    if not str(path).endswith(".gz"):
+        return path
+    out_dir = dl.cache_dir() / "unpacked"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.name[:-3]
+    if out.exists() and out.stat().st_mtime >= path.stat().st_mtime:
+        return out
+    def unpack(tmp):
+        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    _util.atomic_write(out, unpack)
+    return out

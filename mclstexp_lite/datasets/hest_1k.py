@@ -1,0 +1,465 @@
+"""HEST-1k samples (Jaume et al., NeurIPS 2024): st/<id>.h5ad, wsis/<id>.tif,
+metadata/<id>.json as AnnData."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ._io import DROPPED_WARN_SHARE, HIRES_MAX_PX
+from .geometry import (
+    LEGACY_ST_PITCH_UM,
+    LEGACY_ST_SPOT_DIAMETER_UM,
+    VISIUM_PITCH_UM,
+    VISIUM_SPOT_DIAMETER_UM,
+    check_spots_on_image,
+    grid_spacing_px,
+)
+
+log = logging.getLogger(__name__)
+
+
+#: Spot layout by HEST-1k ``st_technology`` when the metadata JSON gives no
+#: ``inter_spot_dist`` / ``spot_diameter`` (micrometres): centre-to-centre distance,
+#: diameter, grid. Xenium samples are pooled by HEST into Visium-like pseudo-spots
+#: (55 um spots, 100 um apart, on a square grid).
+HEST_SPOT_LAYOUT: dict[str, tuple[float, float, str]] = {
+    "spatial transcriptomics": (LEGACY_ST_PITCH_UM, LEGACY_ST_SPOT_DIAMETER_UM, "square"),
+    "visium": (VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, "hex"),
+    "xenium": (VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, "square"),
+}
+#: The pixel size the loader uses and the one the TIFF's resolution tags state may
+#: differ by this share before a warning says so.
+_HEST_TIFF_TOLERANCE = 0.05
+#: Spots measured this far from the stated spot distance (a factor) raise a warning:
+#: the pixel size or the spot distance is wrong.
+_HEST_SPACING_TOLERANCE = 1.3
+
+_HEST_DOWNLOAD_HINT = (
+    "HEST-1k is a gated dataset on the Hugging Face hub: accept its terms at "
+    "https://huggingface.co/datasets/MahmoodLab/hest, log in with your own token "
+    "(`huggingface-cli login` or huggingface_hub.login()), then fetch one sample with "
+    "huggingface_hub.snapshot_download(repo_id='MahmoodLab/hest', repo_type='dataset', "
+    "local_dir=ROOT, allow_patterns=['*{id}[_.]**']) and call "
+    "mclstexp_lite.datasets.hest(ROOT, '{id}'). See README.md, 'HEST-1k samples'.")
+
+
+def _finite_positive(value) -> float | None:
+    """``value`` as a float if it is a finite positive number (or numeric text), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _integer_counts(matrix, what: str):
+    """Return ``(csr int32, None)`` if ``matrix`` holds non-negative whole numbers that fit
+    int32, else ``(None, reason)``."""
+    from scipy import sparse
+
+    m = sparse.csr_matrix(matrix) if not sparse.issparse(matrix) else matrix.tocsr()
+    data = np.asarray(m.data)
+    if data.size and not np.issubdtype(data.dtype, np.number):
+        return None, f"{what} is not numeric ({data.dtype})"
+    if data.size:
+        if np.issubdtype(data.dtype, np.floating):
+            if not np.isfinite(data).all():
+                return None, f"{what} holds NaN or infinite values"
+            frac = data != np.round(data)
+            if frac.any():
+                return None, (f"{what} holds non-integer values (e.g. "
+                              f"{float(data[frac][0]):.4g}): normalised or log data, not "
+                              "raw counts")
+        if data.min() < 0:
+            return None, f"{what} holds negative values (e.g. {data.min()})"
+        if data.max() > np.iinfo(np.int32).max:
+            return None, f"{what} holds values above the int32 range (max {data.max()})"
+    out = sparse.csr_matrix(m, dtype=np.int32)
+    out.eliminate_zeros()
+    return out, None
+
+
+def _hest_array_coords(obs, pix: np.ndarray):
+    """Array coordinates ``(n, 2)`` (x, y, float) and how they were obtained, or
+    ``(None, "")`` when the h5ad has no ``array_row``/``array_col``.
+
+    HEST writes Visium's ``array_col`` (x) and ``array_row`` (y). Its legacy-ST samples
+    were assembled with the ST spot file's ``x`` in ``array_row`` and ``y`` in
+    ``array_col``, so the axis that follows the image's x axis is chosen by correlation
+    with the pixel coordinates.
+    """
+    if {"array_row", "array_col"} <= set(obs.columns):
+        col = np.asarray(obs["array_col"], dtype=float)
+        row = np.asarray(obs["array_row"], dtype=float)
+        if np.isfinite(col).all() and np.isfinite(row).all():
+            def corr(a, b):
+                if np.ptp(a) == 0 or np.ptp(b) == 0:
+                    return 0.0
+                return abs(float(np.corrcoef(a, b)[0, 1]))
+
+            straight = corr(col, pix[:, 0]) + corr(row, pix[:, 1])
+            swapped = corr(row, pix[:, 0]) + corr(col, pix[:, 1])
+            if swapped > straight + 0.5:
+                return (np.stack([row, col], axis=1),
+                        "array_row (x), array_col (y): HEST's axes follow the image swapped")
+            return np.stack([col, row], axis=1), "array_col (x), array_row (y)"
+    return None, ""
+
+
+def hest(
+    root: str | os.PathLike,
+    sample_id: str,
+    *,
+    um_per_px: float | None = None,
+    spot_pitch_um: float | None = None,
+    spot_diameter_um: float | None = None,
+    patient: str | None = None,
+    in_tissue_only: bool = True,
+    drop_zero_count_spots: bool = True,
+    hires_max_px: int = HIRES_MAX_PX,
+):
+    """Load one HEST-1k sample (Jaume et al., NeurIPS 2024) as AnnData.
+
+    HEST-1k (https://huggingface.co/datasets/MahmoodLab/hest) stores each sample as
+    ``root/st/<id>.h5ad`` (counts; spot centres in full-resolution WSI pixels in
+    ``obsm['spatial']``), ``root/wsis/<id>.tif`` (pyramidal, tiled (Big)TIFF) and
+    ``root/metadata/<id>.json`` (pixel size, spot layout, technology, organ, ...). The
+    WSI is never decoded whole: the ``hires`` copy comes from the smallest pyramid level
+    large enough (:meth:`mclstexp_lite.slides.Slide.thumbnail`) and patches are read
+    tile by tile (:func:`mclstexp_lite.patches.patch_cache`).
+
+    Parameters
+    ----------
+    root
+        The folder ``snapshot_download`` wrote to (holding ``st/``, ``wsis/``,
+        ``metadata/``).
+    sample_id
+        HEST id, e.g. ``"TENX95"`` or ``"SPA148"``; also the section / library id.
+    um_per_px
+        Microns per WSI pixel, overriding the metadata. Default: the metadata JSON's
+        ``pixel_size_um_estimated`` (what HEST's own reader uses), else its
+        ``pixel_size_um_embedded``, else the TIFF's resolution tags. A warning fires when
+        the TIFF's tags disagree with the value used by more than 5 %.
+    spot_pitch_um, spot_diameter_um
+        Override the metadata's ``inter_spot_dist`` and ``spot_diameter`` (um). Without
+        them and without metadata values: by ``st_technology`` (:data:`HEST_SPOT_LAYOUT`:
+        legacy ST 200/100, Visium and Xenium pseudo-spots 100/55), else the measured
+        spot spacing and half of it. A warning fires when the spots, measured on the
+        image at ``um_per_px``, are more than a factor 1.3 from ``spot_pitch_um`` apart.
+    patient
+        Patient name for ``obs['patient']``. Default: HEST's ``patient`` qualified by its
+        ``dataset_title`` (HEST's patient names, e.g. "Patient 1", repeat across
+        datasets); a sample without a patient gets the dataset title alone, as HEST's
+        own benchmark splits group it (all such samples of a dataset are one patient).
+    in_tissue_only
+        Drop spots whose ``obs['in_tissue']`` is 0 / False (when that column exists).
+    drop_zero_count_spots
+        Drop spots without counts.
+    hires_max_px
+        Long side of the plotting copy in ``uns['spatial'][sample_id]['images']['hires']``.
+
+    Returns
+    -------
+    anndata.AnnData
+        The layout of ``docs/data_model.md``. ``X``: raw counts as ``int32`` CSR, taken
+        from ``X`` when it holds whole non-negative numbers (HEST stores them as float32),
+        else from ``layers['counts']``, else from ``raw.X``; non-integer data everywhere
+        (normalised or log values) is an error. ``obs_names``:
+        ``"<sample_id>_<HEST obs name>"``. ``uns['spatial'][sample_id]['metadata']`` adds
+        ``scale_from``, ``um_per_px_tiff`` (-1 when the TIFF states none),
+        ``spot_diameter_um``, ``spot_spacing_um`` (measured), ``grid``, ``technology``,
+        and the spots-on-tissue measures of :func:`from_files`.
+        ``uns['mclstexp']``: ``dataset='hest'``, ``files``, ``counts_from``,
+        ``array_from``, ``spots_dropped`` and ``hest`` (the metadata JSON's scalar
+        entries).
+
+    Raises
+    ------
+    FileNotFoundError
+        A file of the sample is missing (the message gives the expected layout and how
+        to download it).
+    ValueError
+        No pixel size in the arguments, the metadata or the TIFF; spot centres outside
+        the WSI or missing; no raw integer counts; a WSI that is not 8-bit RGB (see
+        :func:`mclstexp_lite.slides.open_slide`).
+    """
+    import json
+
+    import anndata as ad
+    import pandas as pd
+
+    from .. import slides
+
+    if not isinstance(sample_id, str) or not sample_id or any(c in sample_id for c in "/\\"):
+        raise ValueError(f"sample_id must be a HEST id such as 'TENX95' (no path), got "
+                         f"{sample_id!r}")
+    root = Path(root).expanduser()
+    files = {"st": root / "st" / f"{sample_id}.h5ad",
+             "wsi": root / "wsis" / f"{sample_id}.tif",
+             "metadata": root / "metadata" / f"{sample_id}.json"}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"HEST sample {sample_id!r}: missing {', '.join(missing)}. A HEST root holds "
+            f"st/<id>.h5ad, wsis/<id>.tif and metadata/<id>.json (root given: {root}). "
+            + _HEST_DOWNLOAD_HINT.replace("{id}", sample_id))
+    for name, v in (("um_per_px", um_per_px), ("spot_pitch_um", spot_pitch_um),
+                    ("spot_diameter_um", spot_diameter_um)):
+        if v is not None and _finite_positive(v) is None:
+            raise ValueError(f"{name} must be a positive number of microns, got {v!r}")
+
+    try:
+        meta_json = json.loads(files["metadata"].read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {files['metadata']}: {exc}. The file is truncated or "
+                         "not JSON; download it again.") from exc
+    if not isinstance(meta_json, dict):
+        raise ValueError(f"{files['metadata']}: expected a JSON object (HEST's per-sample "
+                         f"metadata), found {type(meta_json).__name__}")
+    hest_meta = {str(k): v for k, v in meta_json.items()
+                 if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                 and not (isinstance(v, float) and not math.isfinite(v))}
+
+    slide = slides.open_slide(files["wsi"])  # 16-bit / grayscale / corrupt: ValueError
+    try:
+        width, height = slide.width, slide.height
+        tiff_um = slide.um_per_px_embedded
+        # pixel size -----------------------------------------------------------
+        chosen = [("given (um_per_px=)", _finite_positive(um_per_px)),
+                  (f"{files['metadata'].name}: pixel_size_um_estimated",
+                   _finite_positive(meta_json.get("pixel_size_um_estimated"))),
+                  (f"{files['metadata'].name}: pixel_size_um_embedded",
+                   _finite_positive(meta_json.get("pixel_size_um_embedded"))),
+                  ("TIFF resolution tags", tiff_um)]
+        scale_from, px_um = next(((s, v) for s, v in chosen if v is not None), (None, None))
+        if px_um is None:
+            raise ValueError(
+                f"HEST sample {sample_id!r}: no pixel size: {files['metadata']} has no "
+                "positive pixel_size_um_estimated or pixel_size_um_embedded and "
+                f"{files['wsi']} has no resolution tags. Pass um_per_px= (microns per "
+                "pixel of the WSI; HEST's metadata CSV lists it per sample), or download "
+                "the sample's metadata JSON again.")
+        if (tiff_um is not None and scale_from != "TIFF resolution tags"
+                and abs(tiff_um / px_um - 1) > _HEST_TIFF_TOLERANCE):
+            warnings.warn(
+                f"HEST sample {sample_id!r}: {files['wsi'].name} states {tiff_um:.4g} um/px in "
+                f"its resolution tags but {px_um:.4g} um/px is used ({scale_from}), "
+                f"{abs(tiff_um / px_um - 1):.0%} apart. Check which is right; pass "
+                "um_per_px= to choose.", UserWarning, stacklevel=2)
+        for key, size in (("fullres_px_width", width), ("fullres_px_height", height)):
+            stated = _finite_positive(meta_json.get(key))
+            if stated is not None and round(stated) != size:
+                warnings.warn(
+                    f"HEST sample {sample_id!r}: {files['metadata'].name} says {key}="
+                    f"{stated:g} but {files['wsi'].name} is {width} x {height} px; the WSI "
+                    "and the metadata may belong to different versions of the sample.",
+                    UserWarning, stacklevel=2)
+
+        # counts and spots -------------------------------------------------------
+        try:
+            src = ad.read_h5ad(files["st"])
+        except Exception as exc:
+            raise ValueError(f"cannot read {files['st']}: {type(exc).__name__}: {exc}. The "
+                             "file is truncated or not an AnnData .h5ad; download it "
+                             "again.") from exc
+        reasons = []
+        X = None
+        counts_from = ""
+        var_names = src.var_names
+        for where, matrix, names in (
+                ("X", src.X, src.var_names),
+                ("layers['counts']", src.layers["counts"] if "counts" in src.layers else None,
+                 src.var_names),
+                ("raw.X", src.raw.X if src.raw is not None else None,
+                 src.raw.var_names if src.raw is not None else None)):
+            if matrix is None:
+                continue
+            X, why = _integer_counts(matrix, f"{files['st'].name} {where}")
+            if X is not None:
+                counts_from, var_names = where, names
+                break
+            reasons.append(why)
+        if X is None:
+            raise ValueError(
+                f"HEST sample {sample_id!r}: no raw counts in {files['st']}: "
+                f"{'; '.join(reasons) or 'it has no X'}. This package needs raw integer "
+                "counts (ml.pp.prepare normalises them): put them into X or "
+                "layers['counts'] (e.g. from the sample's original count matrix), or "
+                "download the file again if it was changed.")
+
+        obs_src = src.obs
+        if "spatial" in src.obsm and np.asarray(src.obsm["spatial"]).ndim == 2 \
+                and np.asarray(src.obsm["spatial"]).shape[1] >= 2:
+            pix = np.asarray(src.obsm["spatial"], dtype=float)[:, :2].copy()
+            pix_from = "obsm['spatial']"
+        elif {"pxl_col_in_fullres", "pxl_row_in_fullres"} <= set(obs_src.columns):
+            pix = obs_src[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
+            pix_from = "obs['pxl_col_in_fullres', 'pxl_row_in_fullres']"
+        else:
+            raise ValueError(
+                f"{files['st']}: no spot coordinates: neither obsm['spatial'] (x, y in "
+                "full-resolution WSI pixels) nor obs['pxl_col_in_fullres', "
+                "'pxl_row_in_fullres']. Is this a HEST st/ file?")
+        bad = ~np.isfinite(pix).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"{files['st']}: {int(bad.sum())} spot(s) without coordinates (NaN in "
+                f"{pix_from}), e.g. {list(obs_src.index[bad][:3])}; remove them from the "
+                "h5ad first.")
+
+        n_rows = src.n_obs
+        keep = np.ones(n_rows, dtype=bool)
+        dropped = {"not_in_tissue": 0, "zero_counts": 0}
+        if in_tissue_only and "in_tissue" in obs_src.columns:
+            flag = pd.to_numeric(obs_src["in_tissue"].astype(object).map(
+                lambda v: {True: 1, False: 0, "True": 1, "False": 0}.get(v, v)),
+                errors="coerce").to_numpy(float)
+            in_t = flag == 1
+            dropped["not_in_tissue"] = int((~in_t).sum())
+            keep &= in_t
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        if drop_zero_count_spots:
+            zero = keep & (totals == 0)
+            dropped["zero_counts"] = int(zero.sum())
+            keep &= totals > 0
+        if not keep.any():
+            raise ValueError(f"{files['st']}: no spots left ({n_rows} in the file; dropped "
+                             f"{dropped}). Pass in_tissue_only=False or "
+                             "drop_zero_count_spots=False to keep them.")
+        if keep.sum() < n_rows:
+            msg = (f"HEST sample {sample_id!r}: kept {int(keep.sum())} of {n_rows} spots "
+                   f"({dropped['not_in_tissue']} not in tissue, {dropped['zero_counts']} "
+                   "without counts).")
+            if n_rows - keep.sum() > DROPPED_WARN_SHARE * n_rows:
+                hint = (" Pass in_tissue_only=False to keep the spots HEST marks as outside "
+                        "the tissue." if dropped["not_in_tissue"] else "")
+                warnings.warn(msg + hint, UserWarning, stacklevel=2)
+            else:
+                log.info("%s", msg)
+        X = X[keep]
+        pix = pix[keep]
+        obs_src = obs_src.iloc[np.flatnonzero(keep)]
+
+        outside = (pix[:, 0] < 0) | (pix[:, 0] >= width) | (pix[:, 1] < 0) | (pix[:, 1] >= height)
+        if outside.any():
+            raise ValueError(
+                f"HEST sample {sample_id!r}: {int(outside.sum())} spot centre(s) of "
+                f"{files['st'].name} lie outside {files['wsi']} ({width} x {height} px), e.g. "
+                f"{list(obs_src.index[outside][:3])} at {pix[outside][0].round(1).tolist()}. "
+                f"The spots ({pix_from}) must be in the full-resolution WSI's pixels: check "
+                "that the h5ad and the TIFF are the same sample and the same HEST version "
+                "(download both again).")
+
+        # spot layout -------------------------------------------------------------
+        tech = str(meta_json.get("st_technology") or "")
+        layout = HEST_SPOT_LAYOUT.get(tech.strip().lower())
+        from scipy.spatial import cKDTree
+
+        if len(pix) >= 2:
+            dist, _ = cKDTree(pix).query(pix, k=2)
+            nn = dist[:, 1][dist[:, 1] > 0]
+            nn_px = float(np.median(nn)) if len(nn) else float("nan")
+        else:
+            nn_px = float("nan")
+        spacing_px = nn_px
+        arr_xy, array_from = _hest_array_coords(obs_src, pix)
+        if arr_xy is not None and len(pix) >= 3:
+            try:  # on the fitted grid: spots detected off the grid do not bias it
+                spacing_px = grid_spacing_px(arr_xy, pix)
+            except (ValueError, np.linalg.LinAlgError):
+                spacing_px = nn_px
+        pitch_from = "given (spot_pitch_um=)"
+        pitch = _finite_positive(spot_pitch_um)
+        if pitch is None:
+            pitch, pitch_from = _finite_positive(meta_json.get("inter_spot_dist")), \
+                f"{files['metadata'].name}: inter_spot_dist"
+        if pitch is None and layout is not None:
+            pitch, pitch_from = layout[0], f"st_technology {tech!r}"
+        if pitch is None:
+            if not math.isfinite(spacing_px):
+                raise ValueError(f"HEST sample {sample_id!r}: cannot tell the spot distance "
+                                 "(no inter_spot_dist, unknown st_technology, one spot); "
+                                 "pass spot_pitch_um=.")
+            pitch, pitch_from = spacing_px * px_um, "measured neighbour spacing"
+        diameter = (_finite_positive(spot_diameter_um)
+                    or _finite_positive(meta_json.get("spot_diameter"))
+                    or (layout[1] if layout is not None else None) or pitch / 2)
+        grid = layout[2] if layout is not None else ""
+        spacing_um = spacing_px * px_um if math.isfinite(spacing_px) else float("nan")
+        if math.isfinite(spacing_um) and not (
+                1 / _HEST_SPACING_TOLERANCE <= spacing_um / pitch <= _HEST_SPACING_TOLERANCE):
+            warnings.warn(
+                f"HEST sample {sample_id!r}: neighbouring spots are {spacing_px:.1f} px apart, "
+                f"i.e. {spacing_um:.1f} um at {px_um:.4g} um/px ({scale_from}), but the spot "
+                f"distance is {pitch:g} um ({pitch_from}). The pixel size or the spot "
+                "distance is wrong (or the spots were pooled into other bins): pass "
+                "um_per_px= or spot_pitch_um=.", UserWarning, stacklevel=2)
+        pitch_px = pitch / px_um
+        if arr_xy is not None:
+            array_xy = np.round(arr_xy).astype(int)
+        else:
+            array_xy = np.round((pix - pix.min(axis=0)) / pitch_px).astype(int)
+            array_from = "spot centres / spot pitch in pixels (no array_row/array_col)"
+
+        # plotting copy from the pyramid ------------------------------------------
+        if len(slide.levels) == 1 and width * height > 200_000_000:
+            log.warning("%s has no pyramid (one %d x %d level): the hires copy decodes it "
+                        "whole", files["wsi"], width, height)
+        hires, hscale = slide.thumbnail(hires_max_px)
+    finally:
+        slide.close()
+
+    if patient is None:
+        p = meta_json.get("patient")
+        p = str(p).strip() if p is not None and not (isinstance(p, float) and math.isnan(p)) else ""
+        title = str(meta_json.get("dataset_title") or "").strip()
+        patient = f"{p} ({title})" if p and title else (p or title or sample_id)
+    obs = pd.DataFrame({
+        "section": pd.Categorical([sample_id] * len(pix)),
+        "patient": pd.Categorical([str(patient)] * len(pix)),
+        "array_x": array_xy[:, 0],
+        "array_y": array_xy[:, 1],
+        "pixel_x": pix[:, 0],
+        "pixel_y": pix[:, 1],
+    }, index=[f"{sample_id}_{i}" for i in obs_src.index.astype(str)])
+    var = pd.DataFrame(index=pd.Index(np.asarray(var_names).astype(str), name=None))
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    adata.obsm["spatial"] = pix.astype(np.float64)
+    meta = {
+        "source_image_path": str(files["wsi"].resolve()),
+        "source_image_sha256": "",
+        "source_image_size": [int(width), int(height)],
+        "um_per_px": float(px_um),
+        "um_per_px_tiff": float(tiff_um) if tiff_um is not None else -1.0,
+        "pixel_scale": 1.0,
+        "spot_pitch_um": float(pitch),
+        "spot_pitch_from": pitch_from,
+        "spot_diameter_um": float(diameter),
+        "spot_spacing_um": round(spacing_um, 3) if math.isfinite(spacing_um) else -1.0,
+        "grid": grid,
+        "technology": tech,
+        "scale_from": scale_from,
+    }
+    meta.update(check_spots_on_image(sample_id, files["wsi"], pix, hires, hscale,
+                                      (width, height), pitch_px))
+    adata.uns["spatial"] = {sample_id: {
+        "images": {"hires": hires},
+        "scalefactors": {"tissue_hires_scalef": float(hscale),
+                         "spot_diameter_fullres": float(diameter / px_um)},
+        "metadata": meta}}
+    adata.uns["mclstexp"] = {
+        "dataset": "hest", "section": sample_id,
+        "files": {k: str(v) for k, v in files.items()},
+        "counts_from": counts_from, "coordinates_from": pix_from, "array_from": array_from,
+        "spots_dropped": dropped, "hest": hest_meta}
+    return adata

@@ -1,0 +1,491 @@
+"""Legacy spatial transcriptomics (ST) sections: HER2+, cSCC and your own files.
+
+- :func:`her2st` - HER2-positive breast cancer (Andersson et al. 2021), 36 sections
+- :func:`cscc` - cutaneous squamous cell carcinoma (Ji et al. 2020), 12 sections
+- :func:`from_files` - your own section: count table + spot file + H&E image
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .. import download as dl
+from ._io import (
+    DROPPED_WARN_SHARE,
+    HIRES_MAX_PX,
+    downscaled_rgb,
+    looks_like_spot_file,
+    looks_like_spot_ids,
+    read_table,
+    unpack_gz,
+)
+from .geometry import (
+    LEGACY_ST_PITCH_UM,
+    LEGACY_ST_SPOT_DIAMETER_UM,
+    check_spots_on_image,
+    grid_spacing_px,
+    spot_pitch_px,
+)
+
+log = logging.getLogger(__name__)
+
+HER2ST_SECTIONS: tuple[str, ...] = tuple(
+    [f"{p}{i}" for p in "ABCD" for i in range(1, 7)]
+    + [f"{p}{i}" for p in "EFGH" for i in range(1, 4)]
+)
+#: The 32 sections the mclSTExp paper uses (sorted names[1:33]: A2 ... G3).
+PAPER_HER2ST_SECTIONS: tuple[str, ...] = tuple(sorted(HER2ST_SECTIONS)[1:33])
+CSCC_SECTIONS: tuple[str, ...] = tuple(
+    f"{p}_ST_rep{r}" for p in ("P2", "P5", "P9", "P10") for r in (1, 2, 3)
+)
+
+#: Fitted pixels per array step and neighbour spacing agree within this factor on a
+#: square array; beyond it the array is taken to be staggered (or scaled) and the
+#: neighbour spacing is used as the spot pitch.
+_PITCH_AGREEMENT = 1.25
+
+
+# --------------------------------------------------------------------- from_files
+def from_files(
+    counts: str | os.PathLike,
+    spots: str | os.PathLike,
+    image: str | os.PathLike | None,
+    *,
+    section: str,
+    patient: str | None = None,
+    labels: str | os.PathLike | None = None,
+    pixel_scale: float = 1.0,
+    um_per_px: float | None = None,
+    spot_pitch_um: float = LEGACY_ST_PITCH_UM,
+    spot_diameter_um: float = LEGACY_ST_SPOT_DIAMETER_UM,
+    counts_orientation: str = "spots_x_genes",
+    drop_zero_count_spots: bool = True,
+    selected: bool = True,
+    hires_max_px: int = HIRES_MAX_PX,
+    image_sha256: str = "",
+    dataset: str = "custom",
+    gene_map=None,
+):
+    """Build an AnnData for one legacy-ST-style section from its three files.
+
+    Parameters
+    ----------
+    counts
+        Tab-separated (or .csv) count table, optionally gzipped. Rows are spots named
+        ``"{x}x{y}"`` by their array coordinates and columns genes (the ST pipeline's
+        ``*_stdata.tsv``), or the transpose with ``counts_orientation="genes_x_spots"``.
+    spots
+        Spot file with at least the columns ``x``, ``y`` (array coordinates, may be
+        fractional) and ``pixel_x``, ``pixel_y`` (spot centres in image pixels); a
+        ``selected`` column, when present, keeps only rows with 1 (see ``selected``).
+    image
+        H&E image the spot pixels refer to (any format PIL reads, .gz allowed), or
+        ``None`` for expression only.
+    section, patient
+        Names stored in ``obs`` (patient defaults to the section name).
+    labels
+        Optional pathologist label table with columns ``x``, ``y``, ``label``; joined on
+        the rounded array coordinates.
+    pixel_scale
+        Factor from the spot file's pixel frame to ``image``'s frame (1.0 when the image
+        is the one the spot file was made on; e.g. 2000/6954 for HER2+ A1's reduced image).
+    um_per_px
+        Microns per pixel of ``image``, when you know it (e.g. from the scanner). It wins
+        over the estimate below; a warning says when the spots disagree with it by more
+        than a quarter.
+    spot_pitch_um, spot_diameter_um
+        Centre-to-centre distance and diameter of the spots (legacy ST: 200 and 100 um).
+        Without ``um_per_px`` the scale is ``spot_pitch_um`` divided by the spot pitch in
+        pixels: the least-squares pixels per array step (:func:`spot_pitch_px`, the mean
+        over both axes). When that disagrees with the spacing of neighbouring spots on the
+        fitted grid (:func:`grid_spacing_px`) by more than a factor 1.25, the array is
+        staggered (one array step is not one pitch, e.g. x steps of half a pitch): the
+        neighbour spacing is used instead, with a warning that names both.
+    drop_zero_count_spots
+        Spots with no counts carry no expression to learn from; they are dropped
+        (``False`` keeps them).
+    selected
+        ``True`` (default): a ``selected`` column of the spot file keeps only rows with 1
+        (the spots the ST pipeline found under tissue). ``False`` ignores the column and
+        keeps every row.
+    hires_max_px
+        Longest side of the downscaled copy stored for plotting.
+    gene_map
+        Optional table from the count table's gene names (ids, e.g. Ensembl) to symbols:
+        a file whose first column holds the ids and second the symbols (tab-separated, a
+        ``.csv`` name means commas; header optional; a 10x ``features.tsv.gz`` works), or
+        a mapping ``{id: symbol}`` (:func:`mclstexp_lite.pp.read_gene_map`, which
+        refuses an id with several symbols). ``var_names`` stay the counts' names; the
+        symbols go to ``var['gene_symbols']`` (``""`` where the table has none), where
+        :func:`mclstexp_lite.pp.subset_genes` finds them, so a panel of symbols works.
+
+    Returns
+    -------
+    anndata.AnnData
+        Layout as in ``docs/data_model.md``. ``uns['mclstexp']['spots_dropped']`` counts
+        the spots left out, by reason: ``not_selected``, ``counts_without_spot_row``,
+        ``spot_rows_without_counts``, ``zero_counts``. When they are more than a tenth of
+        the spot file's rows a warning says so.
+    """
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+
+    counts, spots = Path(counts), Path(spots)
+    for what, path in (("counts", counts), ("spots", spots), ("image", image),
+                       ("labels", labels)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{what} file not found: {path} (the `{what}` argument of "
+                                    "from_files); check the path.")
+    if pixel_scale <= 0:
+        raise ValueError(f"pixel_scale must be > 0, got {pixel_scale}")
+    if um_per_px is not None and not (isinstance(um_per_px, (int, float)) and um_per_px > 0):
+        raise ValueError(f"um_per_px must be a positive number of microns per image pixel "
+                         f"(or None to estimate it from the spots), got {um_per_px!r}")
+    if counts_orientation not in ("spots_x_genes", "genes_x_spots"):
+        raise ValueError("counts_orientation must be 'spots_x_genes' or 'genes_x_spots', "
+                         f"got {counts_orientation!r}")
+    patient = patient if patient is not None else section
+
+    # counts ---------------------------------------------------------------
+    cnt = read_table(counts, index_col=0)
+    if looks_like_spot_file(cnt.columns):
+        raise ValueError(f"{counts} has the columns of a spot file (pixel_x, pixel_y), not "
+                         f"a count table: are the counts and spots arguments swapped? "
+                         f"(spots: {spots})")
+    if counts_orientation == "genes_x_spots":
+        cnt = cnt.T
+    if cnt.shape[0] == 0 or cnt.shape[1] == 0:
+        raise ValueError(f"{counts}: the count table is empty ({cnt.shape[0]} spots x "
+                         f"{cnt.shape[1]} genes)")
+    cnt.index = cnt.index.astype(str)
+    dup = cnt.index[cnt.index.duplicated()].unique()
+    if len(dup):
+        raise ValueError(f"{counts}: {len(dup)} duplicated spot id(s), e.g. {list(dup[:5])}. "
+                         "Each spot must appear once; fix or deduplicate the file.")
+    values = cnt.to_numpy()
+    if not np.issubdtype(values.dtype, np.number):
+        bad = [c for c in cnt.columns if not pd.api.types.is_numeric_dtype(cnt[c])][:5]
+        raise ValueError(f"{counts}: non-numeric count columns, e.g. {bad}. Is the table "
+                         "transposed (try counts_orientation='genes_x_spots') or not tab-separated?")
+    if np.isnan(values).any():
+        raise ValueError(f"{counts}: {int(np.isnan(values).sum())} missing (NaN) count(s); "
+                         "counts must be complete non-negative integers.")
+    if (values < 0).any():
+        raise ValueError(f"{counts}: {int((values < 0).sum())} negative count(s); raw counts "
+                         "must be non-negative.")
+    if not np.allclose(values, np.round(values)):
+        raise ValueError(f"{counts}: counts are not integers (is this already normalised?). "
+                         "Load raw counts; normalisation is done by mclstexp_lite.pp.normalize.")
+
+    # spots ----------------------------------------------------------------
+    sp = read_table(spots)
+    need = {"x", "y", "pixel_x", "pixel_y"}
+    if not need <= set(sp.columns):
+        swapped = (" It looks like a count table (many columns, spot ids in the first): are "
+                   f"the counts and spots arguments swapped? (counts: {counts})"
+                   if sp.shape[1] > 20 else "")
+        raise ValueError(f"{spots}: spot file needs columns {sorted(need)}, found "
+                         f"{list(sp.columns)[:10]}{' ...' if sp.shape[1] > 10 else ''}."
+                         + swapped)
+    n_rows = len(sp)
+    dropped = {"not_selected": 0, "counts_without_spot_row": 0, "spot_rows_without_counts": 0,
+               "zero_counts": 0}
+    if "selected" in sp.columns and selected:
+        keep_sel = sp["selected"] == 1
+        dropped["not_selected"] = int((~keep_sel).sum())
+        sp = sp[keep_sel]
+    coord_cols = ["x", "y", "pixel_x", "pixel_y"]
+    text_cols = [c for c in coord_cols if not pd.api.types.is_numeric_dtype(sp[c])]
+    if text_cols:
+        raise ValueError(f"{spots}: non-numeric values in column(s) {text_cols}; the spot file "
+                         "must hold numbers in x, y, pixel_x, pixel_y (is it tab-separated?)")
+    no_coord = ~np.isfinite(sp[coord_cols].to_numpy(float)).all(axis=1)
+    if no_coord.any():
+        raise ValueError(f"{spots}: {int(no_coord.sum())} spot row(s) with missing (NaN) x, y, "
+                         f"pixel_x or pixel_y, e.g. row(s) {list(sp.index[no_coord][:5])}; remove "
+                         "them or set their 'selected' column to 0.")
+    ax = np.round(sp["x"].to_numpy(float)).astype(int)
+    ay = np.round(sp["y"].to_numpy(float)).astype(int)
+    sp = sp.assign(array_x=ax, array_y=ay,
+                   spot_id=[f"{a}x{b}" for a, b in zip(ax, ay)]).set_index("spot_id")
+    dup = sp.index[sp.index.duplicated()].unique()
+    if len(dup):
+        raise ValueError(f"{spots}: {len(dup)} spot(s) share rounded array coordinates, e.g. "
+                         f"{list(dup[:5])}; the file is not a legacy-ST spot selection.")
+    common = cnt.index.intersection(sp.index, sort=False)
+    if len(common) == 0:
+        hint = " Are they from the same section?"
+        if looks_like_spot_ids(cnt.columns) and not looks_like_spot_ids(cnt.index):
+            other = ("genes_x_spots" if counts_orientation == "spots_x_genes"
+                     else "spots_x_genes")
+            hint = (f" The count table's columns look like spot ids (e.g. {list(cnt.columns[:3])}): "
+                    f"pass counts_orientation={other!r}.")
+        raise ValueError(
+            f"no spot ids shared between {counts} (e.g. {list(cnt.index[:3])}) and the "
+            f"rounded array coordinates of {spots} (e.g. {list(sp.index[:3])})." + hint)
+    dropped["counts_without_spot_row"] = len(cnt.index) - len(common)
+    dropped["spot_rows_without_counts"] = len(sp.index) - len(common)
+    cnt = cnt.loc[common]
+    sp = sp.loc[common]
+    totals = cnt.to_numpy().sum(axis=1)
+    if drop_zero_count_spots and (totals == 0).any():
+        keep = totals > 0
+        dropped["zero_counts"] = int((~keep).sum())
+        cnt, sp = cnt[keep], sp[keep]
+    lost = sum(v for k, v in dropped.items() if k != "counts_without_spot_row")
+    if any(dropped.values()):
+        reasons = (f"{dropped['not_selected']} with selected != 1 in {spots}"
+                   + ("" if selected else " (ignored: selected=False)")
+                   + f", {dropped['spot_rows_without_counts']} spot row(s) without a count "
+                   f"row, {dropped['zero_counts']} with zero counts; plus "
+                   f"{dropped['counts_without_spot_row']} count row(s) without a spot row")
+        msg = (f"{section}: kept {len(sp)} of the {n_rows} rows of the spot file; dropped "
+               f"{reasons}.")
+        if n_rows and lost > DROPPED_WARN_SHARE * n_rows:
+            hint = (" Pass selected=False to keep the rows the spot file marks as not "
+                    "selected." if dropped["not_selected"] else "")
+            warnings.warn(msg + hint, UserWarning, stacklevel=2)
+        else:
+            log.info("%s", msg)
+    if len(cnt) == 0:
+        raise ValueError(f"{counts}: no spots with counts left after matching {spots}")
+
+    pix = sp[["pixel_x", "pixel_y"]].to_numpy(float) * pixel_scale
+    obs = pd.DataFrame({
+        "section": pd.Categorical([section] * len(sp)),
+        "patient": pd.Categorical([patient] * len(sp)),
+        "array_x": sp["array_x"].to_numpy(int),
+        "array_y": sp["array_y"].to_numpy(int),
+        "pixel_x": pix[:, 0],
+        "pixel_y": pix[:, 1],
+    }, index=[f"{section}_{i}" for i in sp.index])
+
+    if labels is not None:
+        lab = read_table(Path(labels))
+        if not {"x", "y", "label"} <= set(lab.columns):
+            raise ValueError(f"{labels}: label file needs columns x, y, label; found "
+                             f"{list(lab.columns)}")
+        lab = lab.dropna(subset=["x", "y"])
+        key = [f"{a}x{b}" for a, b in zip(np.round(lab["x"]).astype(int),
+                                            np.round(lab["y"]).astype(int))]
+        lab_map = dict(zip(key, lab["label"].astype(str)))
+        obs["label"] = pd.Categorical([lab_map.get(i) for i in sp.index])
+        n_lab = int(obs["label"].notna().sum())
+        log.info("%s: %d of %d spots carry a pathologist label", section, n_lab, len(obs))
+
+    X = sparse.csr_matrix(cnt.to_numpy().astype(np.int32))
+    var = pd.DataFrame(index=pd.Index(cnt.columns.astype(str), name=None))
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    if gene_map is not None:
+        from ..gene_names import read_gene_map, unversioned
+
+        mapping = read_gene_map(gene_map, what="gene_map")
+        where = gene_map if isinstance(gene_map, (str, os.PathLike)) else "the gene_map mapping"
+        plain = {unversioned(k): v for k, v in mapping.items()}
+        names = [unversioned(str(n)) for n in adata.var_names]
+        symbols = [plain.get(n, "") for n in names]
+        n_mapped = sum(bool(x) for x in symbols)
+        if n_mapped == 0:
+            values = {unversioned(v) for v in mapping.values()}
+            if any(n in values for n in names):
+                raise ValueError(
+                    f"{counts}: its gene names are in the second column of {where}, not the "
+                    "first: the first column must hold the count table's names (the ids), "
+                    "the second the symbols. Swap the columns, or drop gene_map= if the "
+                    "counts already use symbols.")
+            raise ValueError(
+                f"none of the gene names of {counts} (e.g. {list(adata.var_names[:3])}) is "
+                f"in the first column of {where} (e.g. {list(mapping)[:3]}). Is the table "
+                "for another organism or annotation?")
+        if n_mapped < adata.n_vars / 2:
+            warnings.warn(
+                f"{section}: {where} gives a symbol to only {n_mapped} of the "
+                f"{adata.n_vars} genes of {counts}; the others keep an empty "
+                "var['gene_symbols']. Check that the table matches the counts' annotation.",
+                UserWarning, stacklevel=2)
+        adata.var["gene_ids"] = adata.var_names.astype(str)
+        adata.var["gene_symbols"] = symbols
+    adata.obsm["spatial"] = pix.astype(np.float64)
+
+    arr_xy = sp[["x", "y"]].to_numpy(float)
+    pitch_px = spot_pitch_px(arr_xy, pix)
+    spacing_px = grid_spacing_px(arr_xy, pix)
+    ratio = spacing_px / pitch_px
+    scale_source = "spot pitch: least-squares pixels per array step"
+    if not 1 / _PITCH_AGREEMENT <= ratio <= _PITCH_AGREEMENT:
+        scale_source = "spot pitch: neighbour spacing (staggered array)"
+        if um_per_px is None:
+            warnings.warn(
+                f"{section}: one array step is {pitch_px:.1f} px but neighbouring spots are "
+                f"{spacing_px:.1f} px apart ({ratio:.2f}x): the array coordinates are "
+                f"staggered (or scaled). Taking the neighbour spacing as the spot pitch of "
+                f"{spot_pitch_um:g} um: {spot_pitch_um / spacing_px:.3f} um/px (one array step "
+                f"would give {spot_pitch_um / pitch_px:.3f}). Pass um_per_px= if you know the "
+                "image's scale, or spot_pitch_um= if the pitch differs.",
+                UserWarning, stacklevel=2)
+        pitch_px = spacing_px
+    if um_per_px is None:
+        um_per_px = spot_pitch_um / pitch_px
+    else:
+        estimate = spot_pitch_um / pitch_px
+        scale_source = "given (um_per_px=)"
+        if not 1 / _PITCH_AGREEMENT <= estimate / um_per_px <= _PITCH_AGREEMENT:
+            warnings.warn(
+                f"{section}: um_per_px={um_per_px:g} was given, but spots {spot_pitch_um:g} um "
+                f"apart are {pitch_px:.1f} px apart in {spots}, i.e. {estimate:.3f} um/px. "
+                "Using the given value; check it, pixel_scale and spot_pitch_um.",
+                UserWarning, stacklevel=2)
+    meta = {
+        "source_image_path": str(Path(image).resolve()) if image is not None else "",
+        "source_image_sha256": image_sha256,
+        "um_per_px": float(um_per_px),
+        "pixel_scale": float(pixel_scale),
+        "spot_pitch_um": float(spot_pitch_um),
+        "scale_from": scale_source,
+    }
+    lib = {"metadata": meta, "images": {},
+           "scalefactors": {"spot_diameter_fullres": float(spot_diameter_um / um_per_px),
+                            "tissue_hires_scalef": 1.0}}
+    if image is not None:
+        image = Path(image)
+        hires, (w, h) = downscaled_rgb(image, hires_max_px)
+        lib["images"]["hires"] = hires
+        lib["scalefactors"]["tissue_hires_scalef"] = hires.shape[1] / w
+        meta["source_image_size"] = [int(w), int(h)]
+        outside = ((pix[:, 0] < 0) | (pix[:, 0] >= w) | (pix[:, 1] < 0) | (pix[:, 1] >= h))
+        if outside.any():
+            ids = list(adata.obs_names[outside][:3])
+            raise ValueError(
+                f"{section}: {int(outside.sum())} spot centre(s) lie outside the image "
+                f"{image} ({w} x {h} px), e.g. {ids}. The spot pixels are probably in another "
+                f"frame: check pixel_scale (now {pixel_scale}) and that the image belongs to "
+                "this section.")
+        meta.update(check_spots_on_image(section, image, pix, hires,
+                                          lib["scalefactors"]["tissue_hires_scalef"], (w, h),
+                                          pitch_px, pixel_scale))
+    adata.uns["spatial"] = {section: lib}
+    adata.uns["mclstexp"] = {"dataset": dataset, "section": section,
+                             "files": {"counts": str(counts), "spots": str(spots),
+                                       "image": str(image) if image is not None else "",
+                                       "labels": str(labels) if labels is not None else "",
+                                       "gene_map": (str(gene_map) if isinstance(
+                                           gene_map, (str, os.PathLike)) else "")},
+                             "spots_dropped": dropped}
+    return adata
+
+
+# -------------------------------------------------------------------------- HER2+
+def her2st(section: str, *, data_dir: str | os.PathLike | None = None, image: str = "auto",
+           download: bool | None = None, progress: bool = True,
+           hires_max_px: int = HIRES_MAX_PX):
+    """Load one HER2+ breast cancer section (Andersson et al. 2021) as AnnData.
+
+    Parameters
+    ----------
+    section
+        One of :data:`HER2ST_SECTIONS` (``"A1"`` ... ``"H3"``).
+    data_dir
+        Data root (default ``$MCLSTEXP_DATA`` or the user cache; see
+        :func:`mclstexp_lite.download.data_dir`).
+    image
+        ``"auto"`` (full-resolution image; for A1, the reduced-resolution one when the
+        full image cannot be had), ``"full"``, ``"reduced"`` (A1 only) or ``"none"``.
+    download
+        Passed to :func:`mclstexp_lite.download.fetch` (``False``: never download).
+
+    Returns
+    -------
+    anndata.AnnData
+        Raw counts; ``obs['label']`` for the sections with pathologist labels
+        (A1, B1, C1, D1, E1, F1, G2, H1).
+    """
+    if section not in HER2ST_SECTIONS:
+        raise ValueError(f"unknown HER2+ section {section!r}; valid: {', '.join(HER2ST_SECTIONS)}")
+    if image not in ("auto", "full", "reduced", "none"):
+        raise ValueError(f"image must be 'auto', 'full', 'reduced' or 'none', got {image!r}")
+    rows = dl.rows("her2st", section)
+    by_kind = {r.kind: r for r in rows}
+    needed = [by_kind["counts"], by_kind["spots"]]
+    if "labels" in by_kind:
+        needed.append(by_kind["labels"])
+    paths = dl.fetch(needed, data_dir=data_dir, download=download, progress=progress)
+
+    img_row = None
+    img_path = None
+    if image in ("auto", "full"):
+        try:
+            img_path = dl.fetch([by_kind["image"]], data_dir=data_dir, download=download,
+                                progress=progress)[by_kind["image"].path]
+            img_row = by_kind["image"]
+        except dl.DataMissingError:
+            if image == "full" or "image_reduced" not in by_kind:
+                raise
+            log.warning("%s: full-resolution image not available; using the reduced-"
+                        "resolution image %s", section, by_kind["image_reduced"].path)
+    if image == "reduced" and "image_reduced" not in by_kind:
+        raise ValueError(f"section {section} has no reduced-resolution image; only A1 has one. "
+                         "Use image='full' or 'auto'.")
+    if img_row is None and image in ("auto", "reduced"):
+        r = by_kind["image_reduced"]
+        img_path = dl.fetch([r], data_dir=data_dir, download=download,
+                            progress=progress)[r.path]
+        img_row = r
+    sha = dl.verify(img_path, img_row) if img_row is not None else ""
+    adata = from_files(
+        paths[by_kind["counts"].path], paths[by_kind["spots"].path], img_path,
+        section=section, patient=section[0],
+        labels=paths[by_kind["labels"].path] if "labels" in by_kind else None,
+        pixel_scale=(img_row.pixel_scale or 1.0) if img_row is not None else 1.0,
+        image_sha256=sha, dataset="her2st", hires_max_px=hires_max_px)
+    adata.uns["mclstexp"]["manifest_rows"] = [r.path for r in needed] + (
+        [img_row.path] if img_row is not None else [])
+    adata.uns["mclstexp"]["image_kind"] = img_row.kind if img_row is not None else "none"
+    return adata
+
+
+# --------------------------------------------------------------------------- cSCC
+def cscc(section: str, *, data_dir: str | os.PathLike | None = None, image: str = "auto",
+         download: bool | None = None, progress: bool = True,
+         hires_max_px: int = HIRES_MAX_PX):
+    """Load one cSCC section (Ji et al. 2020, GEO GSE144240) as AnnData.
+
+    Parameters
+    ----------
+    section
+        One of :data:`CSCC_SECTIONS`, e.g. ``"P2_ST_rep1"``.
+    image
+        ``"auto"``/``"full"`` (the GEO H&E, unpacked from .jpg.gz into the cache once)
+        or ``"none"``.
+
+    Notes
+    -----
+    GEO publishes no checksums for these files: the downloader checks the size the
+    server announces and records the sha256 it saw in ``<file>.sha256``; later loads
+    compare against that record.
+    """
+    if section not in CSCC_SECTIONS:
+        raise ValueError(f"unknown cSCC section {section!r}; valid: {', '.join(CSCC_SECTIONS)}")
+    if image not in ("auto", "full", "none"):
+        raise ValueError(f"image must be 'auto', 'full' or 'none' for cSCC, got {image!r}")
+    by_kind = {r.kind: r for r in dl.rows("cscc", section)}
+    needed = [by_kind["counts"], by_kind["spots"]] + ([by_kind["image"]] if image != "none" else [])
+    paths = dl.fetch(needed, data_dir=data_dir, download=download, progress=progress)
+    img_path = None
+    sha = ""
+    if image != "none":
+        gz = paths[by_kind["image"].path]
+        sha = dl.verify(gz, by_kind["image"])
+        img_path = unpack_gz(gz)
+    adata = from_files(paths[by_kind["counts"].path], paths[by_kind["spots"].path], img_path,
+                       section=section, patient=section.split("_")[0], image_sha256=sha,
+                       dataset="cscc", hires_max_px=hires_max_px)
+    adata.uns["mclstexp"]["manifest_rows"] = [r.path for r in needed]
+    return adata

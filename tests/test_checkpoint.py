@@ -1,0 +1,134 @@
+"""Tests for mclstexp_lite.checkpoint: save / load / rebuild, atomic writes, exact resume,
+the "same run?" rule (a checkpoint of another config, other sections or other genes is
+never continued or replaced), and damaged or foreign checkpoint files.
+
+All training here is on SYNTHETIC data (tests/factories.py: random patches and
+expression); ``trained_run`` (conftest.py) is one tiny frozen-mode run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mclstexp_lite import train as tr
+
+from .factories import LOOP, fresh_copy, listing, state_equal, synthetic_spotdata, tiny_config
+
+
+# ------------------------------------------- training and resume (from test_train.py)
+def test_resume_reaches_the_same_weights(tmp_path):
+    data = synthetic_spotdata()
+    cfg = tiny_config(LOOP)
+    full = tr.train(data, cfg, out_dir=tmp_path / "full", progress=False)
+
+    def stop_after_first(epoch, history):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(data, cfg, out_dir=tmp_path / "cut", progress=False, callback=stop_after_first)
+    assert tr.load_checkpoint(tmp_path / "cut")["epoch"] == 1
+    resumed = tr.train(data, cfg, out_dir=tmp_path / "cut", resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert state_equal(full.model.state_dict(), resumed.model.state_dict())
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+    # and a different seed gives different weights (the comparison can fail)
+    other = tr.train(data, tiny_config(LOOP, seed=4), progress=False)
+    assert not state_equal(full.model.state_dict(), other.model.state_dict())
+
+
+def test_existing_checkpoint_is_never_silently_replaced(tmp_path):
+    data = synthetic_spotdata()
+    tr.train(data, tiny_config(LOOP, epochs=1), out_dir=tmp_path, progress=False)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        tr.train(data, tiny_config(LOOP, epochs=1), out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        tr.train(data, tiny_config(LOOP, epochs=2, lr=5e-4), out_dir=tmp_path, resume=True,
+                 progress=False)
+    tr.train(data, tiny_config(LOOP, epochs=1), out_dir=tmp_path, overwrite=True, progress=False)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    data = synthetic_spotdata()
+
+    def broken_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        tr.train(data, tiny_config(LOOP, epochs=1), out_dir=tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_checkpoint_round_trip_and_embeddings(tmp_path):
+    data = synthetic_spotdata()
+    res = tr.train(data, tiny_config(LOOP, epochs=1), out_dir=tmp_path, progress=False)
+    again = tr.model_from_checkpoint(tmp_path)
+    cfg = tiny_config(LOOP)
+    e1 = tr.embed_images(res.model, data, config=cfg, progress=False)
+    e2 = tr.embed_images(again, data, config=cfg, progress=False)
+    assert e1.shape == (len(data), 256) and np.allclose(e1, e2, atol=1e-6)
+    s = tr.embed_spots(again, data, device="cpu")
+    assert s.shape == (len(data), 256) and np.isfinite(s).all()
+    ck = tr.load_checkpoint(tmp_path)
+    assert set(ck) >= {"model", "optimizer", "config", "epoch", "history", "rng", "model_config"}
+
+
+def test_resume_refuses_a_checkpoint_of_other_sections_or_genes(tmp_path):
+    """SYNTHETIC: the same config on other data must not silently continue (or return)
+    the model trained on the first data."""
+    data = synthetic_spotdata()
+    cfg = tiny_config(LOOP, epochs=1)
+    tr.train(data, cfg, out_dir=tmp_path / "run", progress=False)
+    other = synthetic_spotdata()
+    other.sections = ["S0", "T1"]
+    with pytest.raises(ValueError, match=r"other sections .*S0, S1.*S0, T1"):
+        tr.train(other, cfg, out_dir=tmp_path / "run", resume=True, progress=False)
+    renamed = synthetic_spotdata()
+    renamed.genes = [f"h{i}" for i in range(len(renamed.genes))]
+    with pytest.raises(ValueError, match="other genes"):
+        tr.train(renamed, cfg, out_dir=tmp_path / "run", resume=True, progress=False)
+    # the same data still resumes (here: nothing left to do)
+    assert len(tr.train(data, cfg, out_dir=tmp_path / "run", resume=True,
+                        progress=False).history) == 1
+
+
+# --------------------------------- damaged and foreign files (from test_bad_input.py)
+def test_truncated_checkpoint_is_a_value_error_naming_the_file(trained_run, tmp_path):
+    run = fresh_copy(trained_run, tmp_path / "run")
+    ckpt = run / tr.CHECKPOINT
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    before = ckpt.read_bytes()
+    for call in (lambda: tr.load_checkpoint(ckpt), lambda: tr.load_checkpoint(run),
+                 lambda: tr.model_from_checkpoint(ckpt),
+                 lambda: tr.train(synthetic_spotdata(), tiny_config(epochs=2, seed=1, mode="full"),
+                                  out_dir=run, resume=True, progress=False)):
+        with pytest.raises(ValueError, match="truncated") as err:
+            call()
+        assert str(ckpt) in str(err.value)
+    assert ckpt.read_bytes() == before  # a failed resume does not replace it
+
+
+def test_foreign_checkpoint_contents_are_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ValueError, match=r"not an mclstexp_lite checkpoint \(it holds a Tensor"):
+        tr.load_checkpoint(path)
+    torch.save({"model": {}}, path)
+    with pytest.raises(ValueError, match="not an mclstexp_lite checkpoint .no 'model_config'"):
+        tr.load_checkpoint(path)
+
+
+def test_results_folder_of_another_run_is_never_replaced(trained_run, tmp_path):
+    run = fresh_copy(trained_run, tmp_path / "run")
+    before = {name: (run / name).read_bytes() for name in listing(run)}
+    with pytest.raises(FileExistsError, match="overwrite=True") as err:
+        tr.train(synthetic_spotdata(seed=5), tiny_config(lr=5e-4, seed=1, mode="full"),
+                 out_dir=run, progress=False)
+    assert str(run / tr.CHECKPOINT) in str(err.value)
+    assert {name: (run / name).read_bytes() for name in listing(run)} == before
