@@ -32,6 +32,7 @@ Submodules are imported lazily so that ``import mclstexp_lite`` stays cheap:
 - ``metrics``   PCC-ACG, PCC-HEG, MSE, MAE
 - ``folds``     cross-validation folds (section / patient schemes)
 - ``cv``, ``baselines``  cross-validation runs (re-exports ``folds`` and ``results``) and baselines
+- ``run_folder`` a results folder: what config.json records, "same run?", preparing it
 - ``results``   results tables: load, summarise and compare run_cv folders
 - ``interpret`` gene rankings, clustering against pathologist labels
 - ``pl``        figures; ``workflow`` glue for the notebooks; ``tutorials`` the runner
@@ -70,6 +71,7 @@ _SUBMODULES = (
     "metrics",
     "folds",
     "cv",
+    "run_folder",
     "results",
     "baselines",
     "pl",

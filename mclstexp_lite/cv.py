@@ -60,10 +60,8 @@ Every file is written atomically (temporary file in the same folder, fsync, rena
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -79,6 +77,10 @@ from .folds import FOLDS_FILE as _FOLDS
 from .folds import (SCHEMES, Fold, check_folder_name, check_leakage, load_folds, make_folds,
                     patients_of, save_folds)
 from .results import compare, load_results, summarize_results, summary_markdown
+from .run_folder import CONFIG_FILE as _CONFIG
+from .run_folder import METRICS_FILE as _METRICS
+from .run_folder import RETRIEVAL_METHODS as _NEURAL
+from .run_folder import fingerprint, prepare_out_dir, run_config, stain_config
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +102,13 @@ __all__ = [
     "compare",
 ]
 
-_NEURAL = ("mclstexp", "bleep")
 #: Methods :func:`run_cv` runs (the one list of them): the two retrieval models, then
 #: the baselines of :data:`mclstexp_lite.baselines.METHODS`.
 METHODS = _NEURAL + bl.METHODS
-_RIDGE = bl.RIDGE_METHODS
 #: Columns of the per-section metrics table (``metrics.csv``), in order.
 ROW_COLUMNS = ("method", "scheme", "fold", "test_section", "pcc_acg", "pcc_heg", "mse",
                "mae", "n_spots", "n_genes", "n_constant_genes", "seconds")
-_CONFIG = "config.json"
-_METRICS = "metrics.json"
 _EMB = "embeddings.npz"
-# config.json keys that may differ between runs of the same study
-_VOLATILE = ("package_version", "created", "device")
 
 
 # =========================================================================== config
@@ -145,81 +141,6 @@ def method_config(method: str, config):
         raise ValueError("config.model['spot_encoder'] is 'none', which is the BLEEP-style "
                          "baseline; use method='bleep', or drop spot_encoder for mclSTExp.")
     return config
-
-
-def _sha256_text(items) -> str:
-    h = hashlib.sha256()
-    for x in items:
-        h.update(str(x).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def _fingerprint(adata) -> dict:
-    return {"n_spots": int(adata.n_obs),
-            "obs_sha256": _sha256_text(adata.obs_names),
-            "expr_sha256": hashlib.sha256(
-                _util.to_dense(adata.X, np.float32).tobytes()).hexdigest()}
-
-
-def _run_config(*, adatas, patients, scheme, method, config, top_k, metric, patch_um,
-                patch_size, device) -> dict:
-    from . import __version__
-
-    genes = list(next(iter(adatas.values())).var_names)
-    d = {
-        "scheme": scheme,
-        "method": method,
-        "train_config": config.to_dict(),
-        "top_k": int(top_k) if method in _NEURAL else None,
-        "metric": metric if method in _NEURAL else None,
-        "genes": {"n": len(genes), "sha256": _sha256_text(genes)},
-        "sections": dict(patients),
-        "data": {s: _fingerprint(a) for s, a in adatas.items()},
-        "patch": {"patch_um": float(patch_um), "patch_size": int(patch_size)},
-        "baseline": ({"alphas": list(bl.DEFAULT_ALPHAS),
-                      "alpha_selection": "leave-one-training-section-out, MSE",
-                      "features": (list(bl.COLOR_FEATURE_NAMES) if method == "ridge_color"
-                                   else "frozen image encoder of train_config.model, "
-                                        "seed train_config.seed, view 0 of the feature cache")}
-                     if method in _RIDGE else None),
-        "package_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device": str(device),
-    }
-    return d
-
-
-def _identity(cfg: Mapping) -> dict:
-    """What must match for a results folder to hold this run: ``config.json`` without
-    its volatile keys, the training config compared by the one "same run?" rule
-    (:func:`mclstexp_lite.checkpoint.run_identity`, with ``epochs``)."""
-    from . import checkpoint
-
-    d = {k: v for k, v in cfg.items() if k not in _VOLATILE}
-    tc = dict(d.get("train_config") or {})
-    try:
-        tc = checkpoint.run_identity(tc, epochs=True)
-    except (TypeError, ValueError):  # not a TrainConfig of this version: compare as written
-        tc.pop("device", None)
-    d["train_config"] = tc
-    return json.loads(json.dumps(d, sort_keys=True, default=str))
-
-
-def _diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: {_short(va)} -> {_short(vb)}")
-    return out
-
-
-def _short(v) -> str:
-    s = json.dumps(v, default=str)
-    return s if len(s) <= 60 else s[:57] + "..."
 
 
 # ========================================================================== run_cv
@@ -255,52 +176,6 @@ def _select(all_folds: list[Fold], folds) -> list[Fold]:
     if unknown:
         raise ValueError(f"unknown fold(s) {unknown}; this scheme's folds are {names}.")
     return [f for f in all_folds if f.name in set(folds)]
-
-
-def _prepare_out_dir(out: Path, run_cfg: dict, all_folds: list[Fold], selected: list[Fold],
-                     overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"out_dir {out} is a file, not a folder; choose another out_dir.")
-    cfg_path = out / _CONFIG
-    if cfg_path.exists():
-        with open(cfg_path) as fh:
-            saved = json.load(fh)
-        diff = _diff(_identity(saved), _identity(run_cfg))
-        if diff:
-            if not overwrite:
-                raise ValueError(
-                    f"{out} holds results of a different configuration ({'; '.join(diff)}). "
-                    "Use another out_dir, or overwrite=True to replace those results.")
-            log.warning("%s: configuration changed (%s); replacing its results", out,
-                        "; ".join(diff))
-            _clear(out, all_folds)
-        else:
-            done = [f.name for f in selected if (out / f.name / _METRICS).exists()]
-            if len(done) == len(selected):
-                if not overwrite:
-                    raise FileExistsError(
-                        f"{out} already holds complete results for fold(s) {done}. Pass "
-                        "overwrite=True to recompute them, choose another out_dir, or read "
-                        "them with cv.load_results(out_dir).")
-                _clear(out, selected)
-            elif overwrite:
-                _clear(out, selected)
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(
-            f"{out} exists, is not empty and has no {_CONFIG}, so it is not a run_cv "
-            "results folder; choose another out_dir (nothing was written).")
-    out.mkdir(parents=True, exist_ok=True)
-    _util.atomic_write_json(cfg_path, run_cfg)
-
-
-def _clear(out: Path, folds: Sequence[Fold]) -> None:
-    """Remove the results run_cv writes for these folds (and the aggregated tables)."""
-    for f in folds:
-        d = out / f.name
-        if d.is_dir():
-            shutil.rmtree(d)
-    for name in ("metrics.csv", "summary.csv", "summary.md"):
-        (out / name).unlink(missing_ok=True)
 
 
 def run_cv(
@@ -406,18 +281,18 @@ def run_cv(
     if isinstance(n_heg, bool) or not isinstance(n_heg, (int, np.integer)) or not 1 <= n_heg <= n_genes:
         raise ValueError(f"n_heg must be an integer between 1 and the number of genes "
                          f"({n_genes}), got {n_heg!r}.")
-    stain_cfg = _stain_config(stain)
+    stain_cfg = stain_config(stain)
     patients = patients_of(adatas)
     all_folds = make_folds(patients, scheme)
     selected = _select(all_folds, folds)
     out = Path(out_dir)
-    run_cfg = _run_config(adatas=adatas, patients=patients, scheme=scheme, method=method,
+    run_cfg = run_config(adatas=adatas, patients=patients, scheme=scheme, method=method,
                           config=cfg, top_k=top_k, metric=metric, patch_um=patch_um,
                           patch_size=patch_size, device=device)
     run_cfg["n_heg"] = int(n_heg)
     if stain_cfg is not None:  # absent when off, so folders written before still match
         run_cfg["stain"] = stain_cfg
-    _prepare_out_dir(out, run_cfg, all_folds, selected, overwrite)
+    prepare_out_dir(out, run_cfg, all_folds, selected, overwrite)
     save_folds(all_folds, out / _FOLDS, scheme=scheme, sections=patients)
     geometry = {"patch_um": patch_um, "patch_size": patch_size}
     for fold in selected:
@@ -445,22 +320,6 @@ def run_cv(
                          scheme, fold.name, r["test_section"], r["pcc_acg"], r["pcc_heg"],
                          r["mse"])
     return _aggregate(out, all_folds)
-
-
-def _stain_config(stain) -> dict | None:
-    """What ``run_cv(stain=...)`` records in ``config.json``; validates ``stain``."""
-    from . import stain as st
-
-    if stain is None:
-        return None
-    if isinstance(stain, str):
-        norm = st.StainNormalizer(stain)  # checks the method name
-        return {"method": norm.method, "fit": "each fold's training sections, "
-                "stain.fit_on_sections defaults", "settings": norm.settings()}
-    if isinstance(stain, st.StainNormalizer):
-        return {"method": stain.method, "fit": "given", "fingerprint": stain.fingerprint}
-    raise TypeError(f"stain must be None, 'macenko', 'reinhard' or a fitted "
-                    f"stain.StainNormalizer, got {type(stain).__name__}.")
 
 
 def _fold_stain(stain, adatas, fold: Fold, geometry, progress):
@@ -657,7 +516,7 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
                          f"{_NEURAL} can be rescored.")
     adatas = _check_adatas(adatas)
     patients = patients_of(adatas)
-    data_fp = {s: _fingerprint(a) for s, a in adatas.items()}
+    data_fp = {s: fingerprint(a) for s, a in adatas.items()}
     if data_fp != src_cfg["data"] or patients != src_cfg["sections"]:
         raise ValueError(f"`adatas` are not the sections {src} was computed from (spots or "
                          "expression differ); load and prepare them the same way.")
@@ -673,7 +532,7 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
     run_cfg.update({"top_k": top_k, "metric": metric, "rescored_from": source,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(device)})
     out = Path(out_dir)
-    _prepare_out_dir(out, run_cfg, all_folds, all_folds, overwrite)
+    prepare_out_dir(out, run_cfg, all_folds, all_folds, overwrite)
     save_folds(all_folds, out / _FOLDS, scheme=scheme, sections=patients)
     for fold in all_folds:
         npz = src / fold.name / _EMB
