@@ -163,7 +163,30 @@ def from_image(
         # a thumbnail fine enough to resolve a spot's disk (>= 8 px across)
         long_um = max(slide.width, slide.height) * um_per_px
         mask_px = int(min(8000, max(hires_max_px, math.ceil(long_um / (spot_diameter_um / 8)))))
-        thumb, scale = slide.thumbnail(mask_px)
+        hires, hscale = slide.thumbnail(hires_max_px)
+
+        def check_extent(mask, mask_um):  # tissue wider than a glass slide: scale too large
+            if not mask.any():
+                return
+            ys, xs = np.nonzero(mask)
+            extent = sorted([(np.ptp(xs) + 1) * mask_um / 1000, (np.ptp(ys) + 1) * mask_um / 1000])
+            if extent[0] > max_tissue_mm:
+                area = float(mask.sum() * (mask_um / 1000) ** 2)
+                raise ValueError(
+                    f"{name}: the tissue spans {extent[0]:.1f} x {extent[1]:.1f} mm, wider "
+                    f"than a standard glass slide ({max_tissue_mm:g} mm, max_tissue_mm=). The "
+                    f"image is {w_mm:.2f} x {h_mm:.2f} mm at um_per_px={um_per_px:g} "
+                    f"({scale_from}); {area:.2f} mm^2 of it is tissue. um_per_px is probably "
+                    "too large (10x?); check the scanner's pixel size. For a large-format "
+                    "slide pass a larger max_tissue_mm=.")
+
+        if mask_px > hires_max_px and tissue_mask is None:
+            # a wrong scale shows on the small thumbnail already: fail before the fine one
+            check_extent(slides.tissue_mask(hires, um_per_px=um_per_px / hscale),
+                         um_per_px / hscale)
+            thumb, scale = slide.thumbnail(mask_px)
+        else:
+            thumb, scale = hires, hscale
         thumb_um = um_per_px / scale
         if tissue_mask is None:
             mask = slides.tissue_mask(thumb, um_per_px=thumb_um)
@@ -200,14 +223,7 @@ def from_image(
                 f"tissue. {scale_hint} If the tissue is larger than that, um_per_px is too "
                 "small (a 10x error shrinks it 100-fold in area); check the scanner's pixel "
                 "size. Otherwise lower spot_pitch_um or min_tissue.")
-        ys, xs = np.nonzero(mask)
-        extent_mm = sorted([(np.ptp(xs) + 1) * thumb_um / 1000, (np.ptp(ys) + 1) * thumb_um / 1000])
-        if extent_mm[0] > max_tissue_mm:
-            raise ValueError(
-                f"{name}: the tissue spans {extent_mm[0]:.1f} x {extent_mm[1]:.1f} mm, wider "
-                f"than a standard glass slide ({max_tissue_mm:g} mm, max_tissue_mm=). "
-                f"{scale_hint} um_per_px is probably too large (10x?); check the scanner's "
-                "pixel size. For a large-format slide pass a larger max_tissue_mm=.")
+        check_extent(mask, thumb_um)
         if n > max_spots:
             raise ValueError(
                 f"{name}: {n:,} virtual spots of {spot_pitch_um:g} um pitch (more than "
@@ -216,10 +232,6 @@ def from_image(
                 "it. If the tissue really is that large, pass max_spots=.")
         pix = centres / scale
         sha = _util.sha256_file(path) if path is not None else ""
-        if hires_max_px < mask_px:
-            hires, hscale = slide.thumbnail(hires_max_px)
-        else:
-            hires, hscale = thumb, scale
         from PIL import Image
 
         hmask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
