@@ -249,3 +249,16 @@ def h5ad_value(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+# ------------------------------------------------------------------------ torch files
+def torch_load_plain(path, *, what: str, fix: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` (tensors and plain values only, no code is
+    unpickled); any failure becomes ``ValueError("cannot read the <what> <path>: ... <fix>")``."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read the {what} {path}: {type(exc).__name__}: {exc}. "
+                         f"{fix}") from exc

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from . import _util
 from . import models as mdl
 from ._util import atomic_write
 from .config import TrainConfig, input_size_of
@@ -67,11 +68,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
         path = path / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read the checkpoint {path}: {type(exc).__name__}: {exc}. It "
-                         "may be truncated; delete it and train again") from exc
+    ckpt = _util.torch_load_plain(path, what="checkpoint", map_location=map_location,
+                                  fix="It may be truncated; delete it and train again")
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not an mclstexp_lite checkpoint (it holds a "
                          f"{type(ckpt).__name__}, not a dict)")

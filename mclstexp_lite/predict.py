@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import _util
 from . import datasets as ds
 from . import patches as pt
 from . import tl
@@ -255,12 +256,9 @@ def load_predictor(path, *, map_location="cpu") -> Predictor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no predictor file at {path}")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read the predictor {path}: {type(exc).__name__}: {exc}. It "
-                         "is truncated or not a predictor file; write it again with "
-                         "predict.save_predictor") from exc
+    obj = _util.torch_load_plain(path, what="predictor", map_location=map_location,
+                                 fix="It is truncated or not a predictor file; write it again "
+                                     "with predict.save_predictor")
     if isinstance(obj, dict) and "format" not in obj and {"model", "config", "epoch"} <= set(obj):
         raise ValueError(
             f"{path} is a training checkpoint, not a predictor: it has no reference bank. "
