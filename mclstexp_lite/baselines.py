@@ -46,6 +46,7 @@ efficient leave-one-spot-out is used instead. One alpha is shared by all genes.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -109,7 +110,7 @@ def mean_expression(train_expr) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------- features
-def color_features(patches, *, batch_size: int = 128) -> np.ndarray:
+def color_features(patches, *, batch_size: int = 128, threads: int | None = None) -> np.ndarray:
     """Colour and H&E-stain statistics of each patch (30 features).
 
     Parameters
@@ -118,7 +119,10 @@ def color_features(patches, *, batch_size: int = 128) -> np.ndarray:
         ``uint8`` array ``(n, H, W, 3)`` of RGB patches (e.g. a
         :func:`mclstexp_lite.patches.patch_cache` memory map).
     batch_size
-        Patches processed at once (memory only; the result does not depend on it).
+        Patches read into memory at once (memory only; the result does not depend on it).
+    threads
+        Patches processed in parallel (NumPy releases the GIL); ``None``: up to 4, no
+        more than the CPU count. The result does not depend on it.
 
     Returns
     -------
@@ -126,7 +130,17 @@ def color_features(patches, *, batch_size: int = 128) -> np.ndarray:
         ``(n, 30)`` float64, columns named by :data:`COLOR_FEATURE_NAMES`: for the
         channels R, G, B (values / 255) and H, E, D (``skimage.color.rgb2hed`` optical
         densities) the mean, the standard deviation (population, ``ddof=0``) and the
-        10th, 50th and 90th percentiles over the patch's pixels.
+        10th, 50th and 90th percentiles (NumPy's default, linear interpolation) over the
+        patch's pixels.
+
+    Notes
+    -----
+    The R, G, B statistics come from each channel's 256-bin histogram, exact for 8-bit
+    values; H, E and D are ``rgb2hed``'s formula (Ruifrok and Johnston's stain matrix
+    ``skimage.color.hed_from_rgb`` applied to the optical densities) with the logarithm
+    of the 256 possible values tabulated once. The result equals ``rgb2hed`` with
+    ``numpy.mean`` / ``std`` / ``percentile`` per patch to ~1e-12 (summation order), in
+    about a sixth of the time.
 
     Raises
     ------
@@ -135,7 +149,7 @@ def color_features(patches, *, batch_size: int = 128) -> np.ndarray:
     ValueError
         If its shape is not ``(n, H, W, 3)``.
     """
-    from skimage.color import rgb2hed
+    from concurrent.futures import ThreadPoolExecutor
 
     if not hasattr(patches, "dtype") or not hasattr(patches, "shape"):
         raise TypeError(f"`patches` must be a numpy uint8 array, got {type(patches).__name__}.")
@@ -144,18 +158,55 @@ def color_features(patches, *, batch_size: int = 128) -> np.ndarray:
     if patches.ndim != 4 or patches.shape[-1] != 3:
         raise ValueError(f"`patches` must have shape (n, H, W, 3), got {tuple(patches.shape)}.")
     batch_size = _util.positive_int(batch_size, "`batch_size`")
+    threads = (min(4, os.cpu_count() or 1) if threads is None
+               else _util.positive_int(threads, "`threads`"))
     n = patches.shape[0]
     out = np.empty((n, len(COLOR_FEATURE_NAMES)), dtype=np.float64)
-    for start in range(0, n, batch_size):
-        rgb = np.asarray(patches[start:start + batch_size]).astype(np.float64) / 255.0
-        b = rgb.shape[0]
-        hed = rgb2hed(rgb.reshape(-1, 1, 3)).reshape(rgb.shape)
-        chans = np.concatenate([rgb, hed], axis=-1).reshape(b, -1, 6)  # (b, pixels, 6)
-        pct = np.percentile(chans, _PERCENTILES, axis=1)  # (3, b, 6)
-        out[start:start + b] = np.concatenate(
-            [chans.mean(axis=1), chans.std(axis=1)] + [pct[i] for i in range(len(_PERCENTILES))],
-            axis=1)
+    with ThreadPoolExecutor(threads) as pool:
+        for start in range(0, n, batch_size):
+            chunk = np.asarray(patches[start:start + batch_size])
+            out[start:start + len(chunk)] = list(pool.map(_patch_color_stats, chunk))
     return out
+
+
+_VALUES_01 = np.arange(256, dtype=np.float64) / 255.0
+# rgb2hed's optical density of each 8-bit value: log(max(v / 255, 1e-6)) / log(1e-6)
+_OD_TABLE = np.log(np.maximum(_VALUES_01, 1e-6)) / np.log(1e-6)
+
+
+def _lerp_percentiles(lo_vals, hi_vals, t):
+    # NumPy's linear interpolation, including its form for t >= 0.5
+    return np.where(t >= 0.5, hi_vals - (hi_vals - lo_vals) * (1 - t),
+                    lo_vals + (hi_vals - lo_vals) * t)
+
+
+def _patch_color_stats(patch: np.ndarray) -> np.ndarray:
+    """The 30 statistics of one ``(H, W, 3)`` uint8 patch, in COLOR_FEATURE_NAMES order."""
+    from skimage.color import hed_from_rgb
+
+    flat = patch.reshape(-1, 3)
+    n = flat.shape[0]
+    q = np.asarray(_PERCENTILES, dtype=np.float64) / 100.0 * (n - 1)
+    k_lo = np.floor(q).astype(np.int64)
+    k_hi = np.minimum(k_lo + 1, n - 1)
+    t = q - k_lo
+    means, sds, pcts = [], [], []
+    for c in range(3):  # R, G, B from histograms
+        counts = np.bincount(flat[:, c], minlength=256).astype(np.float64)
+        mean = counts @ _VALUES_01 / n
+        means.append(mean)
+        sds.append(np.sqrt(counts @ (_VALUES_01 - mean) ** 2 / n))
+        cum = np.cumsum(counts)  # the k-th smallest value is the first with cum > k
+        pcts.append(_lerp_percentiles(_VALUES_01[np.searchsorted(cum, k_lo, side="right")],
+                                      _VALUES_01[np.searchsorted(cum, k_hi, side="right")], t))
+    hed = _OD_TABLE[flat] @ hed_from_rgb
+    np.maximum(hed, 0, out=hed)
+    hed = np.ascontiguousarray(hed.T)  # (3, pixels)
+    means.extend(hed.mean(axis=1))
+    sds.extend(hed.std(axis=1))
+    pcts.extend(np.percentile(hed, _PERCENTILES, axis=1).T)
+    pct = np.asarray(pcts)  # (6 channels, 3 percentiles)
+    return np.concatenate([means, sds, pct.T.ravel()])
 
 
 def section_color_features(patches, *, name: str = "section", cache_dir=None) -> np.ndarray:

@@ -131,11 +131,15 @@ def _panel_hash(genes: Sequence[str]) -> str:
 
 def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
                       genes: str | Sequence[str] = "published", method: str = "library_size",
-                      data_dir=None, progress: bool = True) -> dict:
+                      data_dir=None, raw: Mapping | None = None, progress: bool = True) -> dict:
     """Load, subset to the gene panel and normalise each section, cached as .h5ad.
 
     Files: ``OUTPUT_DIR/prepared/<dataset>_<section>.h5ad`` with ``panel.txt`` beside
     them. A cached file is reused only when its panel and method match.
+
+    ``raw`` (optional): ``{section: AnnData}`` of sections already loaded with
+    :func:`mclstexp_lite.datasets.load` (as notebook 01 does), used instead of reading
+    their files again; sections not in it are loaded.
 
     Returns
     -------
@@ -164,8 +168,11 @@ def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
                 out[s] = a
                 continue
             log.info("%s was prepared differently; rebuilding", path)
-        raw = ds.load(dataset, s, data_dir=data_dir, progress=False)
-        a = pp.prepare(raw, genes, method=method, missing="zero")
+        if raw is not None and s in raw:
+            section = raw[s]
+        else:
+            section = ds.load(dataset, s, data_dir=data_dir, progress=False)
+        a = pp.prepare(section, genes, method=method, missing="zero")
         a.uns["mclstexp_prepared"] = key
         atomic_write_h5ad(a, path)
         out[s] = a

@@ -181,8 +181,14 @@ def test_color_features_match_a_plain_per_patch_computation():
     from skimage.color import rgb2hed
 
     rng = np.random.default_rng(0)
-    patches = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+    patches = rng.integers(0, 256, (5, 7, 9, 3), dtype=np.uint8)  # 63 px: interpolated pct
+    patches[1] = rng.choice(np.array([0, 1, 254, 255], dtype=np.uint8), (7, 9, 3))  # extremes
+    patches[2, :4] = 255  # mostly white
     f = bl.color_features(patches, batch_size=2)
+    # histogram statistics and the threads do not change the result
+    np.testing.assert_array_equal(f, bl.color_features(patches, batch_size=3, threads=1))
+    np.testing.assert_array_equal(f, bl.color_features(patches, threads=3))
+    assert bl.color_features(patches[:0]).shape == (0, 30)
     for i, patch in enumerate(patches):
         rgb = patch / 255.0
         chans = np.concatenate([rgb, rgb2hed(rgb)], axis=-1).reshape(-1, 6)

@@ -306,3 +306,31 @@ def test_metrics_06(quick_run):
     assert m["median_gene_pcc"] > 0
     assert m["prediction"].endswith(".h5ad") and m["predict_seconds"] > 0
 
+
+
+@needs_data
+def test_prepared_sections_uses_already_loaded_sections(her2_c2, tmp_path, monkeypatch):
+    """Notebook 01 hands its loaded sections to prepared_sections (no second read of the
+    count and image files); the result equals preparing a fresh load, and the section
+    handed in is left as it was."""
+    import numpy as np
+
+    from mclstexp_lite import datasets
+
+    before = her2_c2.copy()
+    fresh = workflow.prepared_sections("her2st", ["C2"], output_dir=tmp_path / "a",
+                                       progress=False)["C2"]
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the section was loaded again")
+
+    monkeypatch.setattr(datasets, "load", no_load)
+    given = workflow.prepared_sections("her2st", ["C2"], output_dir=tmp_path / "b",
+                                       raw={"C2": her2_c2}, progress=False)["C2"]
+    assert given.obs_names.equals(fresh.obs_names) and given.var_names.equals(fresh.var_names)
+    np.testing.assert_array_equal(given.X.toarray(), fresh.X.toarray())
+    np.testing.assert_array_equal(given.obsm["spatial"], fresh.obsm["spatial"])
+    assert given.uns["mclstexp_prepared"] == fresh.uns["mclstexp_prepared"]
+    assert (tmp_path / "b" / "prepared" / "her2st_C2.h5ad").exists()
+    assert her2_c2.n_vars == before.n_vars and her2_c2.obs.equals(before.obs)
+    assert (her2_c2.X != before.X).nnz == 0
