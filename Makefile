@@ -3,8 +3,6 @@
 #   make test        run the test suite (the full suite, as CI runs it)
 #   make test-fast   the suite without the tests marked slow
 # Both create ./.venv on first use with the pinned versions of requirements.txt.
-# --no-compile: Python compiles only the modules it imports, when it first imports them,
-# instead of every file of every package at install time (about 25 s less on 2 cores).
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -18,8 +16,8 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -r requirements.txt -c constraints.txt
-	$(PY) -m pip install --quiet --no-compile --no-deps -e .
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m ipykernel install --prefix $(VENV) --name mclstexp_lite --display-name "mclstexp_lite" > /dev/null
 	touch $@
 
