@@ -34,7 +34,9 @@ Results folder written by :func:`run_cv`
     The scheme, the section -> patient map and every fold (name, test, train,
     reference).
 ``<fold>/checkpoint.pt``, ``<fold>/history.json``
-    From :func:`mclstexp_lite.train.train` (neural methods).
+    From :func:`mclstexp_lite.train.train` (neural methods), or a copy of a finished run
+    of the same training passed as ``reuse`` (its source is ``reused_from`` in the
+    fold's ``metrics.json``).
 ``<fold>/embeddings.npz``
     Neural methods: ``reference`` (reference spot embeddings), ``reference_obs_names``,
     ``reference_sections`` (section of each reference spot), and per test section
@@ -62,6 +64,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -195,6 +198,7 @@ def run_cv(
     patch_um: float | None = None,
     patch_size: int = 224,
     stain=None,
+    reuse: Mapping | None = None,
 ) -> pd.DataFrame:
     """Cross-validate one method under one fold scheme and write a results folder.
 
@@ -242,6 +246,14 @@ def run_cv(
         a fitted :class:`mclstexp_lite.stain.StainNormalizer` used in every fold. It is
         part of ``config.json`` (a folder with another setting is refused); each fold's
         ``metrics.json`` keeps its fitted normaliser under ``stain``.
+    reuse
+        Finished training runs to take instead of training a fold again:
+        ``{fold name: run folder or checkpoint file}``, e.g. notebook 02's model for the
+        section fold of its held-out section. Neural methods only. A run is taken (copied
+        into the fold's folder) only when it has the fold's config (epochs and seed
+        included), training sections (in order) and genes, and finished every epoch;
+        otherwise the fold trains as usual and the reason is logged. A fold folder that
+        already holds a checkpoint keeps it.
 
     Returns
     -------
@@ -309,7 +321,8 @@ def run_cv(
             fold_geometry = dict(geometry, stain=normaliser)
         record = _run_fold(fold, adatas, method=method, scheme=scheme, config=cfg,
                            fold_dir=fold_dir, top_k=top_k, metric=metric, device=device,
-                           geometry=fold_geometry, n_heg=n_heg, progress=progress)
+                           geometry=fold_geometry, n_heg=n_heg, progress=progress,
+                           reuse=(reuse or {}).get(fold.name))
         if normaliser is not None:
             record["stain"] = normaliser.to_dict()
         record["wall_seconds_this_run"] = time.time() - t0
@@ -342,8 +355,39 @@ def _spot_data(adatas, names, geometry, progress):
                                     stain=geometry.get("stain"))
 
 
+def _take_finished_run(source, fold: Fold, fold_dir: Path, config, data) -> str | None:
+    """Copy the finished run ``source`` into ``fold_dir`` when it is this fold's training
+    (config with epochs and seed, sections in order, genes); its path, else ``None``."""
+    from . import train as tr
+
+    dst = fold_dir / tr.CHECKPOINT
+    src = Path(source)
+    src = src / tr.CHECKPOINT if src.is_dir() else src
+    if dst.exists() or not src.is_file():
+        if not dst.exists():
+            log.info("fold %s: no checkpoint at %s to reuse; training", fold.name, src)
+        return None
+    ck = tr.load_checkpoint(src)
+    why = None
+    if not tr.same_run(ck["config"], config, epochs=True):
+        why = f"another config {tr.run_diff(ck['config'], config, epochs=True)}"
+    elif list(ck.get("sections") or []) != list(data.sections):
+        why = f"other training sections {ck.get('sections')}"
+    elif list(ck.get("genes") or []) != list(data.genes):
+        why = "other genes"
+    elif int(ck["epoch"]) < config.epochs:
+        why = f"unfinished ({ck['epoch']} of {config.epochs} epochs)"
+    if why is not None:
+        log.info("fold %s: not reusing %s (%s); training", fold.name, src, why)
+        return None
+    _util.atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp), suffix=".pt")
+    _util.atomic_write_json(fold_dir / "history.json", list(ck["history"]))
+    log.info("fold %s: reusing the finished run %s", fold.name, src)
+    return str(src.resolve())
+
+
 def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top_k, metric,
-              device, geometry, n_heg, progress) -> dict:
+              device, geometry, n_heg, progress, reuse=None) -> dict:
     from . import tl
     from . import train as tr
 
@@ -354,6 +398,9 @@ def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top
         train_data = _spot_data(adatas, fold.train, geometry, progress)
         ref_data = (train_data if tuple(fold.reference) == tuple(fold.train)
                     else _spot_data(adatas, fold.reference, geometry, progress))
+        if reuse is not None:
+            details["reused_from"] = _take_finished_run(reuse, fold, fold_dir, config,
+                                                        train_data)
         result = tr.train(train_data, config, out_dir=fold_dir, resume=True,
                           progress=progress)
         fit_seconds = float(sum(h["seconds"] for h in result.history))

@@ -245,9 +245,11 @@ def save_figure(fig, folder, name: str, *, dpi: int = 120) -> Path:
 
 # --------------------------------------------------------------------------- CV
 def cv_or_load(adatas: Mapping, *, scheme: str, method: str, config, out_dir, folds=None,
-               top_k: int = 200, progress: bool = True):
+               top_k: int = 200, reuse: Mapping | None = None, progress: bool = True):
     """Run :func:`mclstexp_lite.cv.run_cv`, or read its results if every asked-for fold
     is already complete in ``out_dir`` (a rerun of a notebook then costs nothing).
+    ``reuse`` is run_cv's: finished runs of a fold's exact training, taken instead of
+    training it again (notebook 03 passes notebook 02's model for its held-out section).
 
     :func:`~mclstexp_lite.cv.run_cv` checks the saved configuration: a folder holding
     results of another configuration is an error (choose another ``OUTPUT_DIR``); an
@@ -258,7 +260,7 @@ def cv_or_load(adatas: Mapping, *, scheme: str, method: str, config, out_dir, fo
     out_dir = Path(out_dir)
     try:
         return cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=out_dir,
-                         folds=folds, top_k=top_k, progress=progress)
+                         folds=folds, top_k=top_k, reuse=reuse, progress=progress)
     except FileExistsError:
         # run_cv compared the saved config with this one (a different config raises
         # ValueError) and found every asked-for fold complete: read those results

@@ -198,6 +198,42 @@ def test_rerun_reuses_embeddings_and_checkpoint(sections, tmp_path, monkeypatch)
     assert list(df["test_section"]) == ["S3"]
 
 
+def test_a_finished_run_of_the_same_training_is_reused(patient_run, sections, tmp_path,
+                                                       monkeypatch):
+    """reuse={fold: run}: a finished run of exactly the fold's training is copied in, not
+    trained again, and predicts as the fold's own training did; a run of another config
+    (seed), or for a method it was not trained as (bleep), is not taken."""
+    import anndata as ad
+
+    src_out, _ = patient_run
+    src = src_out / "Q"  # trained on P's sections (S1, S2), predicts S3
+    with monkeypatch.context() as mp:
+        def forbidden(*a, **k):
+            raise AssertionError("trained although a finished run was given")
+
+        mp.setattr(tr, "save_checkpoint", forbidden)
+        cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
+                  out_dir=tmp_path / "reused", folds=["Q"], reuse={"Q": src}, **RUN)
+    fold = tmp_path / "reused" / "Q"
+    assert (fold / "checkpoint.pt").read_bytes() == (src / "checkpoint.pt").read_bytes()
+    assert json.loads((fold / "history.json").read_text()) == json.loads(
+        (src / "history.json").read_text())
+    assert json.loads((fold / "metrics.json").read_text())["reused_from"] == str(
+        (src / "checkpoint.pt").resolve())
+    np.testing.assert_allclose(ad.read_h5ad(fold / "pred_S3.h5ad").X,
+                               ad.read_h5ad(src / "pred_S3.h5ad").X, rtol=1e-6, atol=1e-6)
+
+    for method, cfg, name in (("mclstexp", tiny_config(seed=2), "other_seed"),
+                              ("bleep", tiny_config(), "bleep")):
+        cv.run_cv(sections, scheme="patient", method=method, config=cfg,
+                  out_dir=tmp_path / name, folds=["Q"], reuse={"Q": src}, **RUN)
+        fold = tmp_path / name / "Q"
+        assert json.loads((fold / "metrics.json").read_text())["reused_from"] is None
+        assert (fold / "checkpoint.pt").read_bytes() != (src / "checkpoint.pt").read_bytes()
+        assert tr.load_checkpoint(fold / "checkpoint.pt")["config"] == cv.method_config(
+            method, cfg).to_dict()
+
+
 def test_stale_embeddings_are_recomputed(sections, tmp_path):
     """An embeddings.npz from other weights (checkpoint hash differs) is not used."""
     out = tmp_path / "run"
