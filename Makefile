@@ -1,5 +1,6 @@
 # Two commands (see README.md):
-#   make tutorials   run every notebook with papermill (PROFILE=quick by default)
+#   make tutorials   run every notebook with papermill (PROFILE=quick by default; JOBS=1
+#                    runs them one at a time, default 2 side by side where independent)
 #   make test        run the test suite (the full suite, as CI runs it)
 #   make test-fast   the suite without the tests marked slow
 # Both create ./.venv on first use with the pinned versions of requirements.txt.
@@ -9,6 +10,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PROFILE ?= quick
 OUT     ?= outputs/tutorials
+JOBS    ?=
 PYTEST_ARGS ?=
 
 .PHONY: tutorials test test-fast env clean-venv
@@ -24,7 +26,7 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 env: $(VENV)/.installed
 
 tutorials: $(VENV)/.installed
-	$(PY) -m mclstexp_lite.tutorials --profile $(PROFILE) --out $(OUT)
+	$(PY) -m mclstexp_lite.tutorials --profile $(PROFILE) --out $(OUT) $(if $(JOBS),--jobs $(JOBS))
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

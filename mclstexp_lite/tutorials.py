@@ -4,10 +4,13 @@ Usage (what ``make tutorials`` calls)::
 
     python -m mclstexp_lite.tutorials --profile quick --out outputs/tutorials
 
-Each notebook in ``notebooks/`` named ``NN_*.ipynb`` runs in order with the parameters
-of ``notebooks/profiles/<profile>.yaml`` plus ``OUTPUT_DIR`` pointing at one shared
-results folder, so later notebooks reuse what earlier ones wrote. Executed notebooks,
-their HTML renderings and ``index.html`` go to ``<out>/<profile>/``.
+Each notebook in ``notebooks/`` named ``NN_*.ipynb`` runs with the parameters of
+``notebooks/profiles/<profile>.yaml`` plus ``OUTPUT_DIR`` pointing at one shared results
+folder, so later notebooks reuse what earlier ones wrote. A notebook starts when the
+notebooks it reads from (:data:`NEEDS`) have finished; with ``--jobs 2`` (the default on
+a machine with two or more cores) two independent ones run at once, e.g. 03 beside 06,
+and 04 beside 05, each with its share of the CPU threads. Executed notebooks, their HTML
+renderings and ``index.html`` go to ``<out>/<profile>/``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from . import download as dl
@@ -28,6 +33,17 @@ NOTEBOOKS = REPO / "notebooks"
 #: Folder of the notebook parameter files (``<profile>.yaml``: ``PROFILE``, the name of a
 #: training profile of :data:`mclstexp_lite.train.PROFILES`, plus notebook-only settings).
 PROFILE_DIR = NOTEBOOKS / "profiles"
+#: The notebooks whose results each notebook reads (through ``OUTPUT_DIR``); it starts
+#: only after they finished. Every notebook reads the sections notebook 01 prepared. A
+#: notebook not listed here waits for every notebook before it.
+NEEDS = {
+    "01_data_and_preprocessing": (),
+    "02_training": ("01_data_and_preprocessing",),
+    "03_evaluation": ("02_training",),  # its model and held-out prediction
+    "04_interpretation_immune_genes": ("03_evaluation",),  # 03's predictions
+    "05_spatial_clustering": ("03_evaluation",),
+    "06_predict_your_own_slide": ("02_training",),  # 02's model as the predictor
+}
 
 
 def available_profiles() -> list[str]:
@@ -118,12 +134,65 @@ def absolute_path_variables(environ=None) -> dict:
     return changed
 
 
-def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
-        only: str | None = None, extra: dict | None = None, kernel_name: str = "python3",
-        progress: bool = True) -> list[dict]:
-    """Execute the notebooks; returns one record per notebook (name, ok, seconds, metrics)."""
+def default_jobs() -> int:
+    """Notebooks run at once by default: 2 on a machine with two or more cores, else 1."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def needs(names: list[str]) -> dict:
+    """``{notebook: notebooks it waits for}`` among ``names`` (see :data:`NEEDS`)."""
+    out = {}
+    for i, name in enumerate(names):
+        wanted = NEEDS.get(name, tuple(names[:i]))
+        out[name] = tuple(n for n in wanted if n in names)
+    return out
+
+
+def _execute(nb: str, tmp: str, params: dict, kernel_name: str, progress: bool,
+             threads: int | None, cwd: str) -> str:
+    """Run one notebook with papermill (in a worker process); '' or the error's last line.
+
+    ``threads``: CPU threads for the kernel's numerical libraries (``OMP_NUM_THREADS``,
+    ``MKL_NUM_THREADS``), or ``None`` for their own default (all cores)."""
     import papermill as pm
 
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if threads is not None:
+        for k in saved:
+            os.environ[k] = str(threads)
+    try:
+        pm.execute_notebook(nb, tmp, parameters=params, kernel_name=kernel_name,
+                            progress_bar=progress, cwd=cwd)
+        return ""
+    except Exception as exc:  # papermill raises PapermillExecutionError with the cell
+        text = str(exc).strip()
+        return text.splitlines()[-1][:300] if text else repr(exc)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
+        only: str | None = None, extra: dict | None = None, kernel_name: str = "python3",
+        jobs: int | None = None, progress: bool = True) -> list[dict]:
+    """Execute the notebooks; returns one record per notebook that ran (name, ok, error,
+    seconds, threads, metrics), in notebook order.
+
+    ``jobs``: notebooks run at once (default :func:`default_jobs`); a notebook starts
+    when the notebooks it needs (:data:`NEEDS`) are done. One that starts beside another
+    gets ``cpu_count // jobs`` threads; one that runs alone, all of them. After a
+    failure no further notebook starts (those running finish); the others get no record.
+    With one job, papermill shows a progress bar of each notebook's cells; with more,
+    one bar counts finished notebooks.
+    """
+    from tqdm.auto import tqdm
+
+    from ._util import positive_int
+
+    jobs = default_jobs() if jobs is None else positive_int(jobs, "jobs")
     params = load_profile(profile)
     params.update(extra or {})
     for var, value in absolute_path_variables().items():
@@ -136,36 +205,61 @@ def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
     nbs = notebooks(only)
     if not nbs:
         raise SystemExit(f"no notebooks matching {only!r} in {NOTEBOOKS}")
-    records = []
-    for i, nb in enumerate(nbs, start=1):
-        name = nb.stem
-        print(f"[{i}/{len(nbs)}] {name}  (profile {profile})", flush=True)
-        executed = out / "executed" / nb.name
-        tmp = executed.with_name(f".{nb.stem}.running.ipynb")
-        t0 = time.time()
-        rec = {"name": name, "ok": True, "error": "", "metrics": None}
-        try:
-            pm.execute_notebook(str(nb), str(tmp), parameters=params, kernel_name=kernel_name,
-                                progress_bar=progress, cwd=str(NOTEBOOKS))
-        except Exception as exc:  # papermill raises PapermillExecutionError with the cell
-            rec["ok"] = False
-            rec["error"] = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else repr(exc)
-        rec["seconds"] = time.time() - t0
-        if tmp.exists():
-            os.replace(tmp, executed)
-            _to_html(executed, out / "html" / f"{name}.html")
-        metrics = results / name / "metrics.json"
-        if metrics.exists():
-            rec["metrics"] = json.loads(metrics.read_text())
-        records.append(rec)
-        print(f"      {'ok' if rec['ok'] else 'FAILED'} in {rec['seconds']:.0f} s", flush=True)
-        if not rec["ok"]:
-            print(f"      {rec['error']}", file=sys.stderr)
-            break
-    index = _index(out, profile, records)
+    names = [nb.stem for nb in nbs]
+    waits = needs(names)
+    share = max(1, (os.cpu_count() or 1) // jobs)
+    records: dict = {}
+    running: dict = {}  # future -> (notebook, start time, threads)
+    failed = False
+    bar = tqdm(total=len(nbs), desc="notebooks", unit="nb", disable=not progress or jobs == 1)
+    say = bar.write if not bar.disable else (lambda m: print(m, flush=True))
+    # spawn: a clean worker process (no copy of this one's threads or state) per job
+    with ProcessPoolExecutor(max_workers=jobs,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        while True:
+            done = {n for n in records}
+            ready = [nb for nb in nbs if nb.stem not in records
+                     and nb.stem not in {v[0].stem for v in running.values()}
+                     and all(w in done and records[w]["ok"] for w in waits[nb.stem])]
+            while ready and not failed and len(running) < jobs:
+                nb = ready.pop(0)
+                alone = not running and not ready
+                threads = None if alone or jobs == 1 else share
+                tmp = out / "executed" / f".{nb.stem}.running.ipynb"
+                say(f"[{names.index(nb.stem) + 1}/{len(nbs)}] {nb.stem}  (profile {profile}"
+                    + (f", {threads} thread{'s' * (threads > 1)}" if threads else "") + ")")
+                fut = pool.submit(_execute, str(nb), str(tmp), params, kernel_name,
+                                  progress and jobs == 1, threads, str(NOTEBOOKS))
+                running[fut] = (nb, time.time(), threads)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                nb, t0, threads = running.pop(fut)
+                error = fut.result()
+                rec = {"name": nb.stem, "ok": not error, "error": error, "metrics": None,
+                       "seconds": time.time() - t0, "threads": threads}
+                tmp = out / "executed" / f".{nb.stem}.running.ipynb"
+                executed = out / "executed" / nb.name
+                if tmp.exists():
+                    os.replace(tmp, executed)
+                    _to_html(executed, out / "html" / f"{nb.stem}.html")
+                metrics = results / nb.stem / "metrics.json"
+                if metrics.exists():
+                    rec["metrics"] = json.loads(metrics.read_text())
+                records[nb.stem] = rec
+                bar.update(1)
+                say(f"      {nb.stem}: {'ok' if rec['ok'] else 'FAILED'} in "
+                    f"{rec['seconds']:.0f} s")
+                if error:
+                    failed = True
+                    print(f"      {error}", file=sys.stderr, flush=True)
+    bar.close()
+    ordered = [records[n] for n in names if n in records]
+    index = _index(out, profile, ordered)
     print(f"\nExecuted notebooks: {out / 'executed'}\nResults:            {results}\n"
           f"Read them here:     {index}")
-    return records
+    return ordered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,13 +268,16 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"parameter profile (notebooks/profiles/*.yaml): {available_profiles()}")
     ap.add_argument("--out", default="outputs/tutorials", help="output folder")
     ap.add_argument("--only", default=None, help="run only notebooks whose name contains this")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help=f"notebooks run at once when independent (default {default_jobs()} "
+                         "here: 2 with two or more CPU cores, else 1)")
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[],
                     metavar=("NAME", "VALUE"), help="override a parameter (YAML value)")
     args = ap.parse_args(argv)
     import yaml
 
     extra = {k: yaml.safe_load(v) for k, v in args.param}
-    records = run(args.profile, args.out, only=args.only, extra=extra)
+    records = run(args.profile, args.out, only=args.only, extra=extra, jobs=args.jobs)
     return 0 if all(r["ok"] for r in records) else 1
 
 

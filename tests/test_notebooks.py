@@ -117,6 +117,89 @@ def test_relative_path_variables_are_made_absolute(tmp_path, monkeypatch):
     assert set(changed) == {"MCLSTEXP_DATA", "MCLSTEXP_MANIFEST"}
 
 
+# ------------------------------------------------------------- running order (jobs)
+def _transitive_needs(name, table):
+    seen, todo = set(), list(table.get(name, ()))
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(table.get(n, ()))
+    return seen
+
+
+def test_needs_cover_what_each_notebook_reads():
+    """Every notebook named in a notebook's code (its results folder, its model) is one it
+    waits for, directly or through another; all wait for 01, which prepares the data."""
+    import re
+
+    assert set(tutorials.NEEDS) == set(EXPECTED)
+    for name in EXPECTED:
+        nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        named = set(re.findall(r"\b\d\d_[a-z_]+", code)) & set(EXPECTED) - {name}
+        before = _transitive_needs(name, tutorials.NEEDS)
+        assert named <= before, f"{name} reads {named - before} without waiting for it"
+        if name != EXPECTED[0]:
+            assert EXPECTED[0] in before, name
+        assert all(EXPECTED.index(n) < EXPECTED.index(name) for n in before), name
+    # a notebook the table does not know waits for all before it
+    assert tutorials.needs(["01_a", "02_b", "03_c"]) == {
+        "01_a": (), "02_b": ("01_a",), "03_c": ("01_a", "02_b")}
+
+
+def _tiny_notebook(path, body):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    params = nbformat.v4.new_code_cell('OUTPUT_DIR = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, path)
+
+
+def test_independent_notebooks_run_side_by_side_and_a_failure_stops_the_rest(
+        tmp_path, monkeypatch):
+    """SYNTHETIC notebooks a -> (b, c) -> d with two jobs: b and c overlap in time, each
+    with its share of the threads (a, alone, with the default); c fails, so d, which
+    needs it, never starts; the records say so."""
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    stamp = ("import os, time, pathlib\n"
+             "out = pathlib.Path(OUTPUT_DIR)\n"
+             "(out / '{n}.start').write_text(str(time.time()))\n"
+             "(out / '{n}.threads').write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))\n"
+             "time.sleep({sleep})\n"
+             "{extra}"
+             "(out / '{n}.end').write_text(str(time.time()))\n")
+    for n, sleep, extra in (("a", 0, ""), ("b", 4, ""),
+                            ("c", 2, "raise ValueError('c broke on purpose')\n"), ("d", 0, "")):
+        _tiny_notebook(folder / f"0{'abcd'.index(n) + 1}_{n}.ipynb",
+                       stamp.format(n=n, sleep=sleep, extra=extra))
+    monkeypatch.setattr(tutorials, "NOTEBOOKS", folder)
+    monkeypatch.setattr(tutorials, "NEEDS", {"01_a": (), "02_b": ("01_a",), "03_c": ("01_a",),
+                                             "04_d": ("02_b", "03_c")})
+    records = tutorials.run("quick", tmp_path / "out", jobs=2, progress=False)
+    res = tmp_path / "out" / "quick" / "results"
+    t = {f.name: float(f.read_text()) for f in res.glob("*.start")}
+    t.update({f.name: float(f.read_text()) for f in res.glob("*.end")})
+    assert [r["name"] for r in records] == ["01_a", "02_b", "03_c"]  # d never started
+    assert [r["ok"] for r in records] == [True, True, False]
+    assert "c broke on purpose" in records[2]["error"]
+    assert not (res / "d.start").exists()
+    assert t["a.end"] <= min(t["b.start"], t["c.start"])
+    assert t["c.start"] < t["b.end"] and t["b.start"] < t["c.start"] + 2  # side by side
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert (res / "b.threads").read_text() == (res / "c.threads").read_text() == share
+    assert (res / "a.threads").read_text() == os.environ.get("OMP_NUM_THREADS", "unset")
+    assert records[0]["threads"] is None and records[1]["threads"] == int(share)
+    executed = tmp_path / "out" / "quick" / "executed"
+    assert sorted(p.name for p in executed.iterdir()) == ["01_a.ipynb", "02_b.ipynb",
+                                                          "03_c.ipynb"]
+    with pytest.raises(ValueError, match="jobs"):
+        tutorials.run("quick", tmp_path / "out2", jobs=0, progress=False)
+
+
 # ---------------------------------------------------------------- full quick run
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
