@@ -417,3 +417,29 @@ def test_prepared_sections_uses_already_loaded_sections(her2_c2, tmp_path, monke
     assert (tmp_path / "b" / "prepared" / "her2st_C2.h5ad").exists()
     assert her2_c2.n_vars == before.n_vars and her2_c2.obs.equals(before.obs)
     assert (her2_c2.X != before.X).nnz == 0
+
+
+def test_cell_times_tool_reads_papermill_durations(tmp_path, capsys):
+    """tools/cell_times.py: the total and the slowest code cells of an executed notebook
+    (SYNTHETIC notebook with papermill's per-cell durations)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cell_times", REPO / "tools" / "cell_times.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    nb = nbformat.v4.new_notebook()
+    for src, secs in (("a = 1", 0.5), ("\nimport time\ntime.sleep(3)", 3.25), ("b = 2", 1.0)):
+        cell = nbformat.v4.new_code_cell(src)
+        cell.metadata["papermill"] = {"duration": secs}
+        nb.cells.append(cell)
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("text"))
+    path = tmp_path / "x.ipynb"
+    nbformat.write(nb, path)
+    assert tool.main([str(path), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "x.ipynb: 4.8 s in 3 code cells"
+    assert "3.2 s  cell  2  import time" in lines[1] and "1.0 s  cell  3  b = 2" in lines[2]
+    assert len(lines) == 3
+    (tmp_path / "bad.ipynb").write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.ipynb: not a readable notebook"):
+        tool.main([str(tmp_path / "bad.ipynb")])
