@@ -150,6 +150,9 @@ def color_features(patches, *, batch_size: int = 128, threads: int | None = None
         If its shape is not ``(n, H, W, 3)``.
     """
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    from skimage.color import hed_from_rgb
 
     if not hasattr(patches, "dtype") or not hasattr(patches, "shape"):
         raise TypeError(f"`patches` must be a numpy uint8 array, got {type(patches).__name__}.")
@@ -162,10 +165,11 @@ def color_features(patches, *, batch_size: int = 128, threads: int | None = None
                else _util.positive_int(threads, "`threads`"))
     n = patches.shape[0]
     out = np.empty((n, len(COLOR_FEATURE_NAMES)), dtype=np.float64)
+    one = partial(_patch_color_stats, stain_matrix=hed_from_rgb)
     with ThreadPoolExecutor(threads) as pool:
         for start in range(0, n, batch_size):
             chunk = np.asarray(patches[start:start + batch_size])
-            out[start:start + len(chunk)] = list(pool.map(_patch_color_stats, chunk))
+            out[start:start + len(chunk)] = list(pool.map(one, chunk))
     return out
 
 
@@ -180,10 +184,9 @@ def _lerp_percentiles(lo_vals, hi_vals, t):
                     lo_vals + (hi_vals - lo_vals) * t)
 
 
-def _patch_color_stats(patch: np.ndarray) -> np.ndarray:
-    """The 30 statistics of one ``(H, W, 3)`` uint8 patch, in COLOR_FEATURE_NAMES order."""
-    from skimage.color import hed_from_rgb
-
+def _patch_color_stats(patch: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
+    """The 30 statistics of one ``(H, W, 3)`` uint8 patch, in COLOR_FEATURE_NAMES order
+    (``stain_matrix``: skimage's ``hed_from_rgb``)."""
     flat = patch.reshape(-1, 3)
     n = flat.shape[0]
     q = np.asarray(_PERCENTILES, dtype=np.float64) / 100.0 * (n - 1)
@@ -199,7 +202,7 @@ def _patch_color_stats(patch: np.ndarray) -> np.ndarray:
         cum = np.cumsum(counts)  # the k-th smallest value is the first with cum > k
         pcts.append(_lerp_percentiles(_VALUES_01[np.searchsorted(cum, k_lo, side="right")],
                                       _VALUES_01[np.searchsorted(cum, k_hi, side="right")], t))
-    hed = _OD_TABLE[flat] @ hed_from_rgb
+    hed = _OD_TABLE[flat] @ stain_matrix
     np.maximum(hed, 0, out=hed)
     hed = np.ascontiguousarray(hed.T)  # (3, pixels)
     means.extend(hed.mean(axis=1))

@@ -217,10 +217,9 @@ def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
     with ProcessPoolExecutor(max_workers=jobs,
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         while True:
-            done = {n for n in records}
-            ready = [nb for nb in nbs if nb.stem not in records
-                     and nb.stem not in {v[0].stem for v in running.values()}
-                     and all(w in done and records[w]["ok"] for w in waits[nb.stem])]
+            started = {v[0].stem for v in running.values()}
+            ready = [nb for nb in nbs if nb.stem not in records and nb.stem not in started
+                     and all(w in records and records[w]["ok"] for w in waits[nb.stem])]
             while ready and not failed and len(running) < jobs:
                 nb = ready.pop(0)
                 alone = not running and not ready
