@@ -79,7 +79,7 @@ from . import baselines as bl
 from .folds import FOLDS_FILE as _FOLDS
 from .folds import (SCHEMES, Fold, check_folder_name, check_leakage, load_folds, make_folds,
                     patients_of, save_folds)
-from .results import compare, load_results, summarize_results, summary_markdown
+from .results import compare, load_results, neighbour_shares, summarize_results, summary_markdown
 from .run_folder import CONFIG_FILE as _CONFIG
 from .run_folder import METRICS_FILE as _METRICS
 from .run_folder import RETRIEVAL_METHODS as _NEURAL
@@ -103,6 +103,7 @@ __all__ = [
     "summarize_results",
     "summary_markdown",
     "compare",
+    "neighbour_shares",
 ]
 
 #: Methods :func:`run_cv` runs (the one list of them): the two retrieval models, then

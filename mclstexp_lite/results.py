@@ -6,10 +6,12 @@
 - :func:`shared_sections` - that rule: the rows of the held-out sections every method
   has (the figures of :mod:`mclstexp_lite.pl` use it too; ``ml.pl.shared_sections``);
 - :func:`summary_markdown` - such a table as Markdown (``summary.md``);
-- :func:`compare` - one table across results folders (methods, schemes, ``top_k``).
+- :func:`compare` - one table across results folders (methods, schemes, ``top_k``);
+- :func:`neighbour_shares` - where a retrieval run's top-k neighbours come from, per
+  held-out section (the share from the held-out patient's other sections).
 
 :mod:`mclstexp_lite.cv` re-exports ``load_results``, ``summarize_results``,
-``summary_markdown`` and ``compare`` (``ml.cv.compare`` etc.); the results folder
+``summary_markdown``, ``compare`` and ``neighbour_shares`` (``ml.cv.compare`` etc.); the results folder
 layout is described there.
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["load_results", "summarize_results", "summary_markdown", "compare",
-           "shared_sections"]
+           "shared_sections", "neighbour_shares"]
 
 
 def load_results(out_dir) -> pd.DataFrame:
@@ -255,3 +257,71 @@ def compare(results_dirs, *, per_section: bool = False) -> pd.DataFrame:
     table = table.sort_values(["scheme", "_o", "top_k"], na_position="first")
     return table.drop(columns="_o").reset_index(drop=True)
 
+
+
+def neighbour_shares(results_dir) -> pd.DataFrame:
+    """Where a retrieval run's top-k neighbours come from, per held-out section.
+
+    Under the section scheme a held-out section's reference bank holds the other
+    sections of its patient; this measures how much the retrieval leans on them.
+
+    Parameters
+    ----------
+    results_dir
+        A finished (or partly finished) :func:`mclstexp_lite.cv.run_cv` folder of a
+        retrieval method (``mclstexp`` or ``bleep``). Only ``config.json``,
+        ``folds.json`` and each fold's ``embeddings.npz`` are read; folds without
+        embeddings are skipped.
+
+    Returns
+    -------
+    One row per held-out section with columns ``scheme``, ``method``, ``top_k``,
+    ``test_section``, ``patient``, ``bank_same_patient`` (share of the reference bank
+    from the held-out patient's other sections; 0 under the patient scheme),
+    ``neighbours_same_patient`` (share of the retrieved top-k neighbours that are),
+    ``top_source`` (the reference section giving most neighbours),
+    ``top_source_neighbours`` and ``top_source_bank`` (its share of the neighbours and
+    of the bank).
+    """
+    from .folds import load_folds
+    from .tl import retrieve
+
+    results_dir = Path(results_dir)
+    cfg_path = results_dir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: neighbour_shares reads a "
+                                "run_cv results folder; pass the folder run_cv wrote")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("top_k") is None:
+        raise ValueError(f"{results_dir} holds method {cfg.get('method')!r}, which "
+                         "retrieves nothing; pass a mclstexp or bleep results folder")
+    patients = cfg["sections"]
+    metric = cfg.get("metric") or "l1"
+    recs = []
+    for fold in load_folds(results_dir):
+        npz = results_dir / fold.name / "embeddings.npz"
+        if not npz.exists():
+            continue
+        with np.load(npz) as z:
+            secs = z["reference_sections"]
+            k = min(int(cfg["top_k"]), len(secs))
+            for s in fold.test:
+                _, idx = retrieve(z[f"test__{s}"], z["reference"],
+                                  np.zeros((len(secs), 1), np.float32), top_k=k,
+                                  metric=metric, return_indices=True)
+                idx = np.asarray(idx)
+                got = secs[idx].ravel()
+                same = np.array([patients[str(x)] == patients[s] for x in secs])
+                names, counts = np.unique(got, return_counts=True)
+                top = names[np.argmax(counts)]
+                recs.append({"scheme": cfg["scheme"], "method": cfg["method"], "top_k": k,
+                             "test_section": s, "patient": patients[s],
+                             "bank_same_patient": float(same.mean()),
+                             "neighbours_same_patient": float(same[idx].mean()),
+                             "top_source": str(top),
+                             "top_source_neighbours": float(counts.max() / got.size),
+                             "top_source_bank": float(np.mean(secs == top))})
+    return pd.DataFrame(recs, columns=[
+        "scheme", "method", "top_k", "test_section", "patient", "bank_same_patient",
+        "neighbours_same_patient", "top_source", "top_source_neighbours",
+        "top_source_bank"])

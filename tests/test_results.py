@@ -42,3 +42,37 @@ def test_compare_averages_only_the_sections_every_run_has(sections, tmp_path):
     assert "S3 (not scored for: ridge_color)" in md and "compared only on the held-out" in md
     unshared = cv.summarize_results(per_section, shared=False).set_index("method")
     assert unshared.loc["mean", "n_sections"] == 3 and "left_out" not in unshared.columns
+
+
+def test_neighbour_shares_counts_where_the_neighbours_come_from(tmp_path):
+    """SYNTHETIC embeddings written as a results folder: the held-out section T (patient
+    P) has embeddings equal to S1's (patient P, 4 spots), so its top-4 neighbours are
+    all S1's; a second held-out section U (patient Q) copies S2 (patient Q, 6 spots)."""
+    import json
+
+    import numpy as np
+
+    from mclstexp_lite import folds as fo
+    from mclstexp_lite.results import neighbour_shares
+
+    rng = np.random.default_rng(0)
+    s1, s2 = rng.normal(size=(4, 8)) + 5, rng.normal(size=(6, 8)) - 5
+    patients = {"S1": "P", "S2": "Q", "T": "P", "U": "Q"}
+    fold = fo.Fold(name="f", test=("T", "U"), train=("S1", "S2"), reference=("S1", "S2"))
+    fo.save_folds([fold], tmp_path / "folds.json", scheme="section", sections=patients)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"scheme": "section", "method": "mclstexp", "top_k": 4, "metric": "l1",
+         "sections": patients}))
+    (tmp_path / "f").mkdir()
+    np.savez(tmp_path / "f" / "embeddings.npz", reference=np.vstack([s1, s2]).astype("f4"),
+             reference_sections=np.array(["S1"] * 4 + ["S2"] * 6),
+             test__T=s1.astype("f4"), test__U=s2.astype("f4"))
+    got = neighbour_shares(tmp_path).set_index("test_section")
+    assert got.loc["T", "neighbours_same_patient"] == 1.0
+    assert got.loc["T", "bank_same_patient"] == pytest.approx(0.4)
+    assert got.loc["T", "top_source"] == "S1" and got.loc["T", "top_source_neighbours"] == 1.0
+    assert got.loc["U", "neighbours_same_patient"] == 1.0
+    assert got.loc["U", "bank_same_patient"] == pytest.approx(0.6)
+    assert got.loc["U", "patient"] == "Q" and (got["top_k"] == 4).all()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        neighbour_shares(tmp_path / "f")

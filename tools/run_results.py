@@ -111,47 +111,6 @@ def per_section_markdown(per_section, metrics=("pcc_acg", "pcc_heg", "mse")) -> 
     return "\n\n".join(blocks + ([PER_SECTION_NOTE] if gaps else []))
 
 
-def neighbour_shares(results_dir):
-    """Where a retrieval run's top-k neighbours come from, per held-out section.
-
-    For each held-out section: the share of the reference bank that belongs to the
-    held-out patient's other sections (0 under the patient scheme), the share of the
-    top-k neighbours that do, and the reference section contributing most neighbours.
-    Reads only ``embeddings.npz`` and ``folds.json``.
-    """
-    import numpy as np
-    import pandas as pd
-
-    from mclstexp_lite import cv, tl
-
-    results_dir = Path(results_dir)
-    cfg = json.loads((results_dir / "config.json").read_text())
-    patients = cfg["sections"]
-    recs = []
-    for fold in cv.load_folds(results_dir):
-        npz = results_dir / fold.name / "embeddings.npz"
-        if not npz.exists():
-            continue
-        z = np.load(npz)
-        secs = z["reference_sections"]
-        k = min(cfg["top_k"], len(secs))
-        for s in fold.test:
-            _, idx = tl.retrieve(z[f"test__{s}"], z["reference"],
-                                 np.zeros((len(secs), 1), np.float32), top_k=k,
-                                 return_indices=True)
-            got = secs[idx].ravel()
-            same = np.array([patients[x] == patients[s] for x in secs])
-            names, counts = np.unique(got, return_counts=True)
-            recs.append({"scheme": cfg["scheme"], "method": cfg["method"], "top_k": k,
-                         "test_section": s,
-                         "bank_same_patient": float(same.mean()),
-                         "neighbours_same_patient": float(same[idx].mean()),
-                         "top_source": str(names[np.argmax(counts)]),
-                         "top_source_neighbours": float(counts.max() / got.size),
-                         "top_source_bank": float(np.mean(secs == names[np.argmax(counts)]))})
-    return pd.DataFrame(recs)
-
-
 def run_label(cfg) -> str:
     """``"mean"`` for a baseline, ``"bleep k=200"`` for a retrieval run (its config)."""
     k = cfg.get("top_k")
@@ -402,7 +361,7 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(md + "\n")
     sections_md = per_section_markdown(per_section)
     (out / "per_section.md").write_text(sections_md + "\n")
-    shares = [neighbour_shares(d) for d in dirs
+    shares = [cv.neighbour_shares(d) for d in dirs
               if d.name in ("mclstexp", "bleep")]
     if shares:
         import pandas as pd
