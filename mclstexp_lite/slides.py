@@ -25,7 +25,7 @@ pink/purple; glass is white and a blacked-out background is black, both unsatura
 a threshold by Otsu's method (never below :data:`MIN_SATURATION`), then a morphological
 clean-up: closing and opening with a disk of about 20 um, holes filled, and connected
 pieces smaller than :data:`MIN_PIECE_MM2` removed. :func:`lay_spots` puts spot centres
-on a square (legacy ST) or hexagonal (Visium) grid at a given pitch and keeps those whose
+on a square (legacy ST 1k), checkerboard (legacy ST 2k) or hexagonal (Visium) grid at a given pitch and keeps those whose
 spot disk is at least half tissue.
 """
 
@@ -51,6 +51,8 @@ MAX_DECODE_PIXELS = 2_000_000_000
 MIN_SATURATION = 0.07
 #: Tissue pieces smaller than this (mm^2) are dropped as dust or debris.
 MIN_PIECE_MM2 = 0.05
+#: The virtual spot grids of :func:`lay_spots` (legacy ST 1k, legacy ST 2k, Visium).
+GRIDS = ("square", "checkerboard", "hex")
 #: Embedded pixel sizes outside this range (um/px) are not microscope scales (e.g. a
 #: 72 dpi default) and are ignored.
 _PLAUSIBLE_UM_PER_PX = (0.05, 50.0)
@@ -458,8 +460,11 @@ def lay_spots(mask: np.ndarray, *, mask_um_per_px: float, pitch_um: float,
     pitch_um, diameter_um
         Centre-to-centre distance and spot diameter in microns.
     grid
-        ``"square"`` (legacy ST: rows and columns one pitch apart) or ``"hex"`` (Visium:
+        ``"square"`` (legacy ST 1k: rows and columns one pitch apart), ``"checkerboard"``
+        (legacy ST 2k: rows half a pitch apart, every other row shifted by half a pitch,
+        so nearest neighbours are diagonal at ``pitch / sqrt(2)``) or ``"hex"`` (Visium:
         rows ``pitch * sqrt(3) / 2`` apart, every other row shifted by half a pitch).
+        ``pitch_um`` is the distance of neighbouring spots in the same row.
     min_tissue
         Keep spots whose disk is at least this share tissue.
 
@@ -467,11 +472,13 @@ def lay_spots(mask: np.ndarray, *, mask_um_per_px: float, pitch_um: float,
     -------
     centres, array_xy, tissue_share
         ``(n, 2)`` float centres ``(x, y)`` in mask pixels, ``(n, 2)`` int array
-        coordinates (square: column, row; hex: Visium's ``array_col`` = 2 * column +
-        row parity, ``array_row``), and the tissue share of each spot's disk.
+        coordinates (square: column, row; checkerboard and hex: 2 * column + row parity,
+        row, as a 2k array's and Visium's ``array_col``, ``array_row``), and the tissue
+        share of each spot's disk.
     """
-    if grid not in ("square", "hex"):
-        raise ValueError(f"grid must be 'square' (legacy ST) or 'hex' (Visium), got {grid!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS} (legacy ST 1k, legacy ST 2k, Visium), "
+                         f"got {grid!r}")
     for name, v in (("pitch_um", pitch_um), ("diameter_um", diameter_um),
                     ("mask_um_per_px", mask_um_per_px)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -481,13 +488,13 @@ def lay_spots(mask: np.ndarray, *, mask_um_per_px: float, pitch_um: float,
         empty = np.zeros((0, 2))
         return empty, empty.astype(np.int64), np.zeros(0)
     pitch = pitch_um / mask_um_per_px
-    dy = pitch * (math.sqrt(3) / 2 if grid == "hex" else 1.0)
+    dy = pitch * {"square": 1.0, "checkerboard": 0.5, "hex": math.sqrt(3) / 2}[grid]
     x0, y0 = xs.min() + pitch / 2, ys.min() + dy / 2
     n_rows = int((ys.max() - y0) // dy) + 1
     n_cols = int((xs.max() - x0) // pitch) + 2
     rows, cols = np.mgrid[0:n_rows, 0:n_cols]
     rows, cols = rows.ravel(), cols.ravel()
-    shift = (rows % 2) * 0.5 * pitch if grid == "hex" else 0.0
+    shift = (rows % 2) * 0.5 * pitch if grid != "square" else 0.0
     cx = x0 + cols * pitch + shift
     cy = y0 + rows * dy
     # tissue share inside each spot's disk, sampled at mask pixels
@@ -500,6 +507,6 @@ def lay_spots(mask: np.ndarray, *, mask_um_per_px: float, pitch_um: float,
     py = np.clip(np.round(cy)[:, None].astype(int) + oy[None], 0, mask.shape[0] - 1)
     share = mask[py, px].mean(axis=1)
     keep = share >= min_tissue
-    array_xy = (np.stack([2 * cols + rows % 2, rows], axis=1) if grid == "hex"
+    array_xy = (np.stack([2 * cols + rows % 2, rows], axis=1) if grid != "square"
                 else np.stack([cols, rows], axis=1))
     return (np.stack([cx, cy], axis=1)[keep], array_xy[keep].astype(np.int64), share[keep])

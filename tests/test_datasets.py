@@ -231,30 +231,86 @@ def test_cscc_loader_on_synthetic_geo_files(tmp_path, monkeypatch):
     assert src.suffix == ".jpg" and src.exists()  # unpacked from .jpg.gz into the cache
 
 
-def _write_staggered(folder: Path):
-    """SYNTHETIC staggered legacy-ST section: rows at even y, x of alternating parity, so
-    neighbouring spots are two x steps (45 px) apart; one x step is 22.5 px, one y step
-    24 px (48 px between rows). The true scale: 200 um / 45 px = 4.444 um/px."""
+def _write_array(folder: Path, layout: str, d: float = 45.0, *, rows=8, cols=10):
+    """SYNTHETIC section on one spot array, nearest neighbours ``d`` px apart:
+
+    - "1k": consecutive coordinates, rows and columns ``d`` apart (200 um on a real 1k);
+    - "2k": a checkerboard (x + y even), one array step ``d / sqrt 2`` along each axis:
+      nearest neighbours diagonal at ``d``, same-row neighbours ``sqrt(2) d`` apart
+      (141 and 200 um on a real 2k array: STUtility's platform "2k");
+    - "visium": Visium's checkerboard convention (array_col = 2 * column + row parity),
+      hexagonally packed, all six neighbours ``d`` apart (100 um on a real slide);
+    - "stagger": consecutive x, but rows shifted by half a step on odd rows of even y
+      with x steps of half the neighbour distance (no real array has it: our earlier
+      test of a "staggered" array assumed one; an ambiguous geometry now).
+    """
     rng = np.random.default_rng(1)
-    pts = [(x, y) for y in range(0, 12, 2) for x in range(y // 2 % 2, 16, 2)]
-    xs, ys = np.array(pts).T
-    sp = pd.DataFrame({"x": xs, "y": ys, "pixel_x": 40 + xs * 22.5, "pixel_y": 40 + ys * 24.0,
-                       "selected": 1})
+    if layout == "1k":
+        pts = [(x, y, x * d, y * d) for y in range(rows) for x in range(cols)]
+    elif layout == "2k":
+        s = d / np.sqrt(2)
+        pts = [(x, y, x * s, y * s) for y in range(rows) for x in range(2 * cols) if (x + y) % 2 == 0]
+    elif layout == "visium":
+        pts = [(2 * c + r % 2, r, (c + (r % 2) / 2) * d, r * d * np.sqrt(3) / 2)
+               for r in range(rows) for c in range(cols)]
+    else:  # stagger: rows at even y, x of alternating parity: neighbours 2 x steps apart
+        pts = [(x, y, x * d / 2, y * d * 0.55) for y in range(0, 2 * rows, 2)
+               for x in range(y // 2 % 2, 2 * cols, 2)]
+    xs, ys, px, py = (np.array(v) for v in zip(*pts))
+    sp = pd.DataFrame({"x": xs, "y": ys, "pixel_x": 40 + px, "pixel_y": 40 + py, "selected": 1})
     cnt = pd.DataFrame(rng.poisson(3, size=(len(sp), 4)) + 1, columns=list("ABCD"),
                        index=[f"{x}x{y}" for x, y in zip(xs, ys)])
+    folder.mkdir(parents=True, exist_ok=True)
     cnt.to_csv(folder / "counts.tsv", sep="\t")
     sp.to_csv(folder / "spots.tsv", sep="\t", index=False)
     return folder / "counts.tsv", folder / "spots.tsv"
 
 
-def test_staggered_array_gets_the_right_scale_with_a_warning(tmp_path):
-    c, s = _write_staggered(tmp_path)
-    with pytest.warns(UserWarning, match=r"45\.0 px apart.*staggered.*4\.444 um/px.*um_per_px="):
+@pytest.mark.parametrize("layout, nearest_um, pitch_um, grid", [
+    ("1k", 200.0, 200.0, "square"), ("2k", 200 / np.sqrt(2), 200.0, "checkerboard"),
+    ("visium", 100.0, 100.0, "hex")])
+def test_array_layout_is_told_from_the_geometry(tmp_path, recwarn, layout, nearest_um, pitch_um,
+                                                grid):
+    """SYNTHETIC arrays (see _write_array), nearest neighbours 45 px apart: a checkerboard
+    whose diagonal neighbours are d px apart gets 141.4 / d um/px, a 1k array 200 / d, a
+    hexagonal one 100 / d, without being told and without a warning."""
+    c, s = _write_array(tmp_path, layout)
+    a = ds.from_files(c, s, None, section="S")
+    md = a.uns["spatial"]["S"]["metadata"]
+    assert md["um_per_px"] == pytest.approx(nearest_um / 45.0, rel=1e-6)
+    assert md["array"] == layout and md["grid"] == grid and md["array_from"].startswith("auto")
+    assert md["spot_pitch_um"] == pitch_um
+    assert md["spot_spacing_um"] == pytest.approx(nearest_um, abs=1e-3)
+    assert md["spot_diameter_um"] == {"1k": 100, "2k": 100, "visium": 55}[layout]
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    assert ds.array_layout(a.obs[["array_x", "array_y"]].to_numpy(), a.obsm["spatial"])[
+        "row_ratio"] == pytest.approx({"1k": 1, "2k": np.sqrt(2), "visium": 1}[layout])
+
+
+def test_array_layout_overrides_and_an_ambiguous_geometry(tmp_path):
+    """SYNTHETIC: array= wins (and says so when the geometry contradicts it), spot_pitch_um
+    scales the layout, um_per_px wins over everything; a geometry that fits no array
+    warns and names both readings."""
+    c, s = _write_array(tmp_path / "a", "2k")
+    with pytest.warns(UserWarning, match=r"array='1k' was given.*checkerboard.*2k array"):
+        a = ds.from_files(c, s, None, section="S", array="1k")
+    md = a.uns["spatial"]["S"]["metadata"]
+    assert md["array"] == "1k" and md["array_from"] == "given (array='1k')"
+    assert md["um_per_px"] == pytest.approx(200 / (45 / np.sqrt(2)))  # one step = 200 um
+    b = ds.from_files(c, s, None, section="S", spot_pitch_um=100.0)  # a 2k design at half scale
+    assert b.uns["spatial"]["S"]["metadata"]["um_per_px"] == pytest.approx(70.71 / 45, rel=1e-4)
+    g = ds.from_files(c, s, None, section="S", um_per_px=3.14)
+    assert g.uns["spatial"]["S"]["metadata"]["um_per_px"] == 3.14
+    assert g.uns["spatial"]["S"]["metadata"]["array"] == "2k"
+    with pytest.raises(ValueError, match=r"array must be 'auto' or one of \['1k', '2k', 'visium'\]"):
+        ds.from_files(c, s, None, section="S", array="3k")
+    c, s = _write_array(tmp_path / "b", "stagger")
+    with pytest.warns(UserWarning, match=r"fit no known array well.*nearest neighbours are 1\.9\d "
+                                         r"array steps apart.*array='1k'.*4\.444 um/px.*um_per_px="):
         a = ds.from_files(c, s, None, section="S")
     md = a.uns["spatial"]["S"]["metadata"]
-    assert md["um_per_px"] == pytest.approx(200 / 45)
-    assert md["scale_from"].endswith("(staggered array)")
-    assert a.uns["spatial"]["S"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(22.5)
+    assert md["array_from"].endswith("(ambiguous)")
+    assert md["um_per_px"] == pytest.approx(200 / 45)  # nearest neighbours taken as the pitch
 
 
 def test_um_per_px_given_wins_and_a_disagreement_is_said(tmp_path, recwarn):
@@ -263,7 +319,7 @@ def test_um_per_px_given_wins_and_a_disagreement_is_said(tmp_path, recwarn):
     assert a.uns["spatial"]["S"]["metadata"]["um_per_px"] == 2.1
     assert a.uns["spatial"]["S"]["metadata"]["scale_from"] == "given (um_per_px=)"
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
-    with pytest.warns(UserWarning, match=r"um_per_px=0.5 was given.*2\.000 um/px"):
+    with pytest.warns(UserWarning, match=r"um_per_px=0.5 was given.*show 2\.000 um/px"):
         ds.from_files(c, s, i, section="S", um_per_px=0.5)
     with pytest.raises(ValueError, match="um_per_px must be a positive number"):
         ds.from_files(c, s, i, section="S", um_per_px=0)

@@ -17,7 +17,7 @@ the path of the source image that patches are cut from.
 
 Modules, by source: ``legacy_st`` (her2st, cscc, from_files), ``visium_10x``,
 ``hest_1k``, ``image`` (from_image), ``catalog`` (list_sections, load, load_sections),
-``geometry`` (spot pitch, grid spacing, the spots-on-image checks) and ``_io`` (images,
+``geometry`` (array layouts, spot pitch, grid spacing, the spots-on-image checks) and ``_io`` (images,
 tables, gzipped files). Every public name is importable from here.
 """
 
@@ -26,12 +26,14 @@ from __future__ import annotations
 from ._io import HIRES_MAX_PX
 from .catalog import list_sections, load, load_sections
 from .geometry import (
+    ARRAY_LAYOUTS,
     LEGACY_ST_PITCH_UM,
     LEGACY_ST_SPOT_DIAMETER_UM,
     MAX_STAINED_ELSEWHERE,
     MIN_STAIN_CONTRAST,
     VISIUM_PITCH_UM,
     VISIUM_SPOT_DIAMETER_UM,
+    array_layout,
     grid_spacing_px,
     spot_pitch_px,
 )
@@ -64,6 +66,8 @@ __all__ = [
     "load_sections",
     "spot_pitch_px",
     "grid_spacing_px",
+    "array_layout",
+    "ARRAY_LAYOUTS",
     "HER2ST_SECTIONS",
     "PAPER_HER2ST_SECTIONS",
     "CSCC_SECTIONS",
