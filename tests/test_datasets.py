@@ -616,3 +616,121 @@ def test_from_files_missing_image_says_not_found(tmp_path):
         ds.from_files(c, s, img, section="S")
     assert str(img) in str(err.value) and "not found" in str(err.value)
     assert "corrupt" not in str(err.value)
+
+
+# ------------------------------------------------ AnnData in scanpy's layout (from_anndata)
+def read_visium_like_scanpy(path: Path, library_id: str = "fixture"):
+    """The Visium fixture as ``sc.read_visium`` lays it out, step by step with scanpy's own
+    pieces (``sc.read_10x_h5``, matplotlib's ``imread``, the positions file read as scanpy
+    reads it, ``obsm['spatial']`` = full-resolution x, y). scanpy 1.11 and squidpy 1.8
+    cannot read this folder themselves: its older .h5 has no ``library_ids`` attribute
+    (pass library_id=) and there is no tissue_hires_image.png, which both readers require
+    when they load images; a user with such a folder builds the same object by hand."""
+    import json
+
+    import scanpy as sc
+    from matplotlib.image import imread
+
+    a = sc.read_10x_h5(path / "filtered_feature_bc_matrix.h5")
+    a.var_names_make_unique()
+    a.uns["spatial"] = {library_id: {
+        "images": {"lowres": imread(str(path / "spatial" / "tissue_lowres_image.png"))},
+        "scalefactors": json.loads((path / "spatial" / "scalefactors_json.json").read_bytes()),
+        "metadata": {}}}
+    pos = pd.read_csv(path / "spatial" / "tissue_positions_list.csv", header=None, index_col=0)
+    pos.columns = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
+                   "pxl_col_in_fullres"]
+    a.obs = a.obs.join(pos, how="left")
+    a.obsm["spatial"] = a.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
+    a.obs = a.obs.drop(columns=["pxl_row_in_fullres", "pxl_col_in_fullres"])
+    return a
+
+
+@needs_data
+def test_from_anndata_on_the_real_visium_fixture_loaded_as_scanpy_does(data_root, tmp_path):
+    path = data_root / "seurat_visium"
+    a = read_visium_like_scanpy(path)
+    assert a.uns["spatial"]["fixture"]["images"]["lowres"].dtype == np.float32  # matplotlib
+    with pytest.warns(UserWarning, match=r"no full-resolution image was given, so patches come "
+                                         r"from the lowres image at 14\.0\d um/px.*image="):
+        s = ds.from_anndata(a)
+    assert s.shape == (2695, 100) and s.X.dtype == np.int32
+    assert list(s.var["gene_ids"][:2]) == list(a.var["gene_ids"][:2])  # var columns kept
+    md = s.uns["spatial"]["fixture"]["metadata"]
+    assert md["array"] == "visium" and md["grid"] == "hex" and md["spot_pitch_um"] == 100
+    lowres_scalef = 0.051635113
+    assert md["pixel_scale"] == pytest.approx(lowres_scalef)
+    np.testing.assert_allclose(s.obsm["spatial"], a.obsm["spatial"] * lowres_scalef)
+    # 100 um between neighbouring spots (the geometry) agrees with Space Ranger's 65 um
+    # spot_diameter_fullres (89.47 px) within 0.3 %
+    assert md["um_per_px"] == pytest.approx(65 / (89.47248494250101 * lowres_scalef), rel=0.003)
+    assert md["spots_on_tissue"] > 0.9
+    # the same spots, counts and pixels as the Space Ranger loader
+    v = ds.visium(path)
+    assert list(v.obs_names) == list(s.obs_names)
+    assert (v.X != s.X).nnz == 0
+    np.testing.assert_allclose(v.obsm["spatial"], s.obsm["spatial"], rtol=1e-6)
+    assert v.uns["spatial"]["seurat_visium"]["metadata"]["um_per_px"] == pytest.approx(
+        md["um_per_px"], rel=0.003)
+    # squidpy reads PNGs as uint8: same section
+    b = a.copy()
+    b.uns["spatial"]["fixture"]["images"]["lowres"] = np.asarray(
+        __import__("PIL.Image", fromlist=["Image"]).open(path / "spatial" / "tissue_lowres_image.png"
+                                                         ).convert("RGB"))
+    with pytest.warns(UserWarning, match="lowres image"):
+        s2 = ds.from_anndata(b)
+    assert s2.uns["spatial"]["fixture"]["metadata"]["source_image_path"] == md["source_image_path"]
+    patches = P.patch_cache(s, out_size=32, cache_dir=tmp_path, progress=False)
+    assert patches.shape == (2695, 32, 32, 3)
+
+
+@needs_data
+def test_from_anndata_with_the_full_resolution_image_equals_the_loader(her2_c2, tmp_path):
+    """HER2+ C2 put into scanpy's layout (full-resolution obsm['spatial'], the hires copy
+    with its scale factor, array_row/array_col) plus image=: same scale and patches."""
+    import anndata as ad
+
+    lib = her2_c2.uns["spatial"]["C2"]
+    a = ad.AnnData(X=her2_c2.X.astype(np.float32), var=pd.DataFrame(index=her2_c2.var_names),
+                   obs=pd.DataFrame({"in_tissue": 1, "array_col": her2_c2.obs["array_x"].to_numpy(),
+                                     "array_row": her2_c2.obs["array_y"].to_numpy()},
+                                    index=her2_c2.obs_names))
+    a.obsm["spatial"] = her2_c2.obsm["spatial"].copy()
+    a.uns["spatial"] = {"C2": {"images": {"hires": lib["images"]["hires"]},
+                               "scalefactors": dict(lib["scalefactors"])}}
+    s = ds.from_anndata(a, image=lib["metadata"]["source_image_path"])
+    md = s.uns["spatial"]["C2"]["metadata"]
+    assert md["array"] == "1k" and md["scale_from"] == "spot geometry (1k array)"
+    assert md["um_per_px"] == pytest.approx(lib["metadata"]["um_per_px"], rel=1e-9)
+    np.testing.assert_array_equal(P.patch_cache(s, out_size=32, cache_dir=tmp_path, progress=False),
+                                  P.patch_cache(her2_c2, out_size=32, cache_dir=tmp_path,
+                                                progress=False))
+    # without the full-resolution image: the hires copy (2000 px) through its scale factor
+    with pytest.warns(UserWarning, match=r"patches come from the hires image at 3\.\d\d um/px"):
+        h = ds.from_anndata(a)
+    assert h.uns["spatial"]["C2"]["metadata"]["pixel_scale"] == pytest.approx(
+        lib["scalefactors"]["tissue_hires_scalef"])
+
+
+def test_from_anndata_bad_input():
+    """SYNTHETIC AnnData objects with the usual mistakes."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    a = ad.AnnData(X=rng.poisson(2, (10, 3)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"no obsm\['spatial'\].*squidpy\.read\.visium"):
+        ds.from_anndata(a)
+    a.obsm["spatial"] = rng.uniform(0, 100, (10, 2))
+    a.uns["spatial"] = {"L1": {}, "L2": {}}
+    with pytest.raises(ValueError, match=r"2 libraries \(L1, L2\); pass library_id="):
+        ds.from_anndata(a)
+    with pytest.raises(ValueError, match=r"no image: .*images'\] has no hires or lowres.*image="):
+        ds.from_anndata(a, library_id="L1", um_per_px=1.0)
+    with pytest.raises(ValueError, match=r"no pixel size.*um_per_px="):
+        ds.from_anndata(a, library_id="L1")
+    b = a.copy()
+    b.X = np.log1p(b.X)
+    with pytest.raises(ValueError, match=r"no raw counts.*non-integer.*layers\['counts'\]"):
+        ds.from_anndata(b, library_id="L1")
+    with pytest.raises(TypeError, match="needs an AnnData"):
+        ds.from_anndata(a.to_df())

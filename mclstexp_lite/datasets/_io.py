@@ -110,6 +110,33 @@ def image_array_file(arr: np.ndarray, *, what: str = "image array") -> Path:
     return out
 
 
+def integer_counts(matrix, what: str):
+    """Return ``(csr int32, None)`` if ``matrix`` holds non-negative whole numbers that fit
+    int32, else ``(None, reason)``."""
+    from scipy import sparse
+
+    m = sparse.csr_matrix(matrix) if not sparse.issparse(matrix) else matrix.tocsr()
+    data = np.asarray(m.data)
+    if data.size and not np.issubdtype(data.dtype, np.number):
+        return None, f"{what} is not numeric ({data.dtype})"
+    if data.size:
+        if np.issubdtype(data.dtype, np.floating):
+            if not np.isfinite(data).all():
+                return None, f"{what} holds NaN or infinite values"
+            frac = data != np.round(data)
+            if frac.any():
+                return None, (f"{what} holds non-integer values (e.g. "
+                              f"{float(data[frac][0]):.4g}): normalised or log data, not "
+                              "raw counts")
+        if data.min() < 0:
+            return None, f"{what} holds negative values (e.g. {data.min()})"
+        if data.max() > np.iinfo(np.int32).max:
+            return None, f"{what} holds values above the int32 range (max {data.max()})"
+    out = sparse.csr_matrix(m, dtype=np.int32)
+    out.eliminate_zeros()
+    return out, None
+
+
 def read_table(path: Path, **kw):
     """A count / spot / label table: tab-separated, or comma-separated for a ``.csv``
     name (gzip allowed), with an error that names the file and the likely fix."""

@@ -37,6 +37,11 @@ LEGACY_ST_PITCH_UM = 200.0
 VISIUM_PITCH_UM = 100.0
 LEGACY_ST_SPOT_DIAMETER_UM = 100.0
 VISIUM_SPOT_DIAMETER_UM = 55.0
+#: Space Ranger's ``spot_diameter_fullres`` is the width in full-resolution pixels of a
+#: "theoretical 65 um spot" (10x Genomics' description of ``scalefactors_json.json``),
+#: not of the 55 um spot: on the Visium fixture 89.47 px, against 137.66 px between
+#: spots 100 um apart (65 / 89.47 = 0.7265 and 100 / 137.66 = 0.7264 um/px).
+SPACERANGER_SPOT_UM = 65.0
 
 #: The spot arrays by name: ``grid`` (how :func:`mclstexp_lite.slides.lay_spots` lays
 #: them), ``pitch_um`` (same-row neighbours), ``diameter_um``, ``step_um`` (micrometres

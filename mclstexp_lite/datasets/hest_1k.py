@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import DROPPED_WARN_SHARE, HIRES_MAX_PX
+from ._io import DROPPED_WARN_SHARE, HIRES_MAX_PX, integer_counts
 from .geometry import (
     LEGACY_ST_PITCH_UM,
     LEGACY_ST_SPOT_DIAMETER_UM,
@@ -58,33 +58,6 @@ def _finite_positive(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) and v > 0 else None
-
-
-def _integer_counts(matrix, what: str):
-    """Return ``(csr int32, None)`` if ``matrix`` holds non-negative whole numbers that fit
-    int32, else ``(None, reason)``."""
-    from scipy import sparse
-
-    m = sparse.csr_matrix(matrix) if not sparse.issparse(matrix) else matrix.tocsr()
-    data = np.asarray(m.data)
-    if data.size and not np.issubdtype(data.dtype, np.number):
-        return None, f"{what} is not numeric ({data.dtype})"
-    if data.size:
-        if np.issubdtype(data.dtype, np.floating):
-            if not np.isfinite(data).all():
-                return None, f"{what} holds NaN or infinite values"
-            frac = data != np.round(data)
-            if frac.any():
-                return None, (f"{what} holds non-integer values (e.g. "
-                              f"{float(data[frac][0]):.4g}): normalised or log data, not "
-                              "raw counts")
-        if data.min() < 0:
-            return None, f"{what} holds negative values (e.g. {data.min()})"
-        if data.max() > np.iinfo(np.int32).max:
-            return None, f"{what} holds values above the int32 range (max {data.max()})"
-    out = sparse.csr_matrix(m, dtype=np.int32)
-    out.eliminate_zeros()
-    return out, None
 
 
 def _hest_array_coords(obs, pix: np.ndarray):
@@ -282,7 +255,7 @@ def hest(
                  src.raw.var_names if src.raw is not None else None)):
             if matrix is None:
                 continue
-            X, why = _integer_counts(matrix, f"{files['st'].name} {where}")
+            X, why = integer_counts(matrix, f"{files['st'].name} {where}")
             if X is not None:
                 counts_from, var_names = where, names
                 break
