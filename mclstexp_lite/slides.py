@@ -82,7 +82,10 @@ class Slide:
     width, height
         Full-resolution size in pixels.
     um_per_px_embedded
-        Pixel size stated by the file, or ``None``.
+        Pixel size stated by the file, or ``None`` (also for a value no microscope has,
+        outside 0.05-50 um/px, e.g. a 72 dpi default).
+    um_per_px_tags
+        The pixel size as stated, without that plausibility check (``None`` if absent).
     levels
         ``(width, height)`` of every resolution level, full resolution first.
     """
@@ -91,6 +94,7 @@ class Slide:
     width: int
     height: int
     um_per_px_embedded: float | None
+    um_per_px_tags: float | None = None
     levels: list[tuple[int, int]]
 
     @property
@@ -265,7 +269,9 @@ class _PILSlide(Slide):
 
 
 # =========================================================================== TIFF files
-def _tiff_um_per_px(tf) -> float | None:
+def _tiff_um_per_px(tf, *, plausible: bool = True) -> float | None:
+    """The pixel size a TIFF states (Aperio description or resolution tags); with
+    ``plausible`` only values in :data:`_PLAUSIBLE_UM_PER_PX`."""
     page = tf.pages[0]
     desc = str(page.tags.get("ImageDescription").value) if "ImageDescription" in page.tags else ""
     m = re.search(r"MPP\s*=\s*([0-9.]+)", desc)  # Aperio
@@ -286,9 +292,36 @@ def _tiff_um_per_px(tf) -> float | None:
     if um_per_unit is None:
         return None
     value = um_per_unit / px_per_unit
-    if _PLAUSIBLE_UM_PER_PX[0] <= value <= _PLAUSIBLE_UM_PER_PX[1]:
+    if not plausible or _PLAUSIBLE_UM_PER_PX[0] <= value <= _PLAUSIBLE_UM_PER_PX[1]:
         return float(value)
     return None
+
+
+#: TIFF compressions that tifffile decodes with the standard library alone (none,
+#: Deflate/zlib); every other one (LZW as HEST-1k and libvips write it, JPEG, JPEG 2000,
+#: ...) needs the ``imagecodecs`` package.
+_NATIVE_TIFF_CODECS = (1, 8, 32946)
+
+
+def _imagecodecs_error(path, compression) -> ValueError:
+    return ValueError(
+        f"{path} is compressed with {compression} (HEST-1k's WSIs and libvips' TIFFs use LZW), "
+        "which tifffile decodes only with the 'imagecodecs' package, not installed here. "
+        "Install it (`pip install imagecodecs`; it is in this package's requirements.txt), "
+        "or convert the image to an uncompressed or Deflate-compressed TIFF.")
+
+
+def _check_codec(tf, path) -> None:
+    """Fail at open, not at the first tile, when the TIFF's compression needs
+    ``imagecodecs`` and it cannot be imported."""
+    comp = tf.pages[0].compression
+    if int(comp) in _NATIVE_TIFF_CODECS:
+        return
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        tf.close()
+        raise _imagecodecs_error(path, getattr(comp, "name", comp)) from None
 
 
 class _TiffSlide(Slide):
@@ -312,18 +345,21 @@ class _TiffSlide(Slide):
             raise ValueError(f"{path}: image axes {axes!r} (shape {shape}); expected an RGB "
                              "image stored as rows x columns x samples (YXS).")
         _rgb_or_error(fake, str(path))
+        _check_codec(self._tf, path)
         self._series = series
         self._samples = shape[2] if "S" in axes else 1
         self.height, self.width = int(shape[0]), int(shape[1])
         self.levels = [(int(lv.shape[1]), int(lv.shape[0])) for lv in series.levels]
         self.um_per_px_embedded = _tiff_um_per_px(self._tf)
+        self.um_per_px_tags = _tiff_um_per_px(self._tf, plausible=False)
         self._zarr: dict[int, object] = {}
 
     def _store(self, level: int):
         import zarr
 
         if level not in self._zarr:
-            self._zarr[level] = zarr.open(self._tf.aszarr(level=level), mode="r")
+            self._zarr[level] = _Decoding(zarr.open(self._tf.aszarr(level=level), mode="r"),
+                                          self.path)
         return self._zarr[level]
 
     def _check(self, arr: np.ndarray) -> np.ndarray:
@@ -344,6 +380,22 @@ class _TiffSlide(Slide):
     def close(self) -> None:
         self._zarr.clear()
         self._tf.close()
+
+
+class _Decoding:
+    """A zarr array whose reads turn tifffile's "requires the 'imagecodecs' package" into
+    the message of :func:`_imagecodecs_error` (e.g. a later level with another codec)."""
+
+    def __init__(self, arr, path):
+        self._arr, self._path = arr, path
+
+    def __getitem__(self, key):
+        try:
+            return self._arr[key]
+        except ValueError as exc:
+            if "imagecodecs" in str(exc):
+                raise _imagecodecs_error(self._path, str(exc).split(" requires")[0]) from exc
+            raise
 
 
 # ========================================================================== array input
