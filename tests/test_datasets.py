@@ -734,3 +734,35 @@ def test_from_anndata_bad_input():
         ds.from_anndata(b, library_id="L1")
     with pytest.raises(TypeError, match="needs an AnnData"):
         ds.from_anndata(a.to_df())
+
+
+# ------------------------------------------------------------ issue 20: bad input
+@needs_data
+def test_counts_and_spots_of_different_sections_ask_whether_they_belong_together(data_root):
+    """Real HER2+ files: C2's counts with C3's spot file (one array design, so the spot
+    ids overlap in part) ask "same section?"; C2's own files do not."""
+    d = data_root / "her2st" / "data"
+    with pytest.warns(UserWarning, match=r"are C2\.tsv\.gz and C3_selection\.tsv from the same "
+                                         r"section\?"):
+        ds.from_files(d / "ST-cnts" / "C2.tsv.gz", d / "ST-spotfiles" / "C3_selection.tsv", None,
+                      section="C2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.from_files(d / "ST-cnts" / "C2.tsv.gz", d / "ST-spotfiles" / "C2_selection.tsv", None,
+                      section="C2")
+
+
+def test_empty_table_and_own_unreadable_image_messages(tmp_path):
+    """SYNTHETIC: a 0-byte count table is named as empty (not pandas' "No columns to
+    parse"); a user's own unreadable image is not told to re-download it from the
+    manifest."""
+    c, s, i = _write_section(tmp_path)
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.tsv is empty \(0 bytes\)") as err:
+        ds.from_files(empty, s, i, section="S")
+    assert "No columns" not in str(err.value)
+    i.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"he\.jpg.*opens in an image viewer") as err:
+        ds.from_files(c, s, i, section="S")
+    assert "manifest" not in str(err.value) and "download" not in str(err.value)
