@@ -60,7 +60,7 @@ OOD_K = 10
 #: ``OOD_K`` nearest) is more than this many times the reference's own (each reference
 #: spot to the spots of the other reference sections) gets a warning. Calibrated on the
 #: offline data (docs/results.md, "Slides unlike the training data").
-OOD_THRESHOLD = 1.5
+OOD_THRESHOLD = 1.75
 _REQUIRED = ("format", "model", "model_config", "preprocessing", "encoder_fingerprint",
              "reference_emb", "reference_expr", "genes", "info")
 
