@@ -260,7 +260,7 @@ def torch_load_plain(path, *, what: str, fix: str, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        # PyTorch's own text ends by suggesting weights_only=False, which would run any code
+        # PyTorch's own text ends by suggesting the unsafe load, which would run any code
         # pickled in the file: keep only its first line, never that advice
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "weights_only" in first or "Weights only load failed" in first:
