@@ -260,5 +260,11 @@ def torch_load_plain(path, *, what: str, fix: str, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read the {what} {path}: {type(exc).__name__}: {exc}. "
+        # PyTorch's own text ends by suggesting the unsafe load, which would run any code
+        # pickled in the file: keep only its first line, never that advice
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in first or "Weights only load failed" in first:
+            first = ("it holds Python objects that a safe load refuses (it was not written "
+                     "by this package's save functions) or it is damaged")
+        raise ValueError(f"cannot read the {what} {path}: {type(exc).__name__}: {first}. "
                          f"{fix}") from exc

@@ -38,7 +38,10 @@ def save_checkpoint(path: str | os.PathLike, *, model: mdl.MclSTExp, optimizer, 
                     sections: Sequence[str]) -> None:
     """Write a training checkpoint atomically: one dict of the model and optimiser
     states, the model's and the training config, the epoch, the history, the RNG states,
-    the genes and sections trained on and the encoder's preprocessing."""
+    the genes and sections trained on and the encoder's preprocessing. The genes are
+    also recorded on the model (``model.genes``), so that a reference prepared with
+    another gene order is refused (:func:`mclstexp_lite.tl.check_model_reference`)."""
+    model.genes = [str(g) for g in genes]
     obj = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "model_config": model.config, "config": config.to_dict(),
@@ -88,13 +91,16 @@ def model_from_state(ckpt: Mapping) -> mdl.MclSTExp:
     """The model of an already loaded checkpoint-like dict, in eval mode.
 
     ``ckpt`` needs ``model_config`` and ``model`` (the state dict) and may hold
-    ``preprocessing`` (checked against the rebuilt encoder) and ``config``; a training
-    checkpoint (:func:`load_checkpoint`) and a predictor (:mod:`mclstexp_lite.predict`)
-    both qualify.
+    ``preprocessing`` (checked against the rebuilt encoder), ``config`` and ``genes``
+    (set as ``model.genes``, which :func:`mclstexp_lite.tl.check_model_reference`
+    compares name by name with a reference); a training checkpoint
+    (:func:`load_checkpoint`) and a predictor (:mod:`mclstexp_lite.predict`) both qualify.
     """
     ckpt = dict(ckpt)
     model = rebuild_model(ckpt)
     model.load_state_dict(ckpt["model"])
+    if ckpt.get("genes") is not None:  # what a reference must match, name by name
+        model.genes = [str(g) for g in ckpt["genes"]]
     return model.eval()
 
 

@@ -184,8 +184,9 @@ def crop_size_px(um_per_px, *, patch_um=DEFAULT_PATCH_UM) -> int:
 def _corrupt_image_error(name: str, err: BaseException) -> ValueError:
     return ValueError(
         f"Could not decode the H&E image {name} ({type(err).__name__}: {err}). The file is "
-        "corrupt or truncated: re-download it and verify its sha256 against the data "
-        "manifest (mclstexp_lite.download)."
+        "corrupt or truncated. If it is one of this package's downloads, delete it so that "
+        "the loader re-downloads it (its sha256 is in data_manifest.csv); if it is your own "
+        "image, check that it opens in an image viewer and export it again."
     )
 
 

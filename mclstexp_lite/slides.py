@@ -25,7 +25,7 @@ pink/purple; glass is white and a blacked-out background is black, both unsatura
 a threshold by Otsu's method (never below :data:`MIN_SATURATION`), then a morphological
 clean-up: closing and opening with a disk of about 20 um, holes filled, and connected
 pieces smaller than :data:`MIN_PIECE_MM2` removed. :func:`lay_spots` puts spot centres
-on a square (legacy ST) or hexagonal (Visium) grid at a given pitch and keeps those whose
+on a square (legacy ST 1k), checkerboard (legacy ST 2k) or hexagonal (Visium) grid at a given pitch and keeps those whose
 spot disk is at least half tissue.
 """
 
@@ -51,6 +51,8 @@ MAX_DECODE_PIXELS = 2_000_000_000
 MIN_SATURATION = 0.07
 #: Tissue pieces smaller than this (mm^2) are dropped as dust or debris.
 MIN_PIECE_MM2 = 0.05
+#: The virtual spot grids of :func:`lay_spots` (legacy ST 1k, legacy ST 2k, Visium).
+GRIDS = ("square", "checkerboard", "hex")
 #: Embedded pixel sizes outside this range (um/px) are not microscope scales (e.g. a
 #: 72 dpi default) and are ignored.
 _PLAUSIBLE_UM_PER_PX = (0.05, 50.0)
@@ -80,7 +82,10 @@ class Slide:
     width, height
         Full-resolution size in pixels.
     um_per_px_embedded
-        Pixel size stated by the file, or ``None``.
+        Pixel size stated by the file, or ``None`` (also for a value no microscope has,
+        outside 0.05-50 um/px, e.g. a 72 dpi default).
+    um_per_px_tags
+        The pixel size as stated, without that plausibility check (``None`` if absent).
     levels
         ``(width, height)`` of every resolution level, full resolution first.
     """
@@ -89,6 +94,7 @@ class Slide:
     width: int
     height: int
     um_per_px_embedded: float | None
+    um_per_px_tags: float | None = None
     levels: list[tuple[int, int]]
 
     @property
@@ -263,7 +269,9 @@ class _PILSlide(Slide):
 
 
 # =========================================================================== TIFF files
-def _tiff_um_per_px(tf) -> float | None:
+def _tiff_um_per_px(tf, *, plausible: bool = True) -> float | None:
+    """The pixel size a TIFF states (Aperio description or resolution tags); with
+    ``plausible`` only values in :data:`_PLAUSIBLE_UM_PER_PX`."""
     page = tf.pages[0]
     desc = str(page.tags.get("ImageDescription").value) if "ImageDescription" in page.tags else ""
     m = re.search(r"MPP\s*=\s*([0-9.]+)", desc)  # Aperio
@@ -284,9 +292,36 @@ def _tiff_um_per_px(tf) -> float | None:
     if um_per_unit is None:
         return None
     value = um_per_unit / px_per_unit
-    if _PLAUSIBLE_UM_PER_PX[0] <= value <= _PLAUSIBLE_UM_PER_PX[1]:
+    if not plausible or _PLAUSIBLE_UM_PER_PX[0] <= value <= _PLAUSIBLE_UM_PER_PX[1]:
         return float(value)
     return None
+
+
+#: TIFF compressions that tifffile decodes with the standard library alone (none,
+#: Deflate/zlib); every other one (LZW as HEST-1k and libvips write it, JPEG, JPEG 2000,
+#: ...) needs the ``imagecodecs`` package.
+_NATIVE_TIFF_CODECS = (1, 8, 32946)
+
+
+def _imagecodecs_error(path, compression) -> ValueError:
+    return ValueError(
+        f"{path} is compressed with {compression} (HEST-1k's WSIs and libvips' TIFFs use LZW), "
+        "which tifffile decodes only with the 'imagecodecs' package, not installed here. "
+        "Install it (`pip install imagecodecs`; it is in this package's requirements.txt), "
+        "or convert the image to an uncompressed or Deflate-compressed TIFF.")
+
+
+def _check_codec(tf, path) -> None:
+    """Fail at open, not at the first tile, when the TIFF's compression needs
+    ``imagecodecs`` and it cannot be imported."""
+    comp = tf.pages[0].compression
+    if int(comp) in _NATIVE_TIFF_CODECS:
+        return
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        tf.close()
+        raise _imagecodecs_error(path, getattr(comp, "name", comp)) from None
 
 
 class _TiffSlide(Slide):
@@ -310,18 +345,21 @@ class _TiffSlide(Slide):
             raise ValueError(f"{path}: image axes {axes!r} (shape {shape}); expected an RGB "
                              "image stored as rows x columns x samples (YXS).")
         _rgb_or_error(fake, str(path))
+        _check_codec(self._tf, path)
         self._series = series
         self._samples = shape[2] if "S" in axes else 1
         self.height, self.width = int(shape[0]), int(shape[1])
         self.levels = [(int(lv.shape[1]), int(lv.shape[0])) for lv in series.levels]
         self.um_per_px_embedded = _tiff_um_per_px(self._tf)
+        self.um_per_px_tags = _tiff_um_per_px(self._tf, plausible=False)
         self._zarr: dict[int, object] = {}
 
     def _store(self, level: int):
         import zarr
 
         if level not in self._zarr:
-            self._zarr[level] = zarr.open(self._tf.aszarr(level=level), mode="r")
+            self._zarr[level] = _Decoding(zarr.open(self._tf.aszarr(level=level), mode="r"),
+                                          self.path)
         return self._zarr[level]
 
     def _check(self, arr: np.ndarray) -> np.ndarray:
@@ -342,6 +380,22 @@ class _TiffSlide(Slide):
     def close(self) -> None:
         self._zarr.clear()
         self._tf.close()
+
+
+class _Decoding:
+    """A zarr array whose reads turn tifffile's "requires the 'imagecodecs' package" into
+    the message of :func:`_imagecodecs_error` (e.g. a later level with another codec)."""
+
+    def __init__(self, arr, path):
+        self._arr, self._path = arr, path
+
+    def __getitem__(self, key):
+        try:
+            return self._arr[key]
+        except ValueError as exc:
+            if "imagecodecs" in str(exc):
+                raise _imagecodecs_error(self._path, str(exc).split(" requires")[0]) from exc
+            raise
 
 
 # ========================================================================== array input
@@ -458,8 +512,11 @@ def lay_spots(mask: np.ndarray, *, mask_um_per_px: float, pitch_um: float,
     pitch_um, diameter_um
         Centre-to-centre distance and spot diameter in microns.
     grid
-        ``"square"`` (legacy ST: rows and columns one pitch apart) or ``"hex"`` (Visium:
+        ``"square"`` (legacy ST 1k: rows and columns one pitch apart), ``"checkerboard"``
+        (legacy ST 2k: rows half a pitch apart, every other row shifted by half a pitch,
+        so nearest neighbours are diagonal at ``pitch / sqrt(2)``) or ``"hex"`` (Visium:
         rows ``pitch * sqrt(3) / 2`` apart, every other row shifted by half a pitch).
+        ``pitch_um`` is the distance of neighbouring spots in the same row.
     min_tissue
         Keep spots whose disk is at least this share tissue.
 
@@ -467,11 +524,13 @@ def lay_spots(mask: np.ndarray, *, mask_um_per_px: float, pitch_um: float,
     -------
     centres, array_xy, tissue_share
         ``(n, 2)`` float centres ``(x, y)`` in mask pixels, ``(n, 2)`` int array
-        coordinates (square: column, row; hex: Visium's ``array_col`` = 2 * column +
-        row parity, ``array_row``), and the tissue share of each spot's disk.
+        coordinates (square: column, row; checkerboard and hex: 2 * column + row parity,
+        row, as a 2k array's and Visium's ``array_col``, ``array_row``), and the tissue
+        share of each spot's disk.
     """
-    if grid not in ("square", "hex"):
-        raise ValueError(f"grid must be 'square' (legacy ST) or 'hex' (Visium), got {grid!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS} (legacy ST 1k, legacy ST 2k, Visium), "
+                         f"got {grid!r}")
     for name, v in (("pitch_um", pitch_um), ("diameter_um", diameter_um),
                     ("mask_um_per_px", mask_um_per_px)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -481,13 +540,13 @@ def lay_spots(mask: np.ndarray, *, mask_um_per_px: float, pitch_um: float,
         empty = np.zeros((0, 2))
         return empty, empty.astype(np.int64), np.zeros(0)
     pitch = pitch_um / mask_um_per_px
-    dy = pitch * (math.sqrt(3) / 2 if grid == "hex" else 1.0)
+    dy = pitch * {"square": 1.0, "checkerboard": 0.5, "hex": math.sqrt(3) / 2}[grid]
     x0, y0 = xs.min() + pitch / 2, ys.min() + dy / 2
     n_rows = int((ys.max() - y0) // dy) + 1
     n_cols = int((xs.max() - x0) // pitch) + 2
     rows, cols = np.mgrid[0:n_rows, 0:n_cols]
     rows, cols = rows.ravel(), cols.ravel()
-    shift = (rows % 2) * 0.5 * pitch if grid == "hex" else 0.0
+    shift = (rows % 2) * 0.5 * pitch if grid != "square" else 0.0
     cx = x0 + cols * pitch + shift
     cy = y0 + rows * dy
     # tissue share inside each spot's disk, sampled at mask pixels
@@ -500,6 +559,6 @@ def lay_spots(mask: np.ndarray, *, mask_um_per_px: float, pitch_um: float,
     py = np.clip(np.round(cy)[:, None].astype(int) + oy[None], 0, mask.shape[0] - 1)
     share = mask[py, px].mean(axis=1)
     keep = share >= min_tissue
-    array_xy = (np.stack([2 * cols + rows % 2, rows], axis=1) if grid == "hex"
+    array_xy = (np.stack([2 * cols + rows % 2, rows], axis=1) if grid != "square"
                 else np.stack([cols, rows], axis=1))
     return (np.stack([cx, cy], axis=1)[keep], array_xy[keep].astype(np.int64), share[keep])

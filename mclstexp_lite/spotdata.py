@@ -41,6 +41,10 @@ class SpotData:
         ``(N,)`` int64 section index into ``sections``.
     sections, genes, obs_names
         Names, for bookkeeping.
+    layouts
+        Optional: the spot layout of each section (``spot_pitch_um``,
+        ``spot_diameter_um``, ``grid``, ``array``), from its metadata
+        (:func:`section_layout`); a predictor lays virtual spots like its training data's.
     """
 
     patches: list
@@ -50,6 +54,7 @@ class SpotData:
     sections: list[str]
     genes: list[str]
     obs_names: list[str]
+    layouts: list | None = None
 
     def __post_init__(self):
         n = len(self.expr)
@@ -95,7 +100,7 @@ class SpotData:
         if not items:
             raise ValueError("SpotData.from_anndata: no sections given")
         genes = list(items[0][1].var_names)
-        patches, exprs, poss, groups, names = [], [], [], [], []
+        patches, exprs, poss, groups, names, layouts = [], [], [], [], [], []
         for gi, (name, a) in enumerate(items):
             if list(a.var_names) != genes:
                 raise ValueError(f"section {name}: genes differ from section {items[0][0]}; "
@@ -108,9 +113,10 @@ class SpotData:
             poss.append(a.obs[["array_x", "array_y"]].to_numpy(np.int64))
             groups.append(np.full(a.n_obs, gi, dtype=np.int64))
             names.extend(a.obs_names)
+            layouts.append(section_layout(a))
         return cls(patches=patches, expr=np.concatenate(exprs), pos=np.concatenate(poss),
                    groups=np.concatenate(groups), sections=[n for n, _ in items], genes=genes,
-                   obs_names=list(names))
+                   obs_names=list(names), layouts=layouts)
 
     def images(self, idx: np.ndarray, *, device=None,
                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
@@ -134,6 +140,23 @@ class SpotData:
                                   device=part.device, memory_format=memory_format)
             out[torch.as_tensor(sel, device=part.device)] = part
         return out
+
+
+def section_layout(adata) -> dict:
+    """The spot layout of a section, from ``uns['spatial'][lib]['metadata']``:
+    ``spot_pitch_um`` (same-row neighbours), ``spot_diameter_um``, ``grid`` (``square``,
+    ``checkerboard``, ``hex``) and ``array`` (``1k``, ``2k``, ``visium`` or ``""``).
+    Sections written before the layout was recorded: a 100 um pitch is Visium's hex grid,
+    anything else a square grid; the diameter half the pitch unless stated."""
+    spatial = adata.uns.get("spatial") or {}
+    meta = dict(next(iter(spatial.values())).get("metadata") or {}) if len(spatial) == 1 else {}
+    pitch = float(meta.get("spot_pitch_um") or 200.0)
+    grid = str(meta.get("grid") or ("hex" if pitch == 100.0 else "square"))
+    diameter = meta.get("spot_diameter_um")
+    if not diameter:
+        diameter = {"hex": 55.0}.get(grid, pitch / 2)
+    return {"spot_pitch_um": pitch, "spot_diameter_um": float(diameter), "grid": grid,
+            "array": str(meta.get("array") or "")}
 
 
 def _warn_if_raw_counts(X: np.ndarray, section: str) -> None:

@@ -489,9 +489,14 @@ def predict_section(
 def check_model_reference(model, reference) -> None:
     """Refuse a model and a reference bank that do not belong together.
 
-    The model's spot encoder reads ``n_genes`` expression values per spot; a reference
-    with another number of genes was not what it was trained on (another panel), and
-    retrieval would average expression of genes the embeddings never saw.
+    The model's spot encoder reads ``n_genes`` expression values per spot, column by
+    column: a reference with another number of genes was not what it was trained on
+    (another panel), and one with the same genes in another order would put each gene's
+    expression where the model learned another gene's, so predictions would land under
+    the wrong names. The count is always compared; the names and their order when the
+    model knows them (``model.genes``: set when it is read from a checkpoint or a
+    predictor, :func:`mclstexp_lite.checkpoint.model_from_state`, and when a training
+    run saves a checkpoint).
     """
     n = (getattr(model, "config", None) or {}).get("n_genes")
     if n is not None and int(n) != reference.n_genes:
@@ -500,6 +505,35 @@ def check_model_reference(model, reference) -> None:
             f"(e.g. {list(reference.genes[:3])}); build the reference from the sections the "
             "model was trained on, prepared with the same gene panel (pp.prepare(adata, "
             "genes)).")
+    check_gene_order(getattr(model, "genes", None), reference.genes,
+                     "the model was trained on", "the reference has")
+
+
+def check_gene_order(expected, given, expected_what: str, given_what: str) -> None:
+    """Raise ``ValueError`` unless ``given`` are the gene names ``expected``, in the same
+    order (nothing is checked when ``expected`` is ``None``). The message names the first
+    position that differs and says how to fix it."""
+    if expected is None:
+        return
+    expected, given = [str(g) for g in expected], [str(g) for g in given]
+    if expected == given:
+        return
+    if len(expected) == len(given) and sorted(expected) == sorted(given):
+        i = next(k for k, (a, b) in enumerate(zip(expected, given)) if a != b)
+        raise ValueError(
+            f"{expected_what} the same {len(expected)} genes as {given_what}, but in "
+            f"another order: gene {i} is {expected[i]!r} in the first and {given[i]!r} in "
+            "the second. Each gene's expression would be "
+            "read as another gene's. Prepare the reference with the model's panel in its "
+            "order: pp.prepare(adata, model_genes) (for a checkpoint, "
+            "train.load_checkpoint(path)['genes']).")
+    missing = [g for g in expected if g not in set(given)][:5]
+    extra = [g for g in given if g not in set(expected)][:5]
+    raise ValueError(
+        f"{expected_what} other genes than {given_what}: {len(expected)} vs {len(given)}; "
+        f"missing e.g. {missing}, unexpected e.g. {extra}. "
+        "Build the reference from the sections the model was trained on, prepared with its "
+        "gene panel (pp.prepare(adata, genes)).")
 
 
 def prediction_anndata(pred, true_adata, *, info: dict, genes=None):
@@ -587,4 +621,4 @@ def _check_spotdata(data, name: str) -> None:
 
 
 __all__ += ["predict_section", "embed_reference", "prediction_anndata", "check_model_reference",
-            "PREDICTION_KEY"]
+            "check_gene_order", "PREDICTION_KEY"]

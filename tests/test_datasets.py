@@ -231,30 +231,86 @@ def test_cscc_loader_on_synthetic_geo_files(tmp_path, monkeypatch):
     assert src.suffix == ".jpg" and src.exists()  # unpacked from .jpg.gz into the cache
 
 
-def _write_staggered(folder: Path):
-    """SYNTHETIC staggered legacy-ST section: rows at even y, x of alternating parity, so
-    neighbouring spots are two x steps (45 px) apart; one x step is 22.5 px, one y step
-    24 px (48 px between rows). The true scale: 200 um / 45 px = 4.444 um/px."""
+def _write_array(folder: Path, layout: str, d: float = 45.0, *, rows=8, cols=10):
+    """SYNTHETIC section on one spot array, nearest neighbours ``d`` px apart:
+
+    - "1k": consecutive coordinates, rows and columns ``d`` apart (200 um on a real 1k);
+    - "2k": a checkerboard (x + y even), one array step ``d / sqrt 2`` along each axis:
+      nearest neighbours diagonal at ``d``, same-row neighbours ``sqrt(2) d`` apart
+      (141 and 200 um on a real 2k array: STUtility's platform "2k");
+    - "visium": Visium's checkerboard convention (array_col = 2 * column + row parity),
+      hexagonally packed, all six neighbours ``d`` apart (100 um on a real slide);
+    - "stagger": consecutive x, but rows shifted by half a step on odd rows of even y
+      with x steps of half the neighbour distance (no real array has it: our earlier
+      test of a "staggered" array assumed one; an ambiguous geometry now).
+    """
     rng = np.random.default_rng(1)
-    pts = [(x, y) for y in range(0, 12, 2) for x in range(y // 2 % 2, 16, 2)]
-    xs, ys = np.array(pts).T
-    sp = pd.DataFrame({"x": xs, "y": ys, "pixel_x": 40 + xs * 22.5, "pixel_y": 40 + ys * 24.0,
-                       "selected": 1})
+    if layout == "1k":
+        pts = [(x, y, x * d, y * d) for y in range(rows) for x in range(cols)]
+    elif layout == "2k":
+        s = d / np.sqrt(2)
+        pts = [(x, y, x * s, y * s) for y in range(rows) for x in range(2 * cols) if (x + y) % 2 == 0]
+    elif layout == "visium":
+        pts = [(2 * c + r % 2, r, (c + (r % 2) / 2) * d, r * d * np.sqrt(3) / 2)
+               for r in range(rows) for c in range(cols)]
+    else:  # stagger: rows at even y, x of alternating parity: neighbours 2 x steps apart
+        pts = [(x, y, x * d / 2, y * d * 0.55) for y in range(0, 2 * rows, 2)
+               for x in range(y // 2 % 2, 2 * cols, 2)]
+    xs, ys, px, py = (np.array(v) for v in zip(*pts))
+    sp = pd.DataFrame({"x": xs, "y": ys, "pixel_x": 40 + px, "pixel_y": 40 + py, "selected": 1})
     cnt = pd.DataFrame(rng.poisson(3, size=(len(sp), 4)) + 1, columns=list("ABCD"),
                        index=[f"{x}x{y}" for x, y in zip(xs, ys)])
+    folder.mkdir(parents=True, exist_ok=True)
     cnt.to_csv(folder / "counts.tsv", sep="\t")
     sp.to_csv(folder / "spots.tsv", sep="\t", index=False)
     return folder / "counts.tsv", folder / "spots.tsv"
 
 
-def test_staggered_array_gets_the_right_scale_with_a_warning(tmp_path):
-    c, s = _write_staggered(tmp_path)
-    with pytest.warns(UserWarning, match=r"45\.0 px apart.*staggered.*4\.444 um/px.*um_per_px="):
+@pytest.mark.parametrize("layout, nearest_um, pitch_um, grid", [
+    ("1k", 200.0, 200.0, "square"), ("2k", 200 / np.sqrt(2), 200.0, "checkerboard"),
+    ("visium", 100.0, 100.0, "hex")])
+def test_array_layout_is_told_from_the_geometry(tmp_path, recwarn, layout, nearest_um, pitch_um,
+                                                grid):
+    """SYNTHETIC arrays (see _write_array), nearest neighbours 45 px apart: a checkerboard
+    whose diagonal neighbours are d px apart gets 141.4 / d um/px, a 1k array 200 / d, a
+    hexagonal one 100 / d, without being told and without a warning."""
+    c, s = _write_array(tmp_path, layout)
+    a = ds.from_files(c, s, None, section="S")
+    md = a.uns["spatial"]["S"]["metadata"]
+    assert md["um_per_px"] == pytest.approx(nearest_um / 45.0, rel=1e-6)
+    assert md["array"] == layout and md["grid"] == grid and md["array_from"].startswith("auto")
+    assert md["spot_pitch_um"] == pitch_um
+    assert md["spot_spacing_um"] == pytest.approx(nearest_um, abs=1e-3)
+    assert md["spot_diameter_um"] == {"1k": 100, "2k": 100, "visium": 55}[layout]
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    assert ds.array_layout(a.obs[["array_x", "array_y"]].to_numpy(), a.obsm["spatial"])[
+        "row_ratio"] == pytest.approx({"1k": 1, "2k": np.sqrt(2), "visium": 1}[layout])
+
+
+def test_array_layout_overrides_and_an_ambiguous_geometry(tmp_path):
+    """SYNTHETIC: array= wins (and says so when the geometry contradicts it), spot_pitch_um
+    scales the layout, um_per_px wins over everything; a geometry that fits no array
+    warns and names both readings."""
+    c, s = _write_array(tmp_path / "a", "2k")
+    with pytest.warns(UserWarning, match=r"array='1k' was given.*checkerboard.*2k array"):
+        a = ds.from_files(c, s, None, section="S", array="1k")
+    md = a.uns["spatial"]["S"]["metadata"]
+    assert md["array"] == "1k" and md["array_from"] == "given (array='1k')"
+    assert md["um_per_px"] == pytest.approx(200 / (45 / np.sqrt(2)))  # one step = 200 um
+    b = ds.from_files(c, s, None, section="S", spot_pitch_um=100.0)  # a 2k design at half scale
+    assert b.uns["spatial"]["S"]["metadata"]["um_per_px"] == pytest.approx(70.71 / 45, rel=1e-4)
+    g = ds.from_files(c, s, None, section="S", um_per_px=3.14)
+    assert g.uns["spatial"]["S"]["metadata"]["um_per_px"] == 3.14
+    assert g.uns["spatial"]["S"]["metadata"]["array"] == "2k"
+    with pytest.raises(ValueError, match=r"array must be 'auto' or one of \['1k', '2k', 'visium'\]"):
+        ds.from_files(c, s, None, section="S", array="3k")
+    c, s = _write_array(tmp_path / "b", "stagger")
+    with pytest.warns(UserWarning, match=r"fit no known array well.*nearest neighbours are 1\.9\d "
+                                         r"array steps apart.*array='1k'.*4\.444 um/px.*um_per_px="):
         a = ds.from_files(c, s, None, section="S")
     md = a.uns["spatial"]["S"]["metadata"]
-    assert md["um_per_px"] == pytest.approx(200 / 45)
-    assert md["scale_from"].endswith("(staggered array)")
-    assert a.uns["spatial"]["S"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(22.5)
+    assert md["array_from"].endswith("(ambiguous)")
+    assert md["um_per_px"] == pytest.approx(200 / 45)  # nearest neighbours taken as the pitch
 
 
 def test_um_per_px_given_wins_and_a_disagreement_is_said(tmp_path, recwarn):
@@ -263,7 +319,7 @@ def test_um_per_px_given_wins_and_a_disagreement_is_said(tmp_path, recwarn):
     assert a.uns["spatial"]["S"]["metadata"]["um_per_px"] == 2.1
     assert a.uns["spatial"]["S"]["metadata"]["scale_from"] == "given (um_per_px=)"
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
-    with pytest.warns(UserWarning, match=r"um_per_px=0.5 was given.*2\.000 um/px"):
+    with pytest.warns(UserWarning, match=r"um_per_px=0.5 was given.*show 2\.000 um/px"):
         ds.from_files(c, s, i, section="S", um_per_px=0.5)
     with pytest.raises(ValueError, match="um_per_px must be a positive number"):
         ds.from_files(c, s, i, section="S", um_per_px=0)
@@ -560,3 +616,153 @@ def test_from_files_missing_image_says_not_found(tmp_path):
         ds.from_files(c, s, img, section="S")
     assert str(img) in str(err.value) and "not found" in str(err.value)
     assert "corrupt" not in str(err.value)
+
+
+# ------------------------------------------------ AnnData in scanpy's layout (from_anndata)
+def read_visium_like_scanpy(path: Path, library_id: str = "fixture"):
+    """The Visium fixture as ``sc.read_visium`` lays it out, step by step with scanpy's own
+    pieces (``sc.read_10x_h5``, matplotlib's ``imread``, the positions file read as scanpy
+    reads it, ``obsm['spatial']`` = full-resolution x, y). scanpy 1.11 and squidpy 1.8
+    cannot read this folder themselves: its older .h5 has no ``library_ids`` attribute
+    (pass library_id=) and there is no tissue_hires_image.png, which both readers require
+    when they load images; a user with such a folder builds the same object by hand."""
+    import json
+
+    import scanpy as sc
+    from matplotlib.image import imread
+
+    a = sc.read_10x_h5(path / "filtered_feature_bc_matrix.h5")
+    a.var_names_make_unique()
+    a.uns["spatial"] = {library_id: {
+        "images": {"lowres": imread(str(path / "spatial" / "tissue_lowres_image.png"))},
+        "scalefactors": json.loads((path / "spatial" / "scalefactors_json.json").read_bytes()),
+        "metadata": {}}}
+    pos = pd.read_csv(path / "spatial" / "tissue_positions_list.csv", header=None, index_col=0)
+    pos.columns = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
+                   "pxl_col_in_fullres"]
+    a.obs = a.obs.join(pos, how="left")
+    a.obsm["spatial"] = a.obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
+    a.obs = a.obs.drop(columns=["pxl_row_in_fullres", "pxl_col_in_fullres"])
+    return a
+
+
+@needs_data
+def test_from_anndata_on_the_real_visium_fixture_loaded_as_scanpy_does(data_root, tmp_path):
+    path = data_root / "seurat_visium"
+    a = read_visium_like_scanpy(path)
+    assert a.uns["spatial"]["fixture"]["images"]["lowres"].dtype == np.float32  # matplotlib
+    with pytest.warns(UserWarning, match=r"no full-resolution image was given, so patches come "
+                                         r"from the lowres image at 14\.0\d um/px.*image="):
+        s = ds.from_anndata(a)
+    assert s.shape == (2695, 100) and s.X.dtype == np.int32
+    assert list(s.var["gene_ids"][:2]) == list(a.var["gene_ids"][:2])  # var columns kept
+    md = s.uns["spatial"]["fixture"]["metadata"]
+    assert md["array"] == "visium" and md["grid"] == "hex" and md["spot_pitch_um"] == 100
+    lowres_scalef = 0.051635113
+    assert md["pixel_scale"] == pytest.approx(lowres_scalef)
+    np.testing.assert_allclose(s.obsm["spatial"], a.obsm["spatial"] * lowres_scalef)
+    # 100 um between neighbouring spots (the geometry) agrees with Space Ranger's 65 um
+    # spot_diameter_fullres (89.47 px) within 0.3 %
+    assert md["um_per_px"] == pytest.approx(65 / (89.47248494250101 * lowres_scalef), rel=0.003)
+    assert md["spots_on_tissue"] > 0.9
+    # the same spots, counts and pixels as the Space Ranger loader
+    v = ds.visium(path)
+    assert list(v.obs_names) == list(s.obs_names)
+    assert (v.X != s.X).nnz == 0
+    np.testing.assert_allclose(v.obsm["spatial"], s.obsm["spatial"], rtol=1e-6)
+    assert v.uns["spatial"]["seurat_visium"]["metadata"]["um_per_px"] == pytest.approx(
+        md["um_per_px"], rel=0.003)
+    # squidpy reads PNGs as uint8: same section
+    b = a.copy()
+    b.uns["spatial"]["fixture"]["images"]["lowres"] = np.asarray(
+        __import__("PIL.Image", fromlist=["Image"]).open(path / "spatial" / "tissue_lowres_image.png"
+                                                         ).convert("RGB"))
+    with pytest.warns(UserWarning, match="lowres image"):
+        s2 = ds.from_anndata(b)
+    assert s2.uns["spatial"]["fixture"]["metadata"]["source_image_path"] == md["source_image_path"]
+    patches = P.patch_cache(s, out_size=32, cache_dir=tmp_path, progress=False)
+    assert patches.shape == (2695, 32, 32, 3)
+
+
+@needs_data
+def test_from_anndata_with_the_full_resolution_image_equals_the_loader(her2_c2, tmp_path):
+    """HER2+ C2 put into scanpy's layout (full-resolution obsm['spatial'], the hires copy
+    with its scale factor, array_row/array_col) plus image=: same scale and patches."""
+    import anndata as ad
+
+    lib = her2_c2.uns["spatial"]["C2"]
+    a = ad.AnnData(X=her2_c2.X.astype(np.float32), var=pd.DataFrame(index=her2_c2.var_names),
+                   obs=pd.DataFrame({"in_tissue": 1, "array_col": her2_c2.obs["array_x"].to_numpy(),
+                                     "array_row": her2_c2.obs["array_y"].to_numpy()},
+                                    index=her2_c2.obs_names))
+    a.obsm["spatial"] = her2_c2.obsm["spatial"].copy()
+    a.uns["spatial"] = {"C2": {"images": {"hires": lib["images"]["hires"]},
+                               "scalefactors": dict(lib["scalefactors"])}}
+    s = ds.from_anndata(a, image=lib["metadata"]["source_image_path"])
+    md = s.uns["spatial"]["C2"]["metadata"]
+    assert md["array"] == "1k" and md["scale_from"] == "spot geometry (1k array)"
+    assert md["um_per_px"] == pytest.approx(lib["metadata"]["um_per_px"], rel=1e-9)
+    np.testing.assert_array_equal(P.patch_cache(s, out_size=32, cache_dir=tmp_path, progress=False),
+                                  P.patch_cache(her2_c2, out_size=32, cache_dir=tmp_path,
+                                                progress=False))
+    # without the full-resolution image: the hires copy (2000 px) through its scale factor
+    with pytest.warns(UserWarning, match=r"patches come from the hires image at 3\.\d\d um/px"):
+        h = ds.from_anndata(a)
+    assert h.uns["spatial"]["C2"]["metadata"]["pixel_scale"] == pytest.approx(
+        lib["scalefactors"]["tissue_hires_scalef"])
+
+
+def test_from_anndata_bad_input():
+    """SYNTHETIC AnnData objects with the usual mistakes."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    a = ad.AnnData(X=rng.poisson(2, (10, 3)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"no obsm\['spatial'\].*squidpy\.read\.visium"):
+        ds.from_anndata(a)
+    a.obsm["spatial"] = rng.uniform(0, 100, (10, 2))
+    a.uns["spatial"] = {"L1": {}, "L2": {}}
+    with pytest.raises(ValueError, match=r"2 libraries \(L1, L2\); pass library_id="):
+        ds.from_anndata(a)
+    with pytest.raises(ValueError, match=r"no image: .*images'\] has no hires or lowres.*image="):
+        ds.from_anndata(a, library_id="L1", um_per_px=1.0)
+    with pytest.raises(ValueError, match=r"no pixel size.*um_per_px="):
+        ds.from_anndata(a, library_id="L1")
+    b = a.copy()
+    b.X = np.log1p(b.X)
+    with pytest.raises(ValueError, match=r"no raw counts.*non-integer.*layers\['counts'\]"):
+        ds.from_anndata(b, library_id="L1")
+    with pytest.raises(TypeError, match="needs an AnnData"):
+        ds.from_anndata(a.to_df())
+
+
+# ------------------------------------------------------------ issue 20: bad input
+@needs_data
+def test_counts_and_spots_of_different_sections_ask_whether_they_belong_together(data_root):
+    """Real HER2+ files: C2's counts with C3's spot file (one array design, so the spot
+    ids overlap in part) ask "same section?"; C2's own files do not."""
+    d = data_root / "her2st" / "data"
+    with pytest.warns(UserWarning, match=r"are C2\.tsv\.gz and C3_selection\.tsv from the same "
+                                         r"section\?"):
+        ds.from_files(d / "ST-cnts" / "C2.tsv.gz", d / "ST-spotfiles" / "C3_selection.tsv", None,
+                      section="C2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.from_files(d / "ST-cnts" / "C2.tsv.gz", d / "ST-spotfiles" / "C2_selection.tsv", None,
+                      section="C2")
+
+
+def test_empty_table_and_own_unreadable_image_messages(tmp_path):
+    """SYNTHETIC: a 0-byte count table is named as empty (not pandas' "No columns to
+    parse"); a user's own unreadable image is not told to re-download it from the
+    manifest."""
+    c, s, i = _write_section(tmp_path)
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.tsv is empty \(0 bytes\)") as err:
+        ds.from_files(empty, s, i, section="S")
+    assert "No columns" not in str(err.value)
+    i.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"he\.jpg.*opens in an image viewer") as err:
+        ds.from_files(c, s, i, section="S")
+    assert "manifest" not in str(err.value) and "download" not in str(err.value)

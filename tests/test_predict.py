@@ -154,3 +154,130 @@ def test_nearest_spots_carries_predictions_to_measured_spots(trained):
     i = 0
     j = int(np.argmin(np.linalg.norm(virtual.obsm["spatial"] - moved.obsm["spatial"][i], axis=1)))
     np.testing.assert_array_equal(moved.X[i], virtual.X[j])
+
+
+# ------------------------------------------------------------ issue 20: bad input
+def test_a_reference_with_the_genes_in_another_order_is_refused(trained, tmp_path):
+    """SYNTHETIC: a model read from its checkpoint knows its genes; a reference prepared
+    with the same genes in another order (same count) is refused where model and
+    reference meet: build_predictor, tl.predict_section, and a predictor assembled by hand."""
+    import anndata as ad
+
+    run = tmp_path / "run"
+    tr.train(trained["data"], tiny_config(), out_dir=run, progress=False)
+    model = tr.model_from_checkpoint(run / tr.CHECKPOINT)
+    assert model.genes == list(trained["data"].genes)
+    order = list(reversed(range(6)))
+    other = {}
+    for k in ("S1", "S2"):
+        a = trained["sections"][k]
+        other[k] = ad.AnnData(X=np.asarray(a.X)[:, order], obs=a.obs, obsm=dict(a.obsm),
+                              uns=dict(a.uns))
+        other[k].var_names = [a.var_names[i] for i in order]
+    data = tr.SpotData.from_anndata(other, patch_um=RUN["patch_um"],
+                                    patch_size=RUN["patch_size"], progress=False)
+    with pytest.raises(ValueError, match=r"the same 6 genes as the reference has, but in another "
+                                         r"order: gene 0 is 'g0' in the first and 'g5'.*pp\.prepare"):
+        predict.build_predictor(model, data, **LAYOUT)
+    with pytest.raises(ValueError, match="another order"):
+        tl.predict_section(model, data, other["S1"], top_k=5, device="cpu")
+    with pytest.raises(ValueError, match="another order"):
+        predict.Predictor(model=model, reference_emb=np.zeros((len(data), 256), np.float32),
+                          reference_expr=data.expr, genes=list(data.genes))
+    # the right order builds
+    assert predict.build_predictor(model, trained["data"], **LAYOUT).genes == model.genes
+
+
+def test_the_predictor_lays_virtual_spots_like_its_training_data(trained):
+    """SYNTHETIC sections whose metadata say legacy ST 2k (checkerboard, 200 um in a row):
+    the predictor carries that layout and lays its virtual spots on a checkerboard; mixed
+    layouts need one given."""
+    import copy
+
+    secs = {k: copy.copy(trained["sections"][k]) for k in ("S1", "S2")}
+    for k, a in secs.items():
+        a.uns = copy.deepcopy(dict(a.uns))
+        a.uns["spatial"][k]["metadata"].update(grid="checkerboard", array="2k",
+                                               spot_pitch_um=200.0, spot_diameter_um=100.0)
+    data = tr.SpotData.from_anndata(secs, patch_um=RUN["patch_um"], patch_size=RUN["patch_size"],
+                                    progress=False)
+    p = predict.build_predictor(trained["model"], data, top_k=5, patch_um=RUN["patch_um"],
+                                patch_size=RUN["patch_size"])
+    assert p.info["grid"] == "checkerboard" and p.info["array"] == "2k"
+    assert p.info["layout_from"] == "the reference sections' metadata"
+    pred = p.predict(trained["slide"], um_per_px=UM, progress=False, device="cpu")
+    from mclstexp_lite import datasets as ds
+
+    geo = ds.array_layout(pred.obs[["array_x", "array_y"]].to_numpy(), pred.obsm["spatial"])
+    assert geo["layout"] == "2k" and not geo["ambiguous"]
+    assert pred.uns["spatial"][next(iter(pred.uns["spatial"]))]["metadata"][
+        "spot_spacing_um"] == pytest.approx(141.421, abs=1e-3)
+    secs["S2"].uns["spatial"]["S2"]["metadata"].update(grid="hex", spot_pitch_um=100.0)
+    mixed = tr.SpotData.from_anndata(secs, patch_um=RUN["patch_um"],
+                                     patch_size=RUN["patch_size"], progress=False)
+    with pytest.raises(ValueError, match=r"different spot layouts \(S1: checkerboard 200 um, "
+                                         r"S2: hex 100 um\).*grid="):
+        predict.build_predictor(trained["model"], mixed, top_k=5)
+    assert predict.build_predictor(trained["model"], mixed, top_k=5, spot_pitch_um=100.0,
+                                   spot_diameter_um=55.0, grid="hex").info["layout_from"] == "given"
+
+
+def test_out_of_distribution_score_is_recorded_saved_and_warns(trained, tmp_path):
+    """SYNTHETIC: the score of one of the reference's own sections is about 1; a
+    saved-and-loaded predictor gives the same score; a patch set far from the reference
+    images warns; a predictor file without reference images (older files) predicts
+    without a score."""
+    import torch as _torch
+
+    p = trained["predictor"]
+    assert p.reference_image_emb is not None and p.info["ood_reference_distance"] > 0
+    own = p.predict(trained["sections"]["S1"], progress=False, device="cpu")
+    s_own = own.uns["mclstexp_prediction"]["ood_score"]
+    assert s_own < p.info["ood_threshold"]
+    loaded = predict.load_predictor(trained["path"])
+    np.testing.assert_array_equal(loaded.reference_image_emb, p.reference_image_emb)
+    far = -np.asarray(p.reference_image_emb[:20]) + 0.0  # pointing the other way
+    assert p.ood_score(far) > p.info["ood_threshold"]
+    assert p.ood_score(np.asarray(p.reference_image_emb[:20])) < 1.0
+    obj = _torch.load(trained["path"], weights_only=True)
+    del obj["reference_image_emb"]
+    _torch.save(obj, tmp_path / "old.pt")
+    old = predict.load_predictor(tmp_path / "old.pt")
+    assert old.reference_image_emb is None and old.ood_score(far) is None
+    rec = old.predict(trained["sections"]["S1"], progress=False, device="cpu").uns[
+        "mclstexp_prediction"]
+    assert "ood_score" not in rec
+
+
+def test_weak_messages_fixed(trained, tmp_path, capsys):
+    """A corrupt predictor's error has no weights_only=False advice; a NumPy image is
+    predicted (and without um_per_px refused up front); the CLI names its flags."""
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError) as err:
+        predict.load_predictor(tmp_path / "junk.pt")
+    assert "weights_only" not in str(err.value) and "junk.pt" in str(err.value)
+    img = np.asarray(Image.open(trained["slide"]).convert("RGB"))
+    pred = predict.predict_image(trained["path"], img, um_per_px=UM, progress=False,
+                                 device="cpu")
+    by_path = predict.predict_image(trained["path"], trained["slide"], um_per_px=UM,
+                                    progress=False, device="cpu")
+    np.testing.assert_allclose(pred.X, by_path.X, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"NumPy array states no pixel size; pass um_per_px="):
+        predict.predict_image(trained["path"], img, progress=False)
+    with pytest.raises(TypeError, match="file path or an .H, W, 3. uint8 NumPy array"):
+        predict.predict_image(trained["path"], img.tolist(), um_per_px=UM, progress=False)
+    rc = predict.main(["--model", str(trained["path"]), "--image", str(trained["slide"]),
+                       "--out", str(tmp_path / "o.h5ad"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--um-per-px" in err and "um_per_px" not in err
+    rc = predict.main(["--model", str(trained["path"]), "--image", str(trained["slide"]),
+                       "--out", str(tmp_path / "o.h5ad"), "--no-progress", "--um-per-px",
+                       str(UM), "--max-spots", "10"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--max-spots" in err and "max_spots" not in err
+    assert not (tmp_path / "o.h5ad").exists()
+    help_text = predict.main.__code__  # the help names the out-of-distribution warning
+    with pytest.raises(SystemExit):
+        predict.main(["--help"])
+    assert "unlike the training data" in capsys.readouterr().out
+    del help_text

@@ -169,23 +169,30 @@ def test_tissue_mask_finds_the_disc():
     assert not mask[:20].any() and not mask[:, :20].any()  # glass stays glass
 
 
-@pytest.mark.parametrize("grid", ["square", "hex"])
+@pytest.mark.parametrize("grid", ["square", "checkerboard", "hex"])
 def test_lay_spots_pitch_grid_and_array_coordinates(grid):
+    """pitch_um is the same-row distance; nearest neighbours: square and hex one pitch,
+    checkerboard (legacy ST 2k) pitch / sqrt 2 (diagonal)."""
     mask = np.ones((400, 500), bool)
     centres, arr, share = slides.lay_spots(mask, mask_um_per_px=1.0, pitch_um=40,
                                            diameter_um=20, grid=grid)
     from scipy.spatial import cKDTree
 
+    nearest = 40 / math.sqrt(2) if grid == "checkerboard" else 40
     d, _ = cKDTree(centres).query(centres, k=2)
-    assert np.allclose(d[:, 1], 40, atol=1e-6)  # every nearest neighbour one pitch away
+    assert np.allclose(d[:, 1], nearest, atol=1e-6)
     assert (share == 1).all()
-    if grid == "hex":  # Visium: odd rows shifted half a pitch, doubled columns
+    if grid != "square":  # odd rows shifted half a pitch, doubled columns (x + y even)
         assert ((arr[:, 0] % 2) == (arr[:, 1] % 2)).all()
         rows = np.unique(centres[:, 1])
-        assert np.allclose(np.diff(rows), 40 * math.sqrt(3) / 2)
+        assert np.allclose(np.diff(rows), 40 * (math.sqrt(3) / 2 if grid == "hex" else 0.5))
+        # the geometry reads back as the layout it was laid as
+        layout = ds.array_layout(arr, centres)
+        assert layout["layout"] == {"hex": "visium", "checkerboard": "2k"}[grid]
+        assert not layout["ambiguous"]
     else:
         assert np.allclose(np.unique(np.diff(np.unique(centres[:, 0]))), 40)
-    with pytest.raises(ValueError, match="grid must be 'square'.*'hex'"):
+    with pytest.raises(ValueError, match="grid must be one of .'square', 'checkerboard', 'hex'"):
         slides.lay_spots(mask, mask_um_per_px=1.0, pitch_um=40, diameter_um=20, grid="tri")
 
 

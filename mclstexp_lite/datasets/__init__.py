@@ -12,12 +12,13 @@ the path of the source image that patches are cut from.
 - :func:`visium` - a 10x Visium Space Ranger ``outs`` folder
 - :func:`from_files` - your own section: count table + spot file + H&E image
 - :func:`from_image` - an H&E image alone: virtual spots over its tissue, no counts
+- :func:`from_anndata` - an AnnData in scanpy's spatial layout (sc.read_visium, squidpy)
 - :func:`hest` - one HEST-1k sample (st/<id>.h5ad, wsis/<id>.tif, metadata/<id>.json)
 - :func:`list_sections` - which sections exist and which are available locally
 
 Modules, by source: ``legacy_st`` (her2st, cscc, from_files), ``visium_10x``,
-``hest_1k``, ``image`` (from_image), ``catalog`` (list_sections, load, load_sections),
-``geometry`` (spot pitch, grid spacing, the spots-on-image checks) and ``_io`` (images,
+``hest_1k``, ``image`` (from_image), ``scanpy_layout`` (from_anndata), ``catalog`` (list_sections, load, load_sections),
+``geometry`` (array layouts, spot pitch, grid spacing, the spots-on-image checks) and ``_io`` (images,
 tables, gzipped files). Every public name is importable from here.
 """
 
@@ -26,12 +27,14 @@ from __future__ import annotations
 from ._io import HIRES_MAX_PX
 from .catalog import list_sections, load, load_sections
 from .geometry import (
+    ARRAY_LAYOUTS,
     LEGACY_ST_PITCH_UM,
     LEGACY_ST_SPOT_DIAMETER_UM,
     MAX_STAINED_ELSEWHERE,
     MIN_STAIN_CONTRAST,
     VISIUM_PITCH_UM,
     VISIUM_SPOT_DIAMETER_UM,
+    array_layout,
     grid_spacing_px,
     spot_pitch_px,
 )
@@ -45,6 +48,7 @@ from .legacy_st import (
     from_files,
     her2st,
 )
+from .scanpy_layout import from_anndata
 from .visium_10x import visium, visium_fixture
 
 # the names these thresholds had when this package was one module (tests read them)
@@ -58,12 +62,15 @@ __all__ = [
     "visium_fixture",
     "from_files",
     "from_image",
+    "from_anndata",
     "hest",
     "list_sections",
     "load",
     "load_sections",
     "spot_pitch_px",
     "grid_spacing_px",
+    "array_layout",
+    "ARRAY_LAYOUTS",
     "HER2ST_SECTIONS",
     "PAPER_HER2ST_SECTIONS",
     "CSCC_SECTIONS",

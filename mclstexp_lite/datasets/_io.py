@@ -33,17 +33,25 @@ def image_pixel_limit():
     return _util.pil_pixel_limit(max(Image.MAX_IMAGE_PIXELS or 0, MAX_IMAGE_PIXELS))
 
 
-def open_image(path: Path):
+#: What to do about an unreadable image: one of the manifest's files (download it again)
+#: or the user's own (check and export it again).
+FIX_MANIFEST = ("delete it and download it again (its checksum is in data_manifest.csv; "
+                "the loader fetches it again)")
+FIX_OWN = ("check that it opens in an image viewer, and export or copy it again from the "
+           "scanner software or wherever it came from")
+
+
+def open_image(path: Path, *, fix: str = FIX_OWN):
     """Open an image (plain or .gz) with PIL, with a clear error for broken files.
 
-    Call it inside :func:`image_pixel_limit` (PIL checks the size when it opens a file).
+    ``fix`` is the advice for an unreadable file (:data:`FIX_OWN` for a user's image,
+    :data:`FIX_MANIFEST` for one of the manifest's). Call it inside
+    :func:`image_pixel_limit` (PIL checks the size when it opens a file).
     """
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
-        raise FileNotFoundError(
-            f"image file not found: {path}. Check the path, or fetch the section's files "
-            "with mclstexp_lite.download.fetch(dataset, section) (see data_manifest.csv).")
+        raise FileNotFoundError(f"image file not found: {path}. Check the path.")
     try:
         img = Image.open(path)
         img.size  # noqa: B018 - forces the header to be read
@@ -51,16 +59,17 @@ def open_image(path: Path):
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(
             f"cannot read the image {path}: {exc}. The file is corrupt or not an image; "
-            f"delete it and download it again (its checksum is in data_manifest.csv)."
-        ) from exc
+            f"{fix}.") from exc
 
 
-def downscaled_rgb(path: Path, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Return (RGB uint8 array with longest side <= max_px, (width, height) of the source)."""
+def downscaled_rgb(path: Path, max_px: int, *, fix: str = FIX_OWN
+                   ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Return (RGB uint8 array with longest side <= max_px, (width, height) of the source).
+    ``fix``: the advice for an unreadable file (:func:`open_image`)."""
     from PIL import Image
 
     with image_pixel_limit():  # PIL checks the size at open and (TIFF) at decode
-        img = open_image(path)
+        img = open_image(path, fix=fix)
         src_size = img.size
         scale = min(1.0, max_px / max(src_size))
         target = (max(1, round(src_size[0] * scale)), max(1, round(src_size[1] * scale)))
@@ -74,8 +83,58 @@ def downscaled_rgb(path: Path, max_px: int) -> tuple[np.ndarray, tuple[int, int]
         except OSError as exc:
             raise ValueError(
                 f"cannot decode the image {path}: {exc}. The file is truncated or corrupt; "
-                f"delete it and download it again.") from exc
+                f"{fix}.") from exc
     return arr, src_size
+
+
+def image_array_file(arr: np.ndarray, *, what: str = "image array") -> Path:
+    """Save an ``(H, W, 3)`` uint8 image held in memory as a PNG in the cache (named by
+    its content, written once, atomically) and return its path: patches are cut from
+    files (:mod:`mclstexp_lite.patch_cache`), so an image given as an array needs one.
+
+    Raises ``ValueError`` for anything but 8-bit RGB (or fully opaque RGBA)."""
+    import hashlib
+
+    from PIL import Image
+
+    from ..slides import open_slide
+
+    with open_slide(np.asarray(arr)) as slide:  # dtype, channels, transparency checked
+        rgb = np.ascontiguousarray(slide.read_region(0, 0, slide.width, slide.height))
+    digest = hashlib.sha256(rgb.tobytes() + repr(rgb.shape).encode()).hexdigest()[:24]
+    out = dl.cache_dir() / "arrays" / f"{digest}.png"
+    if not out.exists():
+        _util.atomic_write(out, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG",
+                                                                      compress_level=1),
+                           suffix=".png")
+    return out
+
+
+def integer_counts(matrix, what: str):
+    """Return ``(csr int32, None)`` if ``matrix`` holds non-negative whole numbers that fit
+    int32, else ``(None, reason)``."""
+    from scipy import sparse
+
+    m = sparse.csr_matrix(matrix) if not sparse.issparse(matrix) else matrix.tocsr()
+    data = np.asarray(m.data)
+    if data.size and not np.issubdtype(data.dtype, np.number):
+        return None, f"{what} is not numeric ({data.dtype})"
+    if data.size:
+        if np.issubdtype(data.dtype, np.floating):
+            if not np.isfinite(data).all():
+                return None, f"{what} holds NaN or infinite values"
+            frac = data != np.round(data)
+            if frac.any():
+                return None, (f"{what} holds non-integer values (e.g. "
+                              f"{float(data[frac][0]):.4g}): normalised or log data, not "
+                              "raw counts")
+        if data.min() < 0:
+            return None, f"{what} holds negative values (e.g. {data.min()})"
+        if data.max() > np.iinfo(np.int32).max:
+            return None, f"{what} holds values above the int32 range (max {data.max()})"
+    out = sparse.csr_matrix(m, dtype=np.int32)
+    out.eliminate_zeros()
+    return out, None
 
 
 def read_table(path: Path, **kw):
@@ -84,6 +143,9 @@ def read_table(path: Path, **kw):
     import pandas as pd
 
     as_csv = str(path).endswith((".csv", ".csv.gz"))
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): the file was not written completely or "
+                         "is the wrong file; write or copy it again.")
     try:
         df = pd.read_csv(path, sep=None if as_csv else "\t",
                          engine="python" if as_csv else "c", **kw)

@@ -1,10 +1,29 @@
-"""Spot geometry: the spot pitch in pixels, and checks that the spots sit on the image.
+"""Spot geometry: the array layout, the spot pitch in pixels, and checks that the spots
+sit on the image.
 
+- :data:`ARRAY_LAYOUTS` - the three spot arrays (legacy ST "1k" and "2k", Visium) in
+  micrometres, and :func:`array_layout`, which tells them apart from the spot geometry;
 - :func:`spot_pitch_px` - pixels per array step, least squares over every spot;
-- :func:`grid_spacing_px` - neighbour distance on the fitted grid (staggered arrays);
+- :func:`grid_spacing_px` - neighbour distance on the fitted grid;
 - :func:`check_spots_on_image` - warns when the spots miss the image's tissue (wrong
-  image, wrong scale), with the thresholds below;
-- the spot layouts of legacy ST and Visium (micrometres).
+  image, wrong scale), with the thresholds below.
+
+The layouts (STUtility, github.com/jbergenstrahle/STUtility, ``R/Staffli.R`` and
+``R/image_processing.R``: its ``platforms`` option "1k", "2k", "Visium", the array limits
+33 x 35, 67 x 64, 128 x 78 and the minimum spot distances 200, 141 and 100 um):
+
+============ ============================ ========================= =============== ========
+layout       array coordinates            neighbours                same-row / near grid
+============ ============================ ========================= =============== ========
+``"1k"``     consecutive, ~33 x 35        200 um, same row/column   1.0             square
+``"2k"``     checkerboard (x + y of one   141 um diagonal; 200 um   1.41            checker-
+             parity), ~67 x 64            in the same row                           board
+``"visium"`` checkerboard, 128 x 78       100 um, six equidistant   1.0             hex
+============ ============================ ========================= =============== ========
+
+``spot_pitch_um`` is always the distance of neighbouring spots in the same row (200, 200,
+100 um; HEST-1k's ``inter_spot_dist`` means the same), ``spot_spacing_um`` the distance of
+the nearest neighbours (200, 141.4, 100 um).
 """
 
 from __future__ import annotations
@@ -18,6 +37,112 @@ LEGACY_ST_PITCH_UM = 200.0
 VISIUM_PITCH_UM = 100.0
 LEGACY_ST_SPOT_DIAMETER_UM = 100.0
 VISIUM_SPOT_DIAMETER_UM = 55.0
+#: Space Ranger's ``spot_diameter_fullres`` is the width in full-resolution pixels of a
+#: "theoretical 65 um spot" (10x Genomics' description of ``scalefactors_json.json``),
+#: not of the 55 um spot: on the Visium fixture 89.47 px, against 137.66 px between
+#: spots 100 um apart (65 / 89.47 = 0.7265 and 100 / 137.66 = 0.7264 um/px).
+SPACERANGER_SPOT_UM = 65.0
+
+#: The spot arrays by name: ``grid`` (how :func:`mclstexp_lite.slides.lay_spots` lays
+#: them), ``pitch_um`` (same-row neighbours), ``diameter_um``, ``step_um`` (micrometres
+#: per array step along x and y) and ``checkerboard`` (only x + y of one parity occur).
+ARRAY_LAYOUTS: dict[str, dict] = {
+    "1k": {"grid": "square", "pitch_um": LEGACY_ST_PITCH_UM, "diameter_um": 100.0,
+           "step_um": (200.0, 200.0), "checkerboard": False},
+    "2k": {"grid": "checkerboard", "pitch_um": LEGACY_ST_PITCH_UM, "diameter_um": 100.0,
+           "step_um": (100.0, 100.0), "checkerboard": True},
+    "visium": {"grid": "hex", "pitch_um": VISIUM_PITCH_UM, "diameter_um": VISIUM_SPOT_DIAMETER_UM,
+               "step_um": (50.0, 50.0 * 3 ** 0.5), "checkerboard": True},
+}
+#: Same-row over nearest-neighbour distance of each grid (1k and Visium: 1, 2k: sqrt 2).
+GRID_ROW_RATIO = {"square": 1.0, "checkerboard": 2 ** 0.5, "hex": 1.0}
+#: A checkerboard whose same-row / nearest ratio is more than this factor from both 1 and
+#: sqrt(2), or a consecutive array more than this from 1, is ambiguous (a warning).
+LAYOUT_TOLERANCE = 1.15
+#: Share of spots whose x + y has the majority parity for a checkerboard (a 1k array:
+#: about one half).
+CHECKERBOARD_SHARE = 0.98
+
+
+def nearest_um(layout: str, pitch_um: float | None = None) -> float:
+    """Nearest-neighbour distance (um) of ``layout`` (scaled to ``pitch_um`` if given)."""
+    lay = ARRAY_LAYOUTS[layout]
+    scale = (pitch_um or lay["pitch_um"]) / lay["pitch_um"]
+    return float(lay["pitch_um"] / GRID_ROW_RATIO[lay["grid"]] * scale)
+
+
+def array_layout(array_xy: np.ndarray, pixel_xy: np.ndarray) -> dict:
+    """Which spot array (:data:`ARRAY_LAYOUTS`) the spots' geometry shows.
+
+    Two measures tell the layouts apart: whether the array coordinates form a
+    checkerboard (at least :data:`CHECKERBOARD_SHARE` of the spots have x + y of one
+    parity), and the ratio of the distance between neighbouring spots of one row (the
+    most common x gap of consecutive spots in a row, times the least-squares pixels per
+    x step) to the distance of nearest neighbours (:func:`grid_spacing_px`): 1 for a
+    consecutive 1k array and for Visium's hexagonal one, sqrt(2) = 1.41 for a 2k array.
+
+    Returns
+    -------
+    dict
+        ``layout`` (``"1k"``, ``"2k"`` or ``"visium"``), ``ambiguous`` (bool; then
+        ``layout`` is the nearest guess), ``checkerboard`` (bool), ``parity_share``,
+        ``row_ratio`` (NaN when no row holds two spots), ``steps_px`` (least-squares
+        pixels per array step along x and y, NaN for an axis that does not vary),
+        ``nearest_px`` and ``reason`` (a sentence for messages).
+    """
+    a = np.round(np.asarray(array_xy, dtype=float)).astype(np.int64)
+    steps = _axis_steps(array_xy, pixel_xy, "array layout")
+    nearest = grid_spacing_px(array_xy, pixel_xy)
+    parity = (a[:, 0] + a[:, 1]) % 2
+    share = float(max(parity.mean(), 1 - parity.mean()))
+    checker = len(a) >= 6 and share >= CHECKERBOARD_SHARE
+    order = np.lexsort((a[:, 0], a[:, 1]))
+    xs, ys = a[order, 0], a[order, 1]
+    same = ys[1:] == ys[:-1]
+    gaps = (xs[1:] - xs[:-1])[same]
+    gaps = gaps[gaps > 0]
+    if len(gaps) and np.isfinite(steps[0]):
+        values, counts = np.unique(gaps, return_counts=True)
+        row_px = float(values[np.argmax(counts)] * steps[0])
+        ratio = row_px / nearest
+    else:
+        ratio = float("nan")
+    tol = np.log(LAYOUT_TOLERANCE)
+    if checker:
+        off = {"visium": abs(np.log(ratio)), "2k": abs(np.log(ratio / 2 ** 0.5))} \
+            if np.isfinite(ratio) else {"2k": np.inf, "visium": np.inf}
+        layout = min(off, key=off.get)
+        ambiguous = bool(off[layout] > tol)
+        what = (f"a checkerboard ({share:.0%} of the spots have x + y of one parity) whose "
+                f"same-row neighbours are {ratio:.2f}x the nearest-neighbour distance")
+    else:
+        layout = "1k"
+        finite = steps[np.isfinite(steps)]
+        step_ratio = nearest / float(np.mean(finite)) if len(finite) else float("nan")
+        ambiguous = bool(any(np.isfinite(r) and abs(np.log(r)) > np.log(1.25)
+                             for r in (ratio, step_ratio)))
+        what = (f"consecutive array coordinates ({share:.0%} of the spots share the "
+                f"majority x + y parity) whose nearest neighbours are {step_ratio:.2f} array "
+                f"steps apart (1 on a 1k array) and same-row neighbours {ratio:.2f}x the "
+                "nearest-neighbour distance")
+    return {"layout": layout, "ambiguous": ambiguous, "checkerboard": bool(checker),
+            "parity_share": round(share, 4), "row_ratio": float(ratio),
+            "steps_px": [float(x) for x in steps], "nearest_px": float(nearest),
+            "reason": what}
+
+
+def layout_um_per_px(steps_px, layout: str, pitch_um: float | None = None) -> float:
+    """Microns per pixel from the least-squares pixels per array step ``steps_px`` (x,
+    y; NaN for an axis that does not vary) on ``layout`` with same-row pitch
+    ``pitch_um`` (default the layout's): one over the mean of the pixels per micrometre
+    of the two axes. For a 1k array this is ``pitch_um`` over :func:`spot_pitch_px`."""
+    lay = ARRAY_LAYOUTS[layout]
+    scale = (pitch_um or lay["pitch_um"]) / lay["pitch_um"]
+    rates = [s / (u * scale) for s, u in zip(steps_px, lay["step_um"]) if np.isfinite(s)]
+    if not rates or min(rates) <= 0:
+        raise ValueError("cannot measure the spot pitch: spot array coordinates do not vary "
+                         "or pixel coordinates do not follow them")
+    return float(1.0 / np.mean(rates))
 
 
 def spot_pitch_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
@@ -51,11 +176,10 @@ def grid_spacing_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
 
     Each spot is placed at its array coordinates times the least-squares pixels per array
     step of each axis (as in :func:`spot_pitch_px`, so detection jitter does not bias it);
-    the result is the median distance to the nearest other spot. On a square array where
-    one array step is one spot pitch (legacy ST, HER2+) it equals :func:`spot_pitch_px`
-    up to the small difference between the two axes; on a staggered array, where
-    neighbouring spots are two x steps apart (one x step is half the pitch), it is about
-    twice as large.
+    the result is the median distance to the nearest other spot. On a 1k array, where
+    one array step is one spot pitch (legacy ST, HER2+), it equals :func:`spot_pitch_px`
+    up to the small difference between the two axes; on a 2k array (a checkerboard) it
+    is the diagonal, sqrt(2) steps (:func:`array_layout`).
     """
     from scipy.spatial import cKDTree
 

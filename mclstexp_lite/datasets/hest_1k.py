@@ -6,17 +6,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ._io import DROPPED_WARN_SHARE, HIRES_MAX_PX
+from ._io import DROPPED_WARN_SHARE, HIRES_MAX_PX, integer_counts
 from .geometry import (
     LEGACY_ST_PITCH_UM,
     LEGACY_ST_SPOT_DIAMETER_UM,
     VISIUM_PITCH_UM,
     VISIUM_SPOT_DIAMETER_UM,
+    ARRAY_LAYOUTS,
+    GRID_ROW_RATIO,
+    array_layout,
     check_spots_on_image,
     grid_spacing_px,
 )
@@ -25,14 +29,31 @@ log = logging.getLogger(__name__)
 
 
 #: Spot layout by HEST-1k ``st_technology`` when the metadata JSON gives no
-#: ``inter_spot_dist`` / ``spot_diameter`` (micrometres): centre-to-centre distance,
-#: diameter, grid. Xenium samples are pooled by HEST into Visium-like pseudo-spots
-#: (55 um spots, 100 um apart, on a square grid).
+#: ``inter_spot_dist`` / ``spot_diameter`` (micrometres): same-row centre-to-centre
+#: distance, diameter, grid. HEST pools Xenium transcripts into contiguous 100 x 100 um
+#: squares (``pool_transcripts_xenium(spot_size_um=100)`` in hest/readers.py; its
+#: maintainers in HEST issues 39 and 79; the metadata leaves both fields blank) and
+#: Visium HD's 16 um bins into 128 x 128 um squares (``pool_bins_visiumhd(
+#: dst_bin_size_um=128)``; the metadata table says 2 and 2, the raw bin). A legacy-ST
+#: sample on a 2k array is recognised from its coordinates (grid "checkerboard").
 HEST_SPOT_LAYOUT: dict[str, tuple[float, float, str]] = {
     "spatial transcriptomics": (LEGACY_ST_PITCH_UM, LEGACY_ST_SPOT_DIAMETER_UM, "square"),
     "visium": (VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, "hex"),
-    "xenium": (VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, "square"),
+    "xenium": (100.0, 100.0, "square"),
+    "visium hd": (128.0, 128.0, "square"),
 }
+#: HEST's Visium HD metadata gives this spot distance and diameter (the raw 2 um bin),
+#: not the 128 um bins its h5ad holds.
+_HEST_HD_PLACEHOLDER_UM = 2.0
+#: Pixel sizes that are resolution defaults of image writers, not scans: 1 px per unit
+#: and 25.4 / dpi (or 25,400 / dpi) for common dpi values. HEST's metadata has them in
+#: ``pixel_size_um_embedded`` (0.3528 = 25.4/72, 0.2646 = 25.4/96, 1.0, 31.75, 63.5, ...).
+_DPI_VALUES = (72, 96, 100, 150, 200, 300, 400, 600, 800, 1200)
+#: HEST writes its WSIs with libvips' ``tiffsave(xres=1 / (pixel_size * 1e-4),
+#: resunit=cm)``; libvips takes ``xres`` in pixels per millimetre, so the tags of such a
+#: file state a pixel size ten times too fine (HEST issue 106: TENX158's tags say 0.0274
+#: against 0.2738 um/px estimated).
+_HEST_TAG_FACTOR = 10.0
 #: The pixel size the loader uses and the one the TIFF's resolution tags state may
 #: differ by this share before a warning says so.
 _HEST_TIFF_TOLERANCE = 0.05
@@ -60,31 +81,28 @@ def _finite_positive(value) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def _integer_counts(matrix, what: str):
-    """Return ``(csr int32, None)`` if ``matrix`` holds non-negative whole numbers that fit
-    int32, else ``(None, reason)``."""
-    from scipy import sparse
+def _dpi_default(value: float) -> bool:
+    """Is ``value`` (um/px) a resolution default of an image writer rather than a scan's?"""
+    if value is None:
+        return False
+    if abs(value - 1.0) < 1e-9:
+        return True
+    return any(abs(value / (k / d) - 1) < 1e-4 for d in _DPI_VALUES for k in (25.4, 25_400.0))
 
-    m = sparse.csr_matrix(matrix) if not sparse.issparse(matrix) else matrix.tocsr()
-    data = np.asarray(m.data)
-    if data.size and not np.issubdtype(data.dtype, np.number):
-        return None, f"{what} is not numeric ({data.dtype})"
-    if data.size:
-        if np.issubdtype(data.dtype, np.floating):
-            if not np.isfinite(data).all():
-                return None, f"{what} holds NaN or infinite values"
-            frac = data != np.round(data)
-            if frac.any():
-                return None, (f"{what} holds non-integer values (e.g. "
-                              f"{float(data[frac][0]):.4g}): normalised or log data, not "
-                              "raw counts")
-        if data.min() < 0:
-            return None, f"{what} holds negative values (e.g. {data.min()})"
-        if data.max() > np.iinfo(np.int32).max:
-            return None, f"{what} holds values above the int32 range (max {data.max()})"
-    out = sparse.csr_matrix(m, dtype=np.int32)
-    out.eliminate_zeros()
-    return out, None
+
+def _magnification(value) -> float | None:
+    """HEST's ``magnification`` ("20x", "40x", a number or blank) as a number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if math.isfinite(value) and value > 0 else None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*[xX]?\s*", str(value or ""))
+    return float(m.group(1)) if m else None
+
+
+def _plain_legacy_name(name: str) -> str:
+    """HEST writes legacy-ST spot names zero-padded ("012x007"); the package's are
+    "12x7" (as :func:`from_files` names them). Other names are returned unchanged."""
+    m = re.fullmatch(r"0*(\d+)x0*(\d+)", name)
+    return f"{m.group(1)}x{m.group(2)}" if m else name
 
 
 def _hest_array_coords(obs, pix: np.ndarray):
@@ -122,7 +140,7 @@ def hest(
     spot_pitch_um: float | None = None,
     spot_diameter_um: float | None = None,
     patient: str | None = None,
-    in_tissue_only: bool = True,
+    in_tissue_only: bool = False,
     drop_zero_count_spots: bool = True,
     hires_max_px: int = HIRES_MAX_PX,
 ):
@@ -146,8 +164,12 @@ def hest(
     um_per_px
         Microns per WSI pixel, overriding the metadata. Default: the metadata JSON's
         ``pixel_size_um_estimated`` (what HEST's own reader uses), else its
-        ``pixel_size_um_embedded``, else the TIFF's resolution tags. A warning fires when
-        the TIFF's tags disagree with the value used by more than 5 %.
+        ``pixel_size_um_embedded`` unless that is a dpi default (1.0, 25.4/72, 25.4/96,
+        ...), else the TIFF's resolution tags, which HEST writes ten times too fine:
+        when the spots, measured at the tags' scale, are ten times closer than the spot
+        distance (or the ``magnification`` says so), the tags times ten are used, with a
+        warning. A warning also fires when the tags disagree with the value used by
+        more than 5 % (other than that factor of ten).
     spot_pitch_um, spot_diameter_um
         Override the metadata's ``inter_spot_dist`` and ``spot_diameter`` (um). Without
         them and without metadata values: by ``st_technology`` (:data:`HEST_SPOT_LAYOUT`:
@@ -160,7 +182,11 @@ def hest(
         datasets); a sample without a patient gets the dataset title alone, as HEST's
         own benchmark splits group it (all such samples of a dataset are one patient).
     in_tissue_only
-        Drop spots whose ``obs['in_tissue']`` is 0 / False (when that column exists).
+        Drop spots whose ``obs['in_tissue']`` is 0 / False (when that column exists). Off
+        by default: HEST keeps such spots too (its tutorial says ``in_tissue`` "might not
+        be accurate"; for legacy ST, Xenium and Visium HD HEST sets it True for every
+        spot), so the default spot set is HEST's. Their number is recorded
+        (``uns['mclstexp']['spots_not_in_tissue']``).
     drop_zero_count_spots
         Drop spots without counts.
     hires_max_px
@@ -187,9 +213,11 @@ def hest(
         A file of the sample is missing (the message gives the expected layout and how
         to download it).
     ValueError
-        No pixel size in the arguments, the metadata or the TIFF; spot centres outside
-        the WSI or missing; no raw integer counts; a WSI that is not 8-bit RGB (see
-        :func:`mclstexp_lite.slides.open_slide`).
+        No pixel size in the arguments, the metadata or the TIFF; most spot centres
+        outside the WSI (a few are dropped with a warning that says "outside", as HEST
+        skips them when it cuts patches; HEST issue 40), or missing; no raw integer
+        counts; a WSI that is not 8-bit RGB or whose compression cannot be decoded (LZW
+        needs ``imagecodecs``; see :func:`mclstexp_lite.slides.open_slide`).
     """
     import json
 
@@ -224,30 +252,46 @@ def hest(
     if not isinstance(meta_json, dict):
         raise ValueError(f"{files['metadata']}: expected a JSON object (HEST's per-sample "
                          f"metadata), found {type(meta_json).__name__}")
-    hest_meta = {str(k): v for k, v in meta_json.items()
-                 if isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                 and not (isinstance(v, float) and not math.isfinite(v))}
+    # json.dump writes a missing value as the token NaN (HEST's metadata has many):
+    # read as float('nan'), it is a blank here
+    meta_json = {str(k): (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in meta_json.items()}
+    hest_meta = {k: v for k, v in meta_json.items()
+                 if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+    magnification = _magnification(meta_json.get("magnification"))
 
     slide = slides.open_slide(files["wsi"])  # 16-bit / grayscale / corrupt: ValueError
     try:
         width, height = slide.width, slide.height
-        tiff_um = slide.um_per_px_embedded
+        tiff_um = slide.um_per_px_tags
         # pixel size -----------------------------------------------------------
+        embedded = _finite_positive(meta_json.get("pixel_size_um_embedded"))
+        embedded_note = ""
+        if embedded is not None and _dpi_default(embedded):
+            embedded_note = (f"pixel_size_um_embedded={embedded:g} ignored: a resolution "
+                             "default of the image writer, not the scan's")
+            embedded = None
         chosen = [("given (um_per_px=)", _finite_positive(um_per_px)),
                   (f"{files['metadata'].name}: pixel_size_um_estimated",
                    _finite_positive(meta_json.get("pixel_size_um_estimated"))),
-                  (f"{files['metadata'].name}: pixel_size_um_embedded",
-                   _finite_positive(meta_json.get("pixel_size_um_embedded"))),
+                  (f"{files['metadata'].name}: pixel_size_um_embedded", embedded),
                   ("TIFF resolution tags", tiff_um)]
         scale_from, px_um = next(((s, v) for s, v in chosen if v is not None), (None, None))
         if px_um is None:
             raise ValueError(
                 f"HEST sample {sample_id!r}: no pixel size: {files['metadata']} has no "
-                "positive pixel_size_um_estimated or pixel_size_um_embedded and "
+                "positive pixel_size_um_estimated or pixel_size_um_embedded"
+                + (f" ({embedded_note})" if embedded_note else "") + " and "
                 f"{files['wsi']} has no resolution tags. Pass um_per_px= (microns per "
                 "pixel of the WSI; HEST's metadata CSV lists it per sample), or download "
                 "the sample's metadata JSON again.")
-        if (tiff_um is not None and scale_from != "TIFF resolution tags"
+        tags_tenfold = (tiff_um is not None and scale_from != "TIFF resolution tags"
+                        and abs(tiff_um * _HEST_TAG_FACTOR / px_um - 1) <= _HEST_TIFF_TOLERANCE)
+        if tags_tenfold:
+            log.info("%s: the TIFF's resolution tags state %.4g um/px, ten times finer than "
+                     "the %.4g used (HEST's libvips unit slip, HEST issue 106)",
+                     files["wsi"].name, tiff_um, px_um)
+        if (tiff_um is not None and scale_from != "TIFF resolution tags" and not tags_tenfold
                 and abs(tiff_um / px_um - 1) > _HEST_TIFF_TOLERANCE):
             warnings.warn(
                 f"HEST sample {sample_id!r}: {files['wsi'].name} states {tiff_um:.4g} um/px in "
@@ -273,18 +317,18 @@ def hest(
         reasons = []
         X = None
         counts_from = ""
-        var_names = src.var_names
+        var_src = src.var
         for where, matrix, names in (
-                ("X", src.X, src.var_names),
+                ("X", src.X, src.var),
                 ("layers['counts']", src.layers["counts"] if "counts" in src.layers else None,
-                 src.var_names),
+                 src.var),
                 ("raw.X", src.raw.X if src.raw is not None else None,
-                 src.raw.var_names if src.raw is not None else None)):
+                 src.raw.var if src.raw is not None else None)):
             if matrix is None:
                 continue
-            X, why = _integer_counts(matrix, f"{files['st'].name} {where}")
+            X, why = integer_counts(matrix, f"{files['st'].name} {where}")
             if X is not None:
-                counts_from, var_names = where, names
+                counts_from, var_src = where, names
                 break
             reasons.append(why)
         if X is None:
@@ -317,14 +361,35 @@ def hest(
 
         n_rows = src.n_obs
         keep = np.ones(n_rows, dtype=bool)
-        dropped = {"not_in_tissue": 0, "zero_counts": 0}
-        if in_tissue_only and "in_tissue" in obs_src.columns:
+        dropped = {"outside_image": 0, "not_in_tissue": 0, "zero_counts": 0}
+        not_in_tissue = 0
+        if "in_tissue" in obs_src.columns:
             flag = pd.to_numeric(obs_src["in_tissue"].astype(object).map(
                 lambda v: {True: 1, False: 0, "True": 1, "False": 0}.get(v, v)),
                 errors="coerce").to_numpy(float)
             in_t = flag == 1
-            dropped["not_in_tissue"] = int((~in_t).sum())
-            keep &= in_t
+            not_in_tissue = int((~in_t).sum())
+            if in_tissue_only:
+                dropped["not_in_tissue"] = not_in_tissue
+                keep &= in_t
+        outside = (pix[:, 0] < 0) | (pix[:, 0] >= width) | (pix[:, 1] < 0) | (pix[:, 1] >= height)
+        if outside.any():
+            where_out = (f"{int(outside.sum())} of the {n_rows} spot centres of "
+                         f"{files['st'].name} lie outside {files['wsi'].name} ({width} x "
+                         f"{height} px), e.g. {list(obs_src.index[outside][:3])} at "
+                         f"{pix[outside][0].round(1).tolist()}")
+            if outside.mean() > 0.5:
+                raise ValueError(
+                    f"HEST sample {sample_id!r}: {where_out}. The spots ({pix_from}) must be "
+                    "in the full-resolution WSI's pixels: check that the h5ad and the TIFF "
+                    "are the same sample and the same HEST version (download both again).")
+            dropped["outside_image"] = int(outside.sum())
+            keep &= ~outside
+            warnings.warn(
+                f"HEST sample {sample_id!r}: {where_out}; dropped them (HEST keeps them in "
+                "the h5ad and skips them when it cuts patches, HEST issue 40). They are "
+                "counted in uns['mclstexp']['spots_dropped']['outside_image'].",
+                UserWarning, stacklevel=2)
         totals = np.asarray(X.sum(axis=1)).ravel()
         if drop_zero_count_spots:
             zero = keep & (totals == 0)
@@ -334,11 +399,14 @@ def hest(
             raise ValueError(f"{files['st']}: no spots left ({n_rows} in the file; dropped "
                              f"{dropped}). Pass in_tissue_only=False or "
                              "drop_zero_count_spots=False to keep them.")
-        if keep.sum() < n_rows:
+        lost = dropped["not_in_tissue"] + dropped["zero_counts"]
+        if lost:
             msg = (f"HEST sample {sample_id!r}: kept {int(keep.sum())} of {n_rows} spots "
                    f"({dropped['not_in_tissue']} not in tissue, {dropped['zero_counts']} "
-                   "without counts).")
-            if n_rows - keep.sum() > DROPPED_WARN_SHARE * n_rows:
+                   "without counts"
+                   + (f", {dropped['outside_image']} outside the WSI" if dropped["outside_image"]
+                      else "") + ").")
+            if lost > DROPPED_WARN_SHARE * n_rows:
                 hint = (" Pass in_tissue_only=False to keep the spots HEST marks as outside "
                         "the tissue." if dropped["not_in_tissue"] else "")
                 warnings.warn(msg + hint, UserWarning, stacklevel=2)
@@ -348,19 +416,10 @@ def hest(
         pix = pix[keep]
         obs_src = obs_src.iloc[np.flatnonzero(keep)]
 
-        outside = (pix[:, 0] < 0) | (pix[:, 0] >= width) | (pix[:, 1] < 0) | (pix[:, 1] >= height)
-        if outside.any():
-            raise ValueError(
-                f"HEST sample {sample_id!r}: {int(outside.sum())} spot centre(s) of "
-                f"{files['st'].name} lie outside {files['wsi']} ({width} x {height} px), e.g. "
-                f"{list(obs_src.index[outside][:3])} at {pix[outside][0].round(1).tolist()}. "
-                f"The spots ({pix_from}) must be in the full-resolution WSI's pixels: check "
-                "that the h5ad and the TIFF are the same sample and the same HEST version "
-                "(download both again).")
-
         # spot layout -------------------------------------------------------------
-        tech = str(meta_json.get("st_technology") or "")
-        layout = HEST_SPOT_LAYOUT.get(tech.strip().lower())
+        tech = str(meta_json.get("st_technology") or "").strip()
+        tech_key = tech.lower()
+        layout = HEST_SPOT_LAYOUT.get(tech_key)
         from scipy.spatial import cKDTree
 
         if len(pix) >= 2:
@@ -370,44 +429,81 @@ def hest(
         else:
             nn_px = float("nan")
         spacing_px = nn_px
-        arr_xy, array_from = _hest_array_coords(obs_src, pix)
+        if tech_key in ("visium hd", "xenium"):
+            # HEST's pseudo-spots: Visium HD's array_row/array_col are running numbers
+            # given after empty bins were removed, not grid positions
+            arr_xy, array_from = None, ""
+        else:
+            arr_xy, array_from = _hest_array_coords(obs_src, pix)
+        geo = None
         if arr_xy is not None and len(pix) >= 3:
             try:  # on the fitted grid: spots detected off the grid do not bias it
                 spacing_px = grid_spacing_px(arr_xy, pix)
+                if tech_key == "spatial transcriptomics" and len(pix) >= 6:
+                    geo = array_layout(arr_xy, pix)
             except (ValueError, np.linalg.LinAlgError):
                 spacing_px = nn_px
+        grid = layout[2] if layout is not None else ""
+        if geo is not None and geo["layout"] == "2k" and not geo["ambiguous"]:
+            grid = ARRAY_LAYOUTS["2k"]["grid"]  # a 2k array: a checkerboard
         pitch_from = "given (spot_pitch_um=)"
         pitch = _finite_positive(spot_pitch_um)
+        meta_pitch = _finite_positive(meta_json.get("inter_spot_dist"))
+        if tech_key == "visium hd" and meta_pitch == _HEST_HD_PLACEHOLDER_UM:
+            meta_pitch = None  # the raw 2 um bin, not HEST's pooled 128 um bins
         if pitch is None:
-            pitch, pitch_from = _finite_positive(meta_json.get("inter_spot_dist")), \
-                f"{files['metadata'].name}: inter_spot_dist"
+            pitch, pitch_from = meta_pitch, f"{files['metadata'].name}: inter_spot_dist"
         if pitch is None and layout is not None:
             pitch, pitch_from = layout[0], f"st_technology {tech!r}"
+        # the TIFF's tags are the only pixel size: HEST writes them ten times too fine
+        if scale_from == "TIFF resolution tags" and pitch is not None:
+            near = pitch / GRID_ROW_RATIO.get(grid or "square", 1.0)
+            tenfold = (math.isfinite(spacing_px) and 1 / _HEST_SPACING_TOLERANCE
+                       <= spacing_px * px_um * _HEST_TAG_FACTOR / near <= _HEST_SPACING_TOLERANCE)
+            if not math.isfinite(spacing_px) and magnification is not None:
+                # no spacing to measure: a 20x scan has about 0.5 um/px, 40x 0.25
+                tenfold = 1 / 3 <= px_um * _HEST_TAG_FACTOR * magnification / 10 <= 3
+            if tenfold:
+                warnings.warn(
+                    f"HEST sample {sample_id!r}: the only pixel size is {files['wsi'].name}'s "
+                    f"resolution tags, {px_um:.4g} um/px, but neighbouring spots are then "
+                    f"{spacing_px * px_um:.1f} um apart instead of {near:g}: the tags are ten "
+                    "times too fine, as HEST writes them (libvips takes pixels per mm where "
+                    f"HEST gives pixels per cm; HEST issue 106). Using {px_um * 10:.4g} um/px; "
+                    "pass um_per_px= to choose.", UserWarning, stacklevel=2)
+                px_um = px_um * _HEST_TAG_FACTOR
+                scale_from = "TIFF resolution tags x 10 (HEST writes them ten times too fine)"
         if pitch is None:
             if not math.isfinite(spacing_px):
                 raise ValueError(f"HEST sample {sample_id!r}: cannot tell the spot distance "
                                  "(no inter_spot_dist, unknown st_technology, one spot); "
                                  "pass spot_pitch_um=.")
             pitch, pitch_from = spacing_px * px_um, "measured neighbour spacing"
-        diameter = (_finite_positive(spot_diameter_um)
-                    or _finite_positive(meta_json.get("spot_diameter"))
+        meta_diameter = _finite_positive(meta_json.get("spot_diameter"))
+        if tech_key == "visium hd" and meta_diameter == _HEST_HD_PLACEHOLDER_UM:
+            meta_diameter = None
+        diameter = (_finite_positive(spot_diameter_um) or meta_diameter
                     or (layout[1] if layout is not None else None) or pitch / 2)
-        grid = layout[2] if layout is not None else ""
+        near_um = pitch / GRID_ROW_RATIO.get(grid or "square", 1.0)
         spacing_um = spacing_px * px_um if math.isfinite(spacing_px) else float("nan")
         if math.isfinite(spacing_um) and not (
-                1 / _HEST_SPACING_TOLERANCE <= spacing_um / pitch <= _HEST_SPACING_TOLERANCE):
+                1 / _HEST_SPACING_TOLERANCE <= spacing_um / near_um <= _HEST_SPACING_TOLERANCE):
             warnings.warn(
                 f"HEST sample {sample_id!r}: neighbouring spots are {spacing_px:.1f} px apart, "
                 f"i.e. {spacing_um:.1f} um at {px_um:.4g} um/px ({scale_from}), but the spot "
-                f"distance is {pitch:g} um ({pitch_from}). The pixel size or the spot "
+                f"distance is {near_um:g} um ({pitch_from}"
+                + (f", {grid} grid" if grid else "") + "). The pixel size or the spot "
                 "distance is wrong (or the spots were pooled into other bins): pass "
                 "um_per_px= or spot_pitch_um=.", UserWarning, stacklevel=2)
-        pitch_px = pitch / px_um
+        pitch_px = near_um / px_um
         if arr_xy is not None:
             array_xy = np.round(arr_xy).astype(int)
         else:
-            array_xy = np.round((pix - pix.min(axis=0)) / pitch_px).astype(int)
-            array_from = "spot centres / spot pitch in pixels (no array_row/array_col)"
+            array_xy = np.round((pix - pix.min(axis=0)) / (pitch / px_um)).astype(int)
+            array_from = ("spot centres / spot pitch in pixels ("
+                          + ("HEST's array_row/array_col of pooled pseudo-spots are not grid "
+                             "positions" if tech_key in ("visium hd", "xenium")
+                             else "no array_row/array_col") + ")")
 
         # plotting copy from the pyramid ------------------------------------------
         if len(slide.levels) == 1 and width * height > 200_000_000:
@@ -429,8 +525,15 @@ def hest(
         "array_y": array_xy[:, 1],
         "pixel_x": pix[:, 0],
         "pixel_y": pix[:, 1],
-    }, index=[f"{sample_id}_{i}" for i in obs_src.index.astype(str)])
-    var = pd.DataFrame(index=pd.Index(np.asarray(var_names).astype(str), name=None))
+    }, index=[f"{sample_id}_{_plain_legacy_name(i) if tech_key == 'spatial transcriptomics' else i}"
+              for i in obs_src.index.astype(str)])
+    var = pd.DataFrame(index=pd.Index(np.asarray(var_src.index).astype(str), name=None))
+    for col in var_src.columns:  # gene_ids etc.: other names a panel can match
+        values = var_src[col]
+        if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+            var[col] = values.to_numpy()
+        else:
+            var[col] = values.astype(str).to_numpy()
     adata = ad.AnnData(X=X, obs=obs, var=var)
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
@@ -446,9 +549,15 @@ def hest(
         "spot_pitch_from": pitch_from,
         "spot_diameter_um": float(diameter),
         "spot_spacing_um": round(spacing_um, 3) if math.isfinite(spacing_um) else -1.0,
+        "spot_spacing_um_stated": round(float(near_um), 3),
         "grid": grid,
         "technology": tech,
         "scale_from": scale_from,
+        "magnification": float(magnification) if magnification is not None else -1.0,
+        "pixel_size_note": "; ".join(x for x in (
+            embedded_note,
+            "the TIFF's tags state a pixel size ten times too fine (HEST issue 106)"
+            if tags_tenfold or "x 10" in scale_from else "") if x),
     }
     meta.update(check_spots_on_image(sample_id, files["wsi"], pix, hires, hscale,
                                       (width, height), pitch_px))
@@ -461,5 +570,5 @@ def hest(
         "dataset": "hest", "section": sample_id,
         "files": {k: str(v) for k, v in files.items()},
         "counts_from": counts_from, "coordinates_from": pix_from, "array_from": array_from,
-        "spots_dropped": dropped, "hest": hest_meta}
+        "spots_dropped": dropped, "spots_not_in_tissue": int(not_in_tissue), "hest": hest_meta}
     return adata

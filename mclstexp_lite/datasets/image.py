@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import _util
-from ._io import HIRES_MAX_PX
-from .geometry import LEGACY_ST_PITCH_UM, LEGACY_ST_SPOT_DIAMETER_UM
+from ._io import HIRES_MAX_PX, image_array_file
+from .geometry import GRID_ROW_RATIO, LEGACY_ST_PITCH_UM, LEGACY_ST_SPOT_DIAMETER_UM
 
 #: Fewer virtual spots than this over the tissue: the scale is probably wrong.
 MIN_VIRTUAL_SPOTS = 20
@@ -84,13 +84,19 @@ def from_image(
     Parameters
     ----------
     image
-        Path to the H&E image (TIFF, JPEG, PNG), 8-bit RGB.
+        Path to the H&E image (TIFF, JPEG, PNG), 8-bit RGB, or the image itself as an
+        ``(H, W, 3)`` uint8 NumPy array (then ``um_per_px`` is needed; the array is saved
+        once as a PNG in the cache, named by its content, because patches are cut from
+        files).
     um_per_px
         Microns per pixel of the image. Default: the pixel size the TIFF states; an
         image that states none needs it.
     spot_pitch_um, spot_diameter_um, grid
-        The virtual spot layout; use the training data's (legacy ST, the default:
-        200 um, 100 um, ``"square"``; Visium: 100 um, 55 um, ``"hex"``).
+        The virtual spot layout; use the training data's (legacy ST 1k, the default:
+        200 um, 100 um, ``"square"``; legacy ST 2k: 200 um, 100 um, ``"checkerboard"``;
+        Visium: 100 um, 55 um, ``"hex"``). ``spot_pitch_um`` is the distance of
+        neighbouring spots in the same row (:func:`mclstexp_lite.slides.lay_spots`).
+        A predictor passes its training data's layout.
     tissue_mask
         Optional: a boolean array or an image file (non-zero = tissue) covering the whole
         image at any resolution, instead of the automatic detection.
@@ -137,6 +143,19 @@ def from_image(
             raise ValueError(f"{name} must be a positive number of microns, got {v!r}")
     if not 0 < float(min_tissue) <= 1:
         raise ValueError(f"min_tissue must be in (0, 1], got {min_tissue!r}")
+    if grid not in slides.GRIDS:
+        raise ValueError(f"grid must be one of {slides.GRIDS} (legacy ST 1k, legacy ST 2k, "
+                         f"Visium), got {grid!r}")
+    from_array = isinstance(image, np.ndarray)
+    if from_array:
+        if um_per_px is None:
+            raise ValueError("an image given as a NumPy array states no pixel size; pass "
+                             "um_per_px= (microns per pixel of the array).")
+        image = image_array_file(image)  # 8-bit RGB checked; patches need a file
+        section = section or "image"
+    elif not isinstance(image, (str, os.PathLike, slides.Slide)):
+        raise TypeError(f"image must be a file path or an (H, W, 3) uint8 NumPy array, got "
+                        f"{type(image).__name__}")
     slide = slides.open_slide(image)
     try:
         path = slide.path
@@ -259,6 +278,7 @@ def from_image(
         "um_per_px": um_per_px,
         "pixel_scale": 1.0,
         "spot_pitch_um": float(spot_pitch_um),
+        "spot_spacing_um": round(float(spot_pitch_um) / GRID_ROW_RATIO[grid], 3),
         "spot_diameter_um": float(spot_diameter_um),
         "grid": grid,
         "scale_from": scale_from,
@@ -272,6 +292,7 @@ def from_image(
                          "spot_diameter_fullres": float(spot_diameter_um / um_per_px)},
         "metadata": meta}}
     adata.uns["mclstexp"] = {"dataset": "image", "section": section,
-                             "files": {"image": str(path) if path is not None else ""},
+                             "files": {"image": ("<NumPy array> saved as " if from_array else "")
+                                       + (str(path) if path is not None else "")},
                              "tissue_mask": hmask}
     return adata

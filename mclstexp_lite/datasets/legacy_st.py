@@ -17,6 +17,8 @@ import numpy as np
 from .. import download as dl
 from ._io import (
     DROPPED_WARN_SHARE,
+    FIX_MANIFEST,
+    FIX_OWN,
     HIRES_MAX_PX,
     downscaled_rgb,
     looks_like_spot_file,
@@ -25,11 +27,11 @@ from ._io import (
     unpack_gz,
 )
 from .geometry import (
-    LEGACY_ST_PITCH_UM,
-    LEGACY_ST_SPOT_DIAMETER_UM,
+    ARRAY_LAYOUTS,
+    array_layout,
     check_spots_on_image,
-    grid_spacing_px,
-    spot_pitch_px,
+    layout_um_per_px,
+    nearest_um,
 )
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,14 @@ CSCC_SECTIONS: tuple[str, ...] = tuple(
     f"{p}_ST_rep{r}" for p in ("P2", "P5", "P9", "P10") for r in (1, 2, 3)
 )
 
-#: Fitted pixels per array step and neighbour spacing agree within this factor on a
-#: square array; beyond it the array is taken to be staggered (or scaled) and the
-#: neighbour spacing is used as the spot pitch.
+#: A given ``um_per_px`` and the scale the spots show may differ by this factor before a
+#: warning says so.
 _PITCH_AGREEMENT = 1.25
+#: Counts and spot file sharing fewer than this share of the smaller of the two (after
+#: the ``selected`` filter) are probably from different sections: the warning asks. On
+#: HER2+ the 36 true pairs share 100 %; the 1,260 pairs of one section's counts with
+#: another's spot file a median 84 %, and 67 % of them fall below 0.9 (docs/data_model.md).
+SAME_SECTION_SHARE = 0.9
 
 
 # --------------------------------------------------------------------- from_files
@@ -61,8 +67,9 @@ def from_files(
     labels: str | os.PathLike | None = None,
     pixel_scale: float = 1.0,
     um_per_px: float | None = None,
-    spot_pitch_um: float = LEGACY_ST_PITCH_UM,
-    spot_diameter_um: float = LEGACY_ST_SPOT_DIAMETER_UM,
+    array: str = "auto",
+    spot_pitch_um: float | None = None,
+    spot_diameter_um: float | None = None,
     counts_orientation: str = "spots_x_genes",
     drop_zero_count_spots: bool = True,
     selected: bool = True,
@@ -98,14 +105,24 @@ def from_files(
         Microns per pixel of ``image``, when you know it (e.g. from the scanner). It wins
         over the estimate below; a warning says when the spots disagree with it by more
         than a quarter.
+    array
+        The spot array (:data:`mclstexp_lite.datasets.ARRAY_LAYOUTS`): ``"1k"`` (legacy
+        ST, ~1,000 spots 200 um apart in rows and columns, consecutive array
+        coordinates; HER2+ and most published ST data), ``"2k"`` (legacy ST, ~2,000
+        spots on a checkerboard of array coordinates, one step 100 um: nearest
+        neighbours diagonal at 141 um, 200 um within a row), ``"visium"`` (a checkerboard
+        of hexagonally packed spots 100 um apart) or ``"auto"`` (default): decided from
+        the geometry by :func:`mclstexp_lite.datasets.array_layout` (checkerboard or not;
+        the same-row over nearest-neighbour distance, 1 or 1.41), with a warning only
+        when the geometry fits no layout well. The layout, how it was decided and the
+        distances are recorded in the metadata (``array``, ``array_from``, ``grid``,
+        ``spot_pitch_um``, ``spot_spacing_um``, ``array_step_um``).
     spot_pitch_um, spot_diameter_um
-        Centre-to-centre distance and diameter of the spots (legacy ST: 200 and 100 um).
-        Without ``um_per_px`` the scale is ``spot_pitch_um`` divided by the spot pitch in
-        pixels: the least-squares pixels per array step (:func:`spot_pitch_px`, the mean
-        over both axes). When that disagrees with the spacing of neighbouring spots on the
-        fitted grid (:func:`grid_spacing_px`) by more than a factor 1.25, the array is
-        staggered (one array step is not one pitch, e.g. x steps of half a pitch): the
-        neighbour spacing is used instead, with a warning that names both.
+        Distance of neighbouring spots in the same row and spot diameter (um); default
+        the layout's (1k and 2k: 200 and 100, Visium: 100 and 55). Without ``um_per_px``
+        the scale comes from the least-squares pixels per array step (one step is 200 um
+        on a 1k array, 100 um on a 2k array, 50 um across and 86.6 um down on Visium),
+        scaled when ``spot_pitch_um`` is given.
     drop_zero_count_spots
         Spots with no counts carry no expression to learn from; they are dropped
         (``False`` keeps them).
@@ -147,6 +164,14 @@ def from_files(
     if um_per_px is not None and not (isinstance(um_per_px, (int, float)) and um_per_px > 0):
         raise ValueError(f"um_per_px must be a positive number of microns per image pixel "
                          f"(or None to estimate it from the spots), got {um_per_px!r}")
+    if array not in ("auto", *ARRAY_LAYOUTS):
+        raise ValueError(f"array must be 'auto' or one of {sorted(ARRAY_LAYOUTS)} (the spot "
+                         f"array: legacy ST 1k or 2k, or Visium), got {array!r}")
+    for name, v in (("spot_pitch_um", spot_pitch_um), ("spot_diameter_um", spot_diameter_um)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not np.isfinite(v) or v <= 0):
+            raise ValueError(f"{name} must be a positive number of microns (or None for the "
+                             f"array layout's), got {v!r}")
     if counts_orientation not in ("spots_x_genes", "genes_x_spots"):
         raise ValueError("counts_orientation must be 'spots_x_genes' or 'genes_x_spots', "
                          f"got {counts_orientation!r}")
@@ -231,6 +256,7 @@ def from_files(
             f"rounded array coordinates of {spots} (e.g. {list(sp.index[:3])})." + hint)
     dropped["counts_without_spot_row"] = len(cnt.index) - len(common)
     dropped["spot_rows_without_counts"] = len(sp.index) - len(common)
+    overlap = len(common) / max(1, min(len(cnt.index), len(sp.index)))
     cnt = cnt.loc[common]
     sp = sp.loc[common]
     totals = cnt.to_numpy().sum(axis=1)
@@ -247,10 +273,17 @@ def from_files(
                    f"{dropped['counts_without_spot_row']} count row(s) without a spot row")
         msg = (f"{section}: kept {len(sp)} of the {n_rows} rows of the spot file; dropped "
                f"{reasons}.")
-        if n_rows and lost > DROPPED_WARN_SHARE * n_rows:
+        same = ""
+        if overlap < SAME_SECTION_SHARE:
+            same = (f" Only {len(common)} spot ids are in both the count table ({len(cnt.index)} "
+                    f"rows) and the spot file ({len(sp.index)} rows{' selected' if selected and dropped['not_selected'] else ''}), "
+                    f"{overlap:.0%} of the smaller: are {counts.name} and {spots.name} from the "
+                    "same section? (Sections of one array design share spot ids, so files of "
+                    "two sections match in part.)")
+        if (n_rows and lost > DROPPED_WARN_SHARE * n_rows) or same:
             hint = (" Pass selected=False to keep the rows the spot file marks as not "
-                    "selected." if dropped["not_selected"] else "")
-            warnings.warn(msg + hint, UserWarning, stacklevel=2)
+                    "selected." if dropped["not_selected"] and not same else "")
+            warnings.warn(msg + same + hint, UserWarning, stacklevel=2)
         else:
             log.info("%s", msg)
     if len(cnt) == 0:
@@ -316,47 +349,76 @@ def from_files(
     adata.obsm["spatial"] = pix.astype(np.float64)
 
     arr_xy = sp[["x", "y"]].to_numpy(float)
-    pitch_px = spot_pitch_px(arr_xy, pix)
-    spacing_px = grid_spacing_px(arr_xy, pix)
-    ratio = spacing_px / pitch_px
-    scale_source = "spot pitch: least-squares pixels per array step"
-    if not 1 / _PITCH_AGREEMENT <= ratio <= _PITCH_AGREEMENT:
-        scale_source = "spot pitch: neighbour spacing (staggered array)"
-        if um_per_px is None:
+    geo = array_layout(arr_xy, pix)
+    ambiguous_1k = array == "auto" and geo["ambiguous"] and geo["layout"] == "1k"
+    if array == "auto":
+        layout = geo["layout"]
+        array_from = f"auto: {geo['reason']}"
+        if geo["ambiguous"] and um_per_px is None:
+            alt = {"1k": "", "2k": " or array='visium'", "visium": " or array='2k'"}[layout]
+            guess = ((spot_pitch_um or ARRAY_LAYOUTS["1k"]["pitch_um"]) / geo["nearest_px"]
+                     if ambiguous_1k else
+                     layout_um_per_px(geo["steps_px"], layout, spot_pitch_um))
+            how = (" with the nearest neighbours one pitch apart" if ambiguous_1k else "")
             warnings.warn(
-                f"{section}: one array step is {pitch_px:.1f} px but neighbouring spots are "
-                f"{spacing_px:.1f} px apart ({ratio:.2f}x): the array coordinates are "
-                f"staggered (or scaled). Taking the neighbour spacing as the spot pitch of "
-                f"{spot_pitch_um:g} um: {spot_pitch_um / spacing_px:.3f} um/px (one array step "
-                f"would give {spot_pitch_um / pitch_px:.3f}). Pass um_per_px= if you know the "
-                "image's scale, or spot_pitch_um= if the pitch differs.",
-                UserWarning, stacklevel=2)
-        pitch_px = spacing_px
-    if um_per_px is None:
-        um_per_px = spot_pitch_um / pitch_px
+                f"{section}: the spots of {spots} fit no known array well: {geo['reason']} "
+                f"(same-row / nearest: 1k and Visium 1.00, 2k 1.41). Taking "
+                f"array={layout!r}{how}: {guess:.3f} um/px. Pass array={layout!r}{alt}, or "
+                "um_per_px= if you know the image's scale.", UserWarning, stacklevel=2)
+            array_from += " (ambiguous)"
     else:
-        estimate = spot_pitch_um / pitch_px
+        layout = array
+        array_from = f"given (array={array!r})"
+        if geo["checkerboard"] != ARRAY_LAYOUTS[layout]["checkerboard"]:
+            warnings.warn(
+                f"{section}: array={array!r} was given, but {spots} shows {geo['reason']}, "
+                f"which is the geometry of a {geo['layout']} array. Check the array type.",
+                UserWarning, stacklevel=2)
+    lay = ARRAY_LAYOUTS[layout]
+    pitch_um = float(spot_pitch_um) if spot_pitch_um is not None else float(lay["pitch_um"])
+    diameter_um = (float(spot_diameter_um) if spot_diameter_um is not None
+                   else float(lay["diameter_um"]) * pitch_um / lay["pitch_um"])
+    scale_source = f"spot geometry: least-squares pixels per array step ({layout} array)"
+    estimate = layout_um_per_px(geo["steps_px"], layout, pitch_um)
+    if ambiguous_1k:
+        # consecutive coordinates whose neighbours are not one step apart: take the
+        # distance of nearest neighbours as the pitch (the scale the spots show)
+        estimate = pitch_um / geo["nearest_px"]
+        scale_source = "spot geometry: nearest-neighbour spacing (ambiguous array)"
+    if um_per_px is None:
+        um_per_px = estimate
+    else:
         scale_source = "given (um_per_px=)"
         if not 1 / _PITCH_AGREEMENT <= estimate / um_per_px <= _PITCH_AGREEMENT:
             warnings.warn(
-                f"{section}: um_per_px={um_per_px:g} was given, but spots {spot_pitch_um:g} um "
-                f"apart are {pitch_px:.1f} px apart in {spots}, i.e. {estimate:.3f} um/px. "
-                "Using the given value; check it, pixel_scale and spot_pitch_um.",
-                UserWarning, stacklevel=2)
+                f"{section}: um_per_px={um_per_px:g} was given, but on a {layout} array "
+                f"(same-row spots {pitch_um:g} um apart) the spots of {spots} show "
+                f"{estimate:.3f} um/px. Using the given value; check it, pixel_scale, array "
+                "and spot_pitch_um.", UserWarning, stacklevel=2)
+    spacing_um = nearest_um(layout, pitch_um)
+    pitch_px = spacing_um / um_per_px  # nearest neighbours, in image pixels
     meta = {
         "source_image_path": str(Path(image).resolve()) if image is not None else "",
         "source_image_sha256": image_sha256,
         "um_per_px": float(um_per_px),
         "pixel_scale": float(pixel_scale),
-        "spot_pitch_um": float(spot_pitch_um),
+        "spot_pitch_um": pitch_um,
+        "spot_spacing_um": round(spacing_um, 3),
+        "spot_diameter_um": diameter_um,
+        "array": layout,
+        "array_from": array_from,
+        "grid": lay["grid"],
+        "array_step_um": [float(u) * pitch_um / lay["pitch_um"] for u in lay["step_um"]],
+        "row_ratio": round(geo["row_ratio"], 4) if np.isfinite(geo["row_ratio"]) else -1.0,
         "scale_from": scale_source,
     }
     lib = {"metadata": meta, "images": {},
-           "scalefactors": {"spot_diameter_fullres": float(spot_diameter_um / um_per_px),
+           "scalefactors": {"spot_diameter_fullres": float(diameter_um / um_per_px),
                             "tissue_hires_scalef": 1.0}}
     if image is not None:
         image = Path(image)
-        hires, (w, h) = downscaled_rgb(image, hires_max_px)
+        hires, (w, h) = downscaled_rgb(image, hires_max_px,
+                                       fix=FIX_OWN if dataset == "custom" else FIX_MANIFEST)
         lib["images"]["hires"] = hires
         lib["scalefactors"]["tissue_hires_scalef"] = hires.shape[1] / w
         meta["source_image_size"] = [int(w), int(h)]

@@ -10,7 +10,14 @@ import numpy as np
 
 from .. import download as dl
 from ._io import HIRES_MAX_PX, downscaled_rgb
-from .geometry import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM
+from .geometry import (
+    ARRAY_LAYOUTS,
+    SPACERANGER_SPOT_UM,
+    VISIUM_PITCH_UM,
+    VISIUM_SPOT_DIAMETER_UM,
+    array_layout,
+    layout_um_per_px,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +113,24 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
         raise FileNotFoundError(f"no image in {spatial} and no image_path given")
     xy = full_xy * frame
     hires, (w, h) = downscaled_rgb(src, HIRES_MAX_PX)
-    um_per_px = VISIUM_SPOT_DIAMETER_UM / (scale["spot_diameter_fullres"] * frame)
+    # Space Ranger's spot_diameter_fullres spans a 65 um circle (its documentation of
+    # scalefactors_json.json), not the 55 um spot
+    um_per_px = SPACERANGER_SPOT_UM / (scale["spot_diameter_fullres"] * frame)
+    arr = pos[["array_col", "array_row"]].to_numpy(float)
+    geo_um = None
+    if len(arr) >= 6:
+        try:
+            geo_um = layout_um_per_px(array_layout(arr, xy)["steps_px"], "visium")
+        except (ValueError, np.linalg.LinAlgError):
+            geo_um = None
+    if geo_um is not None and not 0.9 <= geo_um / um_per_px <= 1.1:
+        import warnings
+
+        warnings.warn(
+            f"{library_id}: {sf_path.name} gives {um_per_px:.4g} um/px (spot_diameter_fullres "
+            f"= {SPACERANGER_SPOT_UM:g} um) but spots 100 um apart show {geo_um:.4g} um/px; "
+            "check that the positions and scale factors belong to this image.",
+            UserWarning, stacklevel=2)
 
     adata.X = sparse.csr_matrix(adata.X).astype(np.int32)
     adata.obs = pd.DataFrame({
@@ -123,7 +147,13 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
                          "spot_diameter_fullres": float(scale["spot_diameter_fullres"] * frame)},
         "metadata": {"source_image_path": str(src.resolve()), "source_image_sha256": "",
                      "um_per_px": float(um_per_px), "pixel_scale": float(frame),
-                     "spot_pitch_um": VISIUM_PITCH_UM, "source_image_size": [int(w), int(h)]},
+                     "spot_pitch_um": VISIUM_PITCH_UM, "spot_spacing_um": VISIUM_PITCH_UM,
+                     "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM, "array": "visium",
+                     "grid": ARRAY_LAYOUTS["visium"]["grid"],
+                     "scale_from": f"{sf_path.name}: spot_diameter_fullres = "
+                                   f"{SPACERANGER_SPOT_UM:g} um",
+                     "um_per_px_geometry": float(geo_um) if geo_um is not None else -1.0,
+                     "source_image_size": [int(w), int(h)]},
     }}
     adata.uns["mclstexp"] = {"dataset": "visium", "section": library_id,
                              "files": {"counts": str(h5), "spots": str(pos_file),
