@@ -31,7 +31,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    from mclstexp_lite import datasets, metrics, pp, tl, train
+    from mclstexp_lite import datasets, inputs, metrics, pp, tl, train
 
     genes = pp.published_panel("her2st")
     ad = {s: pp.prepare(datasets.her2st(s, progress=False), genes) for s in args.sections}
@@ -44,10 +44,11 @@ def main() -> None:
     train_s = time.time() - t0
     keys = train.embed_spots(res.model, tr_data)
     q = train.embed_images(res.model, te_data, config=cfg, progress=False)
-    pred = tl.retrieve(q, keys, tr_data.expr, top_k=args.top_k)
+    bank = inputs.model_expression(res.model, tr_data)  # what retrieval averages
+    pred = tl.retrieve(q, keys, bank, top_k=args.top_k)
     got = metrics.summarize(pred, te_data.expr)
     rng = np.random.default_rng(args.seed)
-    shuffled = [metrics.summarize(tl.retrieve(q, keys[rng.permutation(len(keys))], tr_data.expr,
+    shuffled = [metrics.summarize(tl.retrieve(q, keys[rng.permutation(len(keys))], bank,
                                               top_k=args.top_k), te_data.expr)
                 for _ in range(20)]
     own = train.embed_spots(res.model, te_data)
