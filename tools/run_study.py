@@ -264,6 +264,40 @@ def _ci(r) -> str:
     return f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
 
 
+def compact_markdown(table, dt, variants, schemes) -> str:
+    """Per scheme: each mclSTExp variant's means and its PCC differences (section
+    resampling) with today's quick, the probe on the same features, ridge_features and
+    ridge_color."""
+    out = []
+    against = ("quick mclstexp", "probe, same features", "ridge_features", "ridge_color")
+    for scheme in schemes:
+        out += [f"{scheme} scheme: PCC-ACG / PCC-HEG, and the variant minus each run, "
+                "95 % interval resampling held-out sections:", "",
+                "| variant | PCC-ACG | PCC-HEG | " + " | ".join(f"− {a}" for a in against)
+                + " |", "|---" * (3 + len(against)) + "|"]
+        for v in variants:
+            row = table[(table.scheme == scheme) & (table.method == "mclstexp") &
+                        (table.variant == v)]
+            if not len(row):
+                continue
+            r = row.iloc[0]
+            cells = [v, f"{r['pcc_acg_mean']:.3f}", f"{r['pcc_heg_mean']:.3f}"]
+            for a in against:
+                label = a
+                if a == "ridge_features" and probe_for(v) == "quick":
+                    label = "probe, same features"
+                part = dt[(dt.scheme == scheme) & (dt.variant == v) & (dt.against == label) &
+                          (dt.unit == "section")].set_index("metric")
+                if not len(part):
+                    cells.append("-")
+                    continue
+                cells.append("ACG " + _ci(part.loc["pcc_acg"]) + "<br>HEG "
+                             + _ci(part.loc["pcc_heg"]))
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 def study_markdown(table, dt, nb, variants, args) -> str:
     """The tables of study.md: means, differences with intervals, verdicts, neighbours."""
     import math
@@ -282,6 +316,7 @@ def study_markdown(table, dt, nb, variants, args) -> str:
                      else f"{share:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     if len(dt):
+        lines += ["", compact_markdown(table, dt, variants, args.schemes)]
         lines += ["", "Differences, mclSTExp variant minus the run named (PCC: positive favours "
                   "the variant; 95 % paired bootstrap intervals, 1,000 replicates, seed 0):",
                   "", "| scheme | variant | minus | metric | sections resampled | spots "
