@@ -237,7 +237,9 @@ def encoder_features(data, *, config, device="auto", progress: bool = False) -> 
     ``torch.manual_seed(config.seed)``, i.e. the image encoder mclSTExp starts from
     before training. With ``weights=None`` it is randomly initialised. Features come
     from the feature cache (view 0), so a frozen mclSTExp with the same encoder and
-    this baseline compute them once.
+    this baseline compute them once. The config's input options (``feature_norm``,
+    ``context``, ``wide_view``; :mod:`mclstexp_lite.inputs`) apply as they do to the
+    model, so the probe reads the same features as the model it is compared with.
 
     Parameters
     ----------
@@ -253,7 +255,8 @@ def encoder_features(data, *, config, device="auto", progress: bool = False) -> 
     Returns
     -------
     numpy.ndarray
-        ``(len(data), out_dim)`` float32 pooled backbone features (no projection head).
+        ``(len(data), out_dim)`` float32 pooled backbone features (no projection head);
+        ``(len(data), k * out_dim)`` with ``k`` feature blocks (context, wide view).
     """
     import torch
 
@@ -263,12 +266,13 @@ def encoder_features(data, *, config, device="auto", progress: bool = False) -> 
         raise TypeError(f"`data` must be a SpotData, got {type(data).__name__}.")
     if not isinstance(config, tr.TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}.")
-    from . import features as fx
+    from . import inputs
 
     torch.manual_seed(config.seed)
     model = tr.build_model(config, data.n_genes)
-    feats = fx.spot_features(model.image_encoder, data, views=1, device=device,
-                             amp=config.amp, progress=progress)[0]
+    # the cached features with the config's input options, as the frozen model reads them
+    feats = inputs.image_inputs(model, data, views=1, device=device, amp=config.amp,
+                                progress=progress)[0]
     return feats.numpy().astype(np.float32, copy=False)
 
 
@@ -367,7 +371,9 @@ def ridge_fold(method: str, adatas, *, train, test, config, patch_um: float,
         Section names to fit on and to predict.
     config
         :class:`mclstexp_lite.train.TrainConfig`: the image encoder of
-        ``"ridge_features"`` (unused by ``"ridge_color"``).
+        ``"ridge_features"`` with its input options (:func:`encoder_features`); with
+        ``expr_norm="center"`` both ridges fit the per-section centred training
+        expression (:func:`mclstexp_lite.inputs.center_expression`), as the model reads it.
     patch_um, patch_size, stain
         Patch geometry and stain normalisation of
         :meth:`mclstexp_lite.train.SpotData.from_anndata`.
@@ -406,6 +412,10 @@ def ridge_fold(method: str, adatas, *, train, test, config, patch_um: float,
     train_expr = np.concatenate([_util.to_dense(adatas[s].X, np.float32) for s in train])
     train_sections = np.concatenate(
         [np.full(adatas[s].n_obs, s, dtype=object) for s in train]).astype(str)
+    if getattr(config, "expr_norm", None) == "center":  # the targets the model reads too
+        from .inputs import center_expression
+
+        train_expr = center_expression(train_expr, train_sections)
     train_data = spot_data(train)
     expect = {"train_obs_names": np.array(train_data.obs_names, dtype=str),
               "kind": np.array(method)}

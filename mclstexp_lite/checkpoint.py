@@ -147,9 +147,11 @@ def build_model(config: TrainConfig, n_genes: int) -> mdl.MclSTExp:
     """The :class:`~mclstexp_lite.models.MclSTExp` that ``config`` trains (``n_genes`` genes).
 
     ``mode="frozen"`` freezes the image encoder; ``config.image_size`` (if set) becomes
-    the model's ``image_size``.
+    the model's ``image_size``; the input options (``feature_norm``, ``expr_norm``,
+    ``context``, ``context_um``, ``wide_view``) are recorded in the model.
     """
     kw = dict(config.model)
+    kw.update(config.model_inputs())
     if config.mode == "frozen":
         kw["freeze_image"] = True
     if config.image_size is not None:

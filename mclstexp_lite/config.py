@@ -20,8 +20,10 @@ import torch
 
 from . import features as fx
 from ._util import positive_int
+from .models import INPUT_OPTIONS  # the input options TrainConfig passes to the model
 
-__all__ = ["TrainConfig", "PROFILES", "resolve_device", "autocast_dtype", "input_size_of"]
+__all__ = ["TrainConfig", "PROFILES", "INPUT_OPTIONS", "resolve_device", "autocast_dtype",
+           "input_size_of"]
 
 
 # =========================================================================== config
@@ -64,7 +66,34 @@ class TrainConfig:
         ``"bf16"`` or ``"off"`` force it.
     channels_last
         ``None``: on for CUDA, off elsewhere.
-    """
+    feature_norm
+        ``"frozen"`` only. ``None`` (default, the paper): the encoder's features as they
+        are. ``"section"``: every feature standardised to mean 0 and sd 1 *within each
+        section*, training, reference and held-out sections alike, each with the
+        statistics of its own spots (for a new slide: of its own spots, no expression
+        needed). Removes slide-level shifts (stain, scanner, resolution) that a new
+        patient brings; the idea of adaptive batch normalisation (Li et al. 2016,
+        arXiv 1603.04779) applied to frozen features. :mod:`mclstexp_lite.inputs`.
+    expr_norm
+        ``None`` (default, the paper): the model reads and retrieval averages the
+        prepared expression. ``"center"``: every gene is centred within each section and
+        shifted to its mean over all the sections given (``expr - section mean +
+        overall mean``), in what the spot encoder reads and in what retrieval averages.
+        A section's own level (sequencing depth, patient) is then not what the
+        contrastive model matches, and predictions vary around the reference's overall
+        level. :mod:`mclstexp_lite.inputs`.
+    context, context_um
+        ``"frozen"`` only. ``context="mean"`` appends to each spot's features the mean
+        features of the spots of its section within ``context_um`` microns (its own
+        included): the spot's neighbourhood, as TRIPLEX (Chung et al., CVPR 2024) and
+        Hist2ST read it. ``None`` (default): off. 300 um takes the 8 neighbours of a
+        legacy-ST spot (200 um pitch) and the 2 rings of a Visium spot (100 um).
+    wide_view
+        ``"frozen"`` only. A factor ``f > 1``: appends the features of a second crop
+        ``f`` times as wide (same centre), resized to the encoder's input, i.e. a wider
+        field of view at lower resolution (TRIPLEX's neighbour view); cached like the
+        patch's own features. ``None`` (default): off.
+"""
 
     epochs: int = 90
     batch_size: int = 128
@@ -82,6 +111,11 @@ class TrainConfig:
     rotation: str | None = "90"
     jitter: float = 0.5
     min_batch: int = 2
+    feature_norm: str | None = None
+    expr_norm: str | None = None
+    context: str | None = None
+    context_um: float = 300.0
+    wide_view: float | None = None
     model: dict = field(default_factory=lambda: {"image_arch": "densenet121",
                                                  "weights": "imagenet"})
 
@@ -109,11 +143,15 @@ class TrainConfig:
         if self.lr == 0:
             raise ValueError("TrainConfig.lr must be > 0")
         choices = {"optimizer": ("adam", "adamw"), "amp": ("auto", "bf16", "off"),
-                   "mode": ("full", "frozen"), "rotation": ("90", "any", None)}
+                   "mode": ("full", "frozen"), "rotation": ("90", "any", None),
+                   "feature_norm": INPUT_OPTIONS["feature_norm"],
+                   "expr_norm": INPUT_OPTIONS["expr_norm"],
+                   "context": INPUT_OPTIONS["context"]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got "
                                  f"{getattr(self, name)!r}")
+        self._validate_inputs()
         if "weights" not in self.model:
             raise ValueError("TrainConfig.model must say weights='imagenet', None or a path")
         if "image_size" in self.model and self.image_size is not None \
@@ -122,6 +160,35 @@ class TrainConfig:
                              f"model['image_size']={self.model['image_size']} disagree; set one")
         resolve_device(self.device)
         return self
+
+    def _validate_inputs(self) -> None:
+        """The input options (:data:`INPUT_OPTIONS`): values, and ``mode="frozen"`` for
+        those that work on cached features."""
+        cu = self.context_um
+        if isinstance(cu, bool) or not isinstance(cu, (int, float)) or not (
+                math.isfinite(cu) and cu > 0):
+            raise ValueError(f"TrainConfig.context_um must be a positive number of microns, "
+                             f"got {cu!r}")
+        wv = self.wide_view
+        if wv is not None and (isinstance(wv, bool) or not isinstance(wv, (int, float))
+                               or not math.isfinite(wv) or wv <= 1):
+            raise ValueError(f"TrainConfig.wide_view must be None (off) or a factor > 1 (the "
+                             f"wide crop's width over the patch's), got {wv!r}")
+        if self.mode == "full":
+            on = [n for n in ("feature_norm", "context", "wide_view")
+                  if getattr(self, n) is not None]
+            if on:
+                raise ValueError(f"TrainConfig.{on[0]}={getattr(self, on[0])!r} works on the "
+                                 "frozen encoder's cached features: use mode='frozen' (or "
+                                 f"{on[0]}=None with mode='full')")
+        both = [n for n in INPUT_OPTIONS if n in self.model]
+        if both:
+            raise ValueError(f"TrainConfig.model must not hold {both}: set them as TrainConfig "
+                             f"fields (TrainConfig.{both[0]}=...), which build the model")
+
+    def model_inputs(self) -> dict:
+        """The input options as the model stores them (:func:`build_model` passes them)."""
+        return {n: getattr(self, n) for n in INPUT_OPTIONS}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

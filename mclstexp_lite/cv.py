@@ -55,7 +55,11 @@ Results folder written by :func:`run_cv`
     All completed folds, one row per held-out section, columns :data:`ROW_COLUMNS`.
 ``summary.csv``, ``summary.md``
     Mean and sample sd over held-out sections per method and scheme
-    (:func:`summarize_results`).
+    (:func:`summarize_results`); for retrieval methods ``summary.md`` adds where the
+    retrieved neighbours come from (:func:`neighbours_markdown`).
+``neighbours.csv``
+    Retrieval methods: per held-out section, the share of the top-k neighbours that
+    are spots of the held-out patient's other sections (:func:`neighbour_shares`).
 
 Every file is written atomically (temporary file in the same folder, fsync, rename).
 """
@@ -79,7 +83,8 @@ from . import baselines as bl
 from .folds import FOLDS_FILE as _FOLDS
 from .folds import (SCHEMES, Fold, check_folder_name, check_leakage, load_folds, make_folds,
                     patients_of, save_folds)
-from .results import compare, load_results, neighbour_shares, summarize_results, summary_markdown
+from .results import (NEIGHBOURS_FILE, compare, load_results, neighbour_shares,
+                      neighbours_markdown, summarize_results, summary_markdown)
 from .run_folder import CONFIG_FILE as _CONFIG
 from .run_folder import METRICS_FILE as _METRICS
 from .run_folder import RETRIEVAL_METHODS as _NEURAL
@@ -104,6 +109,7 @@ __all__ = [
     "summary_markdown",
     "compare",
     "neighbour_shares",
+    "neighbours_markdown",
 ]
 
 #: Methods :func:`run_cv` runs (the one list of them): the two retrieval models, then
@@ -509,8 +515,13 @@ def _aggregate(out: Path, all_folds: Sequence[Fold]) -> pd.DataFrame:
     if len(df):
         table = summarize_results(df)
         table = _with_top_k(table, out)
+        md = summary_markdown(table)
+        shares = neighbour_shares(out) if table["top_k"].notna().all() else None
+        if shares is not None and len(shares):
+            _util.atomic_write_text(out / NEIGHBOURS_FILE, shares.to_csv(index=False))
+            md += "\n\n" + neighbours_markdown(shares)
         _util.atomic_write_text(out / "summary.csv", table.to_csv(index=False))
-        _util.atomic_write_text(out / "summary.md", summary_markdown(table) + "\n")
+        _util.atomic_write_text(out / "summary.md", md + "\n")
     return df
 
 
@@ -595,8 +606,9 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
         with np.load(npz, allow_pickle=False) as z:
             emb = {k: z[k] for k in z.files}
         ref_names = [str(x) for x in emb["reference_obs_names"]]
-        # expression + groups of the reference, without touching patches
-        ref = _expression_only(adatas, fold.reference)
+        # expression + groups of the reference, without touching patches (as the model
+        # reads it: per-section centred for expr_norm="center", mclstexp_lite.inputs)
+        ref = _expression_only(adatas, fold.reference, src_cfg.get("train_config") or {})
         if ref.obs_names != ref_names:
             raise ValueError(f"{npz}: reference spots differ from the folds' sections.")
         k = min(top_k, len(ref))
@@ -633,9 +645,13 @@ class _ExprBank:
         return len(self.expr)
 
 
-def _expression_only(adatas, names) -> _ExprBank:
+def _expression_only(adatas, names, train_config=None) -> _ExprBank:
+    from .inputs import center_expression
+
     expr = np.concatenate([_util.to_dense(adatas[s].X, np.float32) for s in names])
     groups = np.concatenate([np.full(adatas[s].n_obs, i) for i, s in enumerate(names)])
+    if (train_config or {}).get("expr_norm") == "center":
+        expr = center_expression(expr, groups)
     obs = [str(o) for s in names for o in adatas[s].obs_names]
     return _ExprBank(expr, groups, list(names), obs)
 

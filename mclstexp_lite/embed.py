@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import features as fx
+from . import inputs
 from . import models as mdl
 from .augment import gpu_augment
 from .config import TrainConfig, autocast_dtype, resolve_device
@@ -57,7 +58,9 @@ def embed_images(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | N
     The input size and normalisation come from the model's image encoder
     (``model.preprocessing``), so the model and the data are all that is needed. A
     frozen encoder's features come from the feature cache (:mod:`mclstexp_lite.features`,
-    view 0), computed there once; a trained encoder runs on the pixels.
+    view 0), computed there once, with the model's input options
+    (:func:`mclstexp_lite.inputs.image_inputs`: per-section statistics and neighbourhoods
+    over the spots of ``data``); a trained encoder runs on the pixels.
 
     Parameters
     ----------
@@ -68,8 +71,8 @@ def embed_images(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | N
     device = resolve_device(device or config.device)
     model = model.to(device).eval()
     if model.image_encoder.freeze:
-        feats = fx.spot_features(model.image_encoder, data, views=1, device=device,
-                                 amp=config.amp, progress=progress)[0]
+        feats = inputs.image_inputs(model, data, views=1, device=device, amp=config.amp,
+                                    progress=progress)[0]
         outs = [model.encode_features(feats[i:i + batch_size].to(device)).float().cpu()
                 for i in range(0, len(feats), batch_size)]
         return (torch.cat(outs) if outs else torch.empty((0, model.config["proj_dim"]))).numpy()
@@ -84,11 +87,12 @@ def embed_spots(model: mdl.MclSTExp, data: SpotData, *, device="auto",
 
     The Transformer attends across the spots it is given at once; ``per_section=True``
     encodes each section as one sentence (all its spots together), which is how the
-    reference bank is built for retrieval.
+    reference bank is built for retrieval. The expression is what the model reads
+    (:func:`mclstexp_lite.inputs.model_expression`).
     """
     device = resolve_device(device)
     model = model.to(device).eval()
-    expr = torch.from_numpy(data.expr)
+    expr = torch.from_numpy(inputs.model_expression(model, data))
     pos = torch.from_numpy(data.pos)
     grp = torch.from_numpy(data.groups)
     if not per_section:

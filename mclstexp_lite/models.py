@@ -55,6 +55,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_ARCHS",
+    "INPUT_OPTIONS",
     "PUBLISHED_PARAMETERS",
     "ImageEncoder",
     "SpotEncoder",
@@ -190,6 +191,35 @@ _MAX_LOGIT_SCALE = 100.0
 _LEARNED_TEMPERATURE_INIT = 0.07
 
 
+#: The input options a model records in its ``config`` (set through
+#: :class:`mclstexp_lite.train.TrainConfig`, built by :mod:`mclstexp_lite.inputs`), with
+#: their allowed values; ``context_um`` and ``wide_view`` are numbers.
+INPUT_OPTIONS: dict[str, tuple] = {
+    "feature_norm": (None, "section"),
+    "expr_norm": (None, "center"),
+    "context": (None, "mean"),
+    "context_um": (),
+    "wide_view": (),
+}
+
+
+def _check_inputs(*, feature_norm, expr_norm, context, context_um, wide_view) -> dict:
+    """The model's input options, validated (see :class:`mclstexp_lite.train.TrainConfig`)."""
+    given = {"feature_norm": feature_norm, "expr_norm": expr_norm, "context": context}
+    for name, value in given.items():
+        if value not in INPUT_OPTIONS[name]:
+            raise ValueError(f"{name} must be one of {INPUT_OPTIONS[name]}, got {value!r}.")
+    if isinstance(context_um, bool) or not isinstance(context_um, (int, float)) or not (
+            math.isfinite(context_um) and context_um > 0):
+        raise ValueError(f"context_um must be a positive number of microns, got {context_um!r}.")
+    if wide_view is not None and (isinstance(wide_view, bool)
+                                  or not isinstance(wide_view, (int, float))
+                                  or not math.isfinite(wide_view) or wide_view <= 1):
+        raise ValueError(f"wide_view must be None or a factor > 1, got {wide_view!r}.")
+    return {**given, "context_um": float(context_um),
+            "wide_view": None if wide_view is None else float(wide_view)}
+
+
 class MclSTExp(nn.Module):
     """The mclSTExp model: image and spot encoders with projection heads.
 
@@ -236,6 +266,14 @@ class MclSTExp(nn.Module):
         ``"transformer"`` (mclSTExp) or ``"none"``: the BLEEP-style baseline, whose spot
         view is only the projection head on the raw expression (no position embeddings,
         no Transformer); ``pos`` and ``groups`` are then ignored.
+    feature_norm, expr_norm, context, context_um, wide_view
+        What the model reads (default: the paper's inputs), set through
+        :class:`mclstexp_lite.train.TrainConfig` and recorded here so that a checkpoint
+        or predictor embeds new data the way it was trained; the inputs themselves are
+        built by :mod:`mclstexp_lite.inputs`. With ``context="mean"`` and/or a
+        ``wide_view`` factor the image projection reads 2 or 3 blocks of backbone
+        features (the patch, its neighbourhood, the wide crop), ``image_input_dim``
+        numbers; only cached features (:meth:`encode_features`) can provide them.
 
     Attributes
     ----------
@@ -270,6 +308,11 @@ class MclSTExp(nn.Module):
         spot_encoder: str = "transformer",
         image_size: int | None = None,
         encoder_kwargs: dict | None = None,
+        feature_norm: str | None = None,
+        expr_norm: str | None = None,
+        context: str | None = None,
+        context_um: float = 300.0,
+        wide_view: float | None = None,
     ) -> None:
         super().__init__()
         if weights is _REQUIRED:
@@ -303,6 +346,8 @@ class MclSTExp(nn.Module):
                 f"(logit scale is capped at {_MAX_LOGIT_SCALE}), got {temperature}."
             )
         dropout = check_dropout(dropout)
+        inputs = _check_inputs(feature_norm=feature_norm, expr_norm=expr_norm, context=context,
+                               context_um=context_um, wide_view=wide_view)
 
         self.config: dict[str, Any] = {
             "n_genes": n_genes,
@@ -323,6 +368,7 @@ class MclSTExp(nn.Module):
             "spot_encoder": spot_encoder,
             "image_size": None if image_size is None else positive_int(image_size, "image_size"),
             "encoder_kwargs": None if encoder_kwargs is None else dict(encoder_kwargs),
+            **inputs,
         }
 
         self.image_encoder = ImageEncoder(
@@ -341,7 +387,7 @@ class MclSTExp(nn.Module):
             )
         else:
             self.spot_encoder = None
-        self.image_projection = ProjectionHead(self.image_encoder.out_dim, proj_dim, dropout=dropout)
+        self.image_projection = ProjectionHead(self.image_input_dim, proj_dim, dropout=dropout)
         self.spot_projection = ProjectionHead(n_genes, proj_dim, dropout=dropout)
         self.normalize_embeddings = bool(normalize_embeddings)
         if learn_temperature:
@@ -389,8 +435,25 @@ class MclSTExp(nn.Module):
         """How patches must be fed to the image encoder (size, mean, std)."""
         return self.image_encoder.preprocessing
 
+    @property
+    def image_blocks(self) -> int:
+        """Blocks of backbone features the image projection reads: 1 (the patch), plus 1
+        for ``context``, plus 1 for ``wide_view``."""
+        return 1 + (self.config["context"] is not None) + (self.config["wide_view"] is not None)
+
+    @property
+    def image_input_dim(self) -> int:
+        """Width of the image projection's input: ``image_blocks * image_encoder.out_dim``."""
+        return self.image_blocks * self.image_encoder.out_dim
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Project normalised image patches ``(B, 3, H, W)`` into the shared space ``(B, proj_dim)``."""
+        if self.image_blocks > 1:
+            raise ValueError(
+                "this model reads the patch together with its neighbourhood or a wide crop "
+                f"(context={self.config['context']!r}, wide_view={self.config['wide_view']!r}); "
+                "build its input with mclstexp_lite.inputs.image_inputs and call "
+                "encode_features (embed.embed_images does both).")
         return self.encode_features(self.image_encoder(images))
 
     def encode_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -400,10 +463,13 @@ class MclSTExp(nn.Module):
         image_encoder(x))``. Used with cached frozen features
         (:mod:`mclstexp_lite.features`).
         """
-        if features.ndim != 2 or features.shape[1] != self.image_encoder.out_dim:
+        if features.ndim != 2 or features.shape[1] != self.image_input_dim:
+            what = (f"pooled {self.config['image_arch']} features" if self.image_blocks == 1 else
+                    f"{self.image_blocks} blocks of {self.image_encoder.out_dim} pooled "
+                    f"{self.config['image_arch']} features, mclstexp_lite.inputs.image_inputs")
             raise ValueError(
-                f"features must have shape (B, {self.image_encoder.out_dim}) (pooled "
-                f"{self.config['image_arch']} features), got {tuple(features.shape)}."
+                f"features must have shape (B, {self.image_input_dim}) ({what}), got "
+                f"{tuple(features.shape)}."
             )
         return self._finish(self.image_projection(features))
 

@@ -44,6 +44,7 @@ from ._util import atomic_write, atomic_write_h5ad
 from .checkpoint import model_from_state
 from .config import resolve_device
 from .embed import embed_images
+from .inputs import model_expression
 from .spotdata import SpotData
 
 __all__ = ["Predictor", "build_predictor", "save_predictor", "load_predictor",
@@ -76,7 +77,9 @@ class Predictor:
     reference_emb
         ``(N, D)`` float32 spot embeddings of the reference (training) spots.
     reference_expr
-        ``(N, G)`` float32 normalised expression of the same spots.
+        ``(N, G)`` float32 normalised expression of the same spots, as the model reads it
+        (centred per section for ``expr_norm="center"``,
+        :func:`mclstexp_lite.inputs.model_expression`): what retrieval averages.
     genes
         The ``G`` gene names, in column order.
     info
@@ -133,6 +136,11 @@ class Predictor:
             Passed to :func:`~mclstexp_lite.datasets.from_image` for an image.
         cache_dir
             Patch cache directory (default: the package's).
+
+        A model trained with input options (:mod:`mclstexp_lite.inputs`) gets them here
+        too: per-section feature statistics and neighbourhoods come from the spots of
+        ``section`` (all of them, so predict a whole slide at once), a wide view is cut
+        from its image.
 
         Returns
         -------
@@ -362,8 +370,11 @@ def build_predictor(model, reference, *, top_k: int = 50, metric: str = "l1",
         "package_version": __version__,
     }
     model = model.cpu().eval()
+    # what retrieval averages: the expression the model reads (per-section centred for
+    # expr_norm="center", mclstexp_lite.inputs), so the file needs nothing else
+    bank = model_expression(model, reference)
     return Predictor(model=model, reference_emb=np.asarray(reference_emb, dtype=np.float32),
-                     reference_expr=np.asarray(reference.expr, dtype=np.float32),
+                     reference_expr=np.asarray(bank, dtype=np.float32),
                      genes=[str(g) for g in reference.genes], info=info,
                      reference_image_emb=reference_image_emb)
 

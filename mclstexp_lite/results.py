@@ -25,7 +25,10 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["load_results", "summarize_results", "summary_markdown", "compare",
-           "shared_sections", "neighbour_shares"]
+           "shared_sections", "neighbour_shares", "neighbours_markdown", "NEIGHBOURS_FILE"]
+
+#: Where :func:`mclstexp_lite.cv.run_cv` writes :func:`neighbour_shares` of a retrieval run.
+NEIGHBOURS_FILE = "neighbours.csv"
 
 
 def load_results(out_dir) -> pd.DataFrame:
@@ -269,9 +272,11 @@ def neighbour_shares(results_dir) -> pd.DataFrame:
     ----------
     results_dir
         A finished (or partly finished) :func:`mclstexp_lite.cv.run_cv` folder of a
-        retrieval method (``mclstexp`` or ``bleep``). Only ``config.json``,
-        ``folds.json`` and each fold's ``embeddings.npz`` are read; folds without
-        embeddings are skipped.
+        retrieval method (``mclstexp`` or ``bleep``), or a :func:`mclstexp_lite.cv.rescore`
+        folder (whose embeddings are read from the run it rescored). Only
+        ``config.json``, ``folds.json`` and each fold's ``embeddings.npz`` are read;
+        folds without them (or not rescored) are skipped. :func:`mclstexp_lite.cv.run_cv` writes
+        the result to ``neighbours.csv`` in the folder.
 
     Returns
     -------
@@ -297,9 +302,13 @@ def neighbour_shares(results_dir) -> pd.DataFrame:
                          "retrieves nothing; pass a mclstexp or bleep results folder")
     patients = cfg["sections"]
     metric = cfg.get("metric") or "l1"
+    # a rescored folder (cv.rescore) keeps no embeddings: they are in its source
+    source = Path(cfg["rescored_from"]) if cfg.get("rescored_from") else results_dir
     recs = []
     for fold in load_folds(results_dir):
-        npz = results_dir / fold.name / "embeddings.npz"
+        if source is not results_dir and not (results_dir / fold.name / "metrics.json").exists():
+            continue  # a fold the rescored folder does not have
+        npz = source / fold.name / "embeddings.npz"
         if not npz.exists():
             continue
         with np.load(npz) as z:
@@ -325,3 +334,29 @@ def neighbour_shares(results_dir) -> pd.DataFrame:
         "scheme", "method", "top_k", "test_section", "patient", "bank_same_patient",
         "neighbours_same_patient", "top_source", "top_source_neighbours",
         "top_source_bank"])
+
+
+def neighbours_markdown(shares: pd.DataFrame, *, digits: int = 2) -> str:
+    """:func:`neighbour_shares` as Markdown: one row per held-out section, then a note.
+
+    Columns: scheme, method, held-out section, its patient, the share of the reference
+    bank from that patient's other sections, the share of the retrieved neighbours from
+    them, and the section giving most neighbours (its share of the neighbours / of the
+    bank).
+    """
+    head = ["scheme", "method", "top_k", "section", "patient", "bank from same patient",
+            "neighbours from same patient", "top source (neighbours / bank)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in shares.to_dict("records"):
+        lines.append("| " + " | ".join([
+            str(r["scheme"]), str(r["method"]), str(int(r["top_k"])), str(r["test_section"]),
+            str(r["patient"]), f"{r['bank_same_patient']:.{digits}f}",
+            f"{r['neighbours_same_patient']:.{digits}f}",
+            f"{r['top_source']} ({r['top_source_neighbours']:.{digits}f} / "
+            f"{r['top_source_bank']:.{digits}f})"]) + " |")
+    lines += ["", "Neighbours from same patient: the share of each held-out spot's top-k "
+              "retrieved reference spots that belong to other sections of the held-out "
+              "section's patient (0 under the patient scheme, whose bank has none). Well "
+              "above the bank share, the retrieval recognises the patient."]
+    return "\n".join(lines)
+

@@ -45,6 +45,15 @@ class SpotData:
         Optional: the spot layout of each section (``spot_pitch_um``,
         ``spot_diameter_um``, ``grid``, ``array``), from its metadata
         (:func:`section_layout`); a predictor lays virtual spots like its training data's.
+    coords_um
+        Optional ``(N, 2)`` spot centres in microns (image pixels times the image's
+        ``um_per_px``), for neighbourhoods (:mod:`mclstexp_lite.inputs`);
+        :meth:`from_anndata` fills it.
+    sources, geometry
+        Optional: the section AnnData (one per section) and how their patches were cut
+        (``patch_um``, ``patch_size``, ``stain``, ``cache_dir``), so that other crops of
+        the same spots can be cut later (:meth:`wide_patches`); :meth:`from_anndata`
+        fills them.
     """
 
     patches: list
@@ -55,6 +64,9 @@ class SpotData:
     genes: list[str]
     obs_names: list[str]
     layouts: list | None = None
+    coords_um: np.ndarray | None = None
+    sources: list | None = None
+    geometry: dict | None = None
 
     def __post_init__(self):
         n = len(self.expr)
@@ -71,6 +83,15 @@ class SpotData:
         if not np.isfinite(self.expr).all():
             raise ValueError(f"SpotData: expression has {int((~np.isfinite(self.expr)).sum())} "
                              "non-finite values; check normalisation")
+        if self.coords_um is not None:
+            c = np.asarray(self.coords_um, dtype=np.float64)
+            if c.shape != (n, 2) or not np.isfinite(c).all():
+                raise ValueError(f"SpotData: coords_um must be finite (N, 2) = ({n}, 2) "
+                                 f"spot centres in microns, got shape {c.shape}")
+            self.coords_um = c
+        if self.sources is not None and len(self.sources) != len(self.sections):
+            raise ValueError("SpotData: one source AnnData per section (sources), or None")
+        self._wide: dict = {}
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
         order = np.argsort(self.groups, kind="stable")
         if not (order == np.arange(n)).all():
@@ -100,7 +121,7 @@ class SpotData:
         if not items:
             raise ValueError("SpotData.from_anndata: no sections given")
         genes = list(items[0][1].var_names)
-        patches, exprs, poss, groups, names, layouts = [], [], [], [], [], []
+        patches, exprs, poss, groups, names, layouts, coords = [], [], [], [], [], [], []
         for gi, (name, a) in enumerate(items):
             if list(a.var_names) != genes:
                 raise ValueError(f"section {name}: genes differ from section {items[0][0]}; "
@@ -114,9 +135,37 @@ class SpotData:
             groups.append(np.full(a.n_obs, gi, dtype=np.int64))
             names.extend(a.obs_names)
             layouts.append(section_layout(a))
+            coords.append(_coords_um(a))
         return cls(patches=patches, expr=np.concatenate(exprs), pos=np.concatenate(poss),
                    groups=np.concatenate(groups), sections=[n for n, _ in items], genes=genes,
-                   obs_names=list(names), layouts=layouts)
+                   obs_names=list(names), layouts=layouts,
+                   coords_um=(np.concatenate(coords) if all(c is not None for c in coords)
+                              else None),
+                   sources=[a for _, a in items],
+                   geometry={"patch_um": float(patch_um), "patch_size": int(patch_size),
+                             "stain": stain, "cache_dir": cache_dir})
+
+    def wide_patches(self, factor: float, *, progress: bool = False) -> list:
+        """Crops ``factor`` times as wide as the patches, same centres and output size.
+
+        One uint8 array per section from the patch cache (cut once per section and
+        factor, cached on disk like the patches; with the same stain normalisation), for
+        the wide field of view of :mod:`mclstexp_lite.inputs`. Needs the sections the
+        data was built from (:meth:`from_anndata`).
+        """
+        factor = float(factor)
+        if factor in self._wide:
+            return self._wide[factor]
+        if self.sources is None or self.geometry is None:
+            raise ValueError("SpotData: a wide view needs the sections' images, which this "
+                             "SpotData does not know; build it with SpotData.from_anndata")
+        g = self.geometry
+        out = [pt.patch_cache(a if getattr(a, "is_view", False) else a[:, []],
+                              patch_um=g["patch_um"] * factor, out_size=g["patch_size"],
+                              cache_dir=g["cache_dir"], progress=progress, stain=g["stain"])
+               for a in self.sources]
+        self._wide[factor] = out
+        return out
 
     def images(self, idx: np.ndarray, *, device=None,
                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
@@ -157,6 +206,20 @@ def section_layout(adata) -> dict:
         diameter = {"hex": 55.0}.get(grid, pitch / 2)
     return {"spot_pitch_um": pitch, "spot_diameter_um": float(diameter), "grid": grid,
             "array": str(meta.get("array") or "")}
+
+
+def _coords_um(adata) -> np.ndarray | None:
+    """Spot centres in microns (``obsm['spatial']`` times the image's ``um_per_px``), or
+    ``None`` when the section does not say its scale."""
+    try:
+        meta = next(iter(adata.uns["spatial"].values()))["metadata"]
+        um = float(meta["um_per_px"])
+        xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    except (KeyError, TypeError, StopIteration, ValueError, AttributeError):
+        return None
+    if not (np.isfinite(um) and um > 0) or xy.shape != (adata.n_obs, 2):
+        return None
+    return xy * um
 
 
 def _warn_if_raw_counts(X: np.ndarray, section: str) -> None:

@@ -377,7 +377,10 @@ def predict_section(
     (:func:`mclstexp_lite.train.embed_images`), the reference bank is the spot
     embeddings of the training sections (:func:`embed_reference`), and every test spot
     gets the weighted mean expression of its ``top_k`` nearest reference spots
-    (:func:`retrieve`, with ``key_expr=reference.expr``).
+    (:func:`retrieve`, with ``key_expr=reference.expr``, or the per-section centred
+    expression of a model trained with ``expr_norm="center"``,
+    :func:`mclstexp_lite.inputs.model_expression`; ``reference.expr`` when ``model`` is
+    ``None``).
 
     Parameters
     ----------
@@ -433,6 +436,7 @@ def predict_section(
 
     from .config import resolve_device
     from .embed import embed_images
+    from .inputs import model_expression
     from .spotdata import SpotData
 
     _check_spotdata(reference, "reference")
@@ -469,7 +473,9 @@ def predict_section(
     if reference_emb.ndim != 2 or reference_emb.shape[0] != len(reference):
         raise ValueError(f"`reference_emb` must have shape ({len(reference)}, D), got "
                          f"{reference_emb.shape}.")
-    pred = retrieve(image_emb, reference_emb, reference.expr, top_k=top_k, metric=metric,
+    # what retrieval averages: the expression the model reads (mclstexp_lite.inputs)
+    bank = reference.expr if model is None else model_expression(model, reference)
+    pred = retrieve(image_emb, reference_emb, bank, top_k=top_k, metric=metric,
                     device=dev, progress=progress)
     sizes = np.bincount(reference.groups, minlength=len(reference.sections))
     model_config = model.config if model is not None else {}

@@ -39,6 +39,8 @@ from typing import Callable, Sequence
 import torch
 
 from . import features as fx
+from . import inputs
+from . import tl
 from . import models as mdl
 from ._util import atomic_write_json
 from .checkpoint import (CHECKPOINT, build_model, load_checkpoint, model_from_checkpoint,
@@ -155,8 +157,15 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
         model = build_model(config, data.n_genes) if ckpt is None else rebuild_model(ckpt)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    if inputs.options_of(model) != inputs.options_of(config):
+        raise ValueError(f"the model reads other inputs {inputs.options_of(model)} than the "
+                         f"config says {inputs.options_of(config)}; build the model from the "
+                         "config (train.build_model) or pass matching TrainConfig options")
     if model.config["n_genes"] != data.n_genes:
         raise ValueError(f"model expects {model.config['n_genes']} genes, data has {data.n_genes}")
+    tl.check_gene_order(getattr(model, "genes", None), data.genes,
+                        "the model was trained on", "the training data has")
+    model.genes = [str(g) for g in data.genes]  # what a reference must match, name by name
     max_pos = int(data.pos.max()) if len(data) else 0
     if model.spot_encoder is not None and max_pos >= model.config["n_pos"]:
         raise ValueError(f"array coordinates reach {max_pos} but the model's position tables "
@@ -189,13 +198,15 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
         if not model.image_encoder.freeze:
             raise ValueError("mode='frozen' needs a model whose image encoder is frozen "
                              "(MclSTExp(..., freeze_image=True)); build it with build_model")
-        bank = fx.spot_features(model.image_encoder, data, views=config.feature_views,
-                                device=device, amp=config.amp, progress=progress and rank == 0)
+        # the frozen encoder's cached features, with the model's input options
+        # (per-section standardisation, neighbourhood, wide crop: mclstexp_lite.inputs)
+        bank = inputs.image_inputs(model, data, views=config.feature_views, device=device,
+                                   amp=config.amp, progress=progress and rank == 0)
     size = model.image_encoder.image_size
 
     from tqdm.auto import tqdm
 
-    expr_all = torch.from_numpy(data.expr)
+    expr_all = torch.from_numpy(inputs.model_expression(model, data))
     pos_all = torch.from_numpy(data.pos)
     groups_all = torch.from_numpy(data.groups)
     pin = device.type == "cuda"

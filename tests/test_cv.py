@@ -113,6 +113,11 @@ def test_results_folder_layout_and_metrics(patient_run, sections):
     assert summary.loc[0, "mse_mean"] == pytest.approx(df["mse"].mean())
     assert summary.loc[0, "mse_sd"] == pytest.approx(df["mse"].std(ddof=1))
     assert "± " in (out / "summary.md").read_text()
+    # where the retrieved neighbours come from, per held-out section
+    nb = pd.read_csv(out / "neighbours.csv", dtype={"test_section": str})
+    pd.testing.assert_frame_equal(nb, cv.neighbour_shares(out), check_dtype=False)
+    assert sorted(nb["test_section"]) == sorted(SPOTS) and (nb["neighbours_same_patient"] == 0).all()
+    assert "neighbours from same patient" in (out / "summary.md").read_text()
     # atomic writes keep ordinary file permissions (mkstemp alone would give 0600)
     for f in (out / "metrics.csv", out / "config.json", out / "P" / "pred_S1.h5ad",
               out / "P" / "embeddings.npz"):
@@ -378,3 +383,26 @@ def test_run_cv_argument_errors(sections, tmp_path):
     with pytest.raises(FileNotFoundError, match="run_cv"):
         cv.load_results(tmp_path / "nothing")
     assert not (tmp_path / "a").exists()
+
+
+def test_input_options_through_run_cv_rescore_and_the_probe(sections, tmp_path):
+    """SYNTHETIC: a run with centred expression and neighbourhood context rescores to
+    the same metrics (rescore centres its bank too) and writes its neighbour shares from
+    the source's embeddings; the probe with the same config reads the same two blocks."""
+    cfg = tiny_config(expr_norm="center", context="mean", context_um=60.0)
+    out = tmp_path / "options"
+    df = cv.run_cv(sections, scheme="patient", method="mclstexp", config=cfg, out_dir=out,
+                   **RUN)
+    same = cv.rescore(sections, out, top_k=RUN["top_k"], out_dir=tmp_path / "re",
+                      progress=False, device="cpu")
+    for c in ("pcc_acg", "pcc_heg", "mse", "mae"):
+        np.testing.assert_allclose(same[c], df[c], rtol=1e-6)
+    assert (tmp_path / "re" / "neighbours.csv").exists()
+    pd.testing.assert_frame_equal(cv.neighbour_shares(tmp_path / "re"),
+                                  cv.neighbour_shares(out))
+    ridge = tmp_path / "ridge"
+    cv.run_cv(sections, scheme="patient", method="ridge_features", config=cfg, out_dir=ridge,
+              **RUN)
+    with np.load(ridge / "P" / "embeddings.npz") as z:
+        assert z["train"].shape[1] == 2 * 512  # ResNet-18 features and their neighbourhood
+

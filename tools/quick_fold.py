@@ -26,35 +26,46 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="TrainConfig overrides of the profile, VALUE as JSON, e.g. "
+                         "expr_norm='\"center\"' feature_views=4 epochs=40")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
 
-    from mclstexp_lite import datasets, metrics, pp, tl, train
+    from mclstexp_lite import datasets, inputs, metrics, pp, tl, train
 
     genes = pp.published_panel("her2st")
     ad = {s: pp.prepare(datasets.her2st(s, progress=False), genes) for s in args.sections}
     tr_data = train.SpotData.from_anndata({s: a for s, a in ad.items() if s != args.test},
                                           progress=False)
     te_data = train.SpotData.from_anndata({args.test: ad[args.test]}, progress=False)
-    cfg = train.TrainConfig.profile(args.profile, seed=args.seed)
+    over = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            over[key] = json.loads(value)
+        except ValueError:
+            over[key] = value  # a bare string, e.g. expr_norm=center
+    cfg = train.TrainConfig.profile(args.profile, seed=args.seed, **over)
     t0 = time.time()
     res = train.train(tr_data, cfg, progress=False)
     train_s = time.time() - t0
     keys = train.embed_spots(res.model, tr_data)
     q = train.embed_images(res.model, te_data, config=cfg, progress=False)
-    pred = tl.retrieve(q, keys, tr_data.expr, top_k=args.top_k)
+    bank = inputs.model_expression(res.model, tr_data)  # what retrieval averages
+    pred = tl.retrieve(q, keys, bank, top_k=args.top_k)
     got = metrics.summarize(pred, te_data.expr)
     rng = np.random.default_rng(args.seed)
-    shuffled = [metrics.summarize(tl.retrieve(q, keys[rng.permutation(len(keys))], tr_data.expr,
+    shuffled = [metrics.summarize(tl.retrieve(q, keys[rng.permutation(len(keys))], bank,
                                               top_k=args.top_k), te_data.expr)
                 for _ in range(20)]
     own = train.embed_spots(res.model, te_data)
     sim = q @ own.T
     ranks = (sim > np.diag(sim)[:, None]).sum(1)
     out = {
-        "profile": args.profile, "test": args.test, "train_sections": tr_data.sections,
+        "profile": args.profile, "overrides": over, "test": args.test, "train_sections": tr_data.sections,
         "n_train_spots": len(tr_data), "epochs": cfg.epochs, "train_seconds": round(train_s, 1),
         "loss_first_last": [round(res.history[0]["loss"], 3), round(res.history[-1]["loss"], 3)],
         "top_k": args.top_k,

@@ -7,7 +7,10 @@ method under every fold scheme with :func:`mclstexp_lite.cv.run_cv`, one results
 per (scheme, method) under ``--out``; retrieval methods are also rescored at each
 ``--extra-top-k`` from their cached embeddings (:func:`mclstexp_lite.cv.rescore`, no
 retraining). Finally :func:`mclstexp_lite.cv.compare` gathers everything into
-``<out>/results.csv``, ``<out>/results.md`` and ``<out>/per_section.csv``, and
+``<out>/results.csv``, ``<out>/results.md`` (with, per held-out section, the share of
+the retrieved neighbours from the held-out patient's other sections:
+:func:`mclstexp_lite.cv.neighbour_shares`, also ``<out>/neighbours.csv``) and
+``<out>/per_section.csv``, and
 :func:`mclstexp_lite.metrics.paired_bootstrap` compares mclstexp (at ``--top-k``) with
 every other run of the same scheme on the saved predictions: paired bootstrap 95 %
 confidence intervals of the difference of each metric, resampling spots and resampling
@@ -358,7 +361,6 @@ def main(argv=None) -> int:
     (out / "results.csv").write_text(table.to_csv(index=False))
     (out / "per_section.csv").write_text(per_section.to_csv(index=False))
     md = cv.summary_markdown(table)
-    (out / "results.md").write_text(md + "\n")
     sections_md = per_section_markdown(per_section)
     (out / "per_section.md").write_text(sections_md + "\n")
     shares = [cv.neighbour_shares(d) for d in dirs
@@ -368,7 +370,10 @@ def main(argv=None) -> int:
 
         nb = pd.concat(shares, ignore_index=True)
         (out / "neighbours.csv").write_text(nb.to_csv(index=False))
-        nb_md = nb.round(3).to_csv(sep="|", index=False)
+        nb_md = cv.neighbours_markdown(nb)
+        md += ("\n\nWhere the retrieved neighbours come from, per held-out section "
+               "(neighbours.csv):\n\n" + nb_md)
+    (out / "results.md").write_text(md + "\n")
     diff_md = None
     if args.n_boot > 0:
         from mclstexp_lite.download import atomic_write_text
@@ -383,8 +388,6 @@ def main(argv=None) -> int:
     print(md)
     print()
     print(sections_md)
-    if shares:
-        print("\nsources of the retrieved neighbours (neighbours.csv):\n" + nb_md)
     if diff_md is not None:
         print("\ndifferences (differences.csv):\n" + diff_md)
     print(f"\nwall time this invocation: {time.time() - t_start:.0f} s; per run: "

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from mclstexp_lite import datasets, metrics, pp, tl, train
+    from mclstexp_lite import datasets, inputs, metrics, pp, tl, train
     from mclstexp_lite.download import atomic_write_text
 
     genes = pp.published_panel("her2st")
@@ -71,7 +71,8 @@ def main(argv=None) -> int:
                 model.eval()
                 keys = train.embed_spots(model, data)
                 q = train.embed_images(model, single[test], progress=False)
-                pred = tl.retrieve(q, keys, data.expr, top_k=args.top_k)
+                pred = tl.retrieve(q, keys, inputs.model_expression(model, data),
+                                   top_k=args.top_k)
                 m = metrics.summarize(pred, single[test].expr)
                 rows.append({"lr": lr, "epochs": epoch, "test": test,
                              "pcc_acg": m["pcc_acg"], "pcc_heg": m["pcc_heg"], "mse": m["mse"],
