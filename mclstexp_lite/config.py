@@ -230,8 +230,12 @@ PROFILES: dict[str, dict] = {
     # Every machine, offline, a laptop CPU: EfficientNet-Lite0 with the ImageNet weights
     # of its pip package, frozen; its features of each 224 px patch are computed once and
     # cached, then the heads and the spot Transformer train on them (seconds per epoch).
-    # lr and epochs from the sweep in docs/architecture.md ("Choosing the quick profile").
+    # lr and epochs from the sweep in docs/architecture.md ("Choosing the quick profile");
+    # expr_norm="center" from the study across patients (docs/results.md, "What helps
+    # across patients": patient-scheme PCC-HEG +0.024 [+0.009, +0.036], MSE -0.064, at
+    # no cost in time).
     "quick": {"mode": "frozen", "epochs": 20, "batch_size": 128, "lr": 1e-4,
+              "expr_norm": "center",
               "model": {"image_arch": "efficientnet_lite0", "weights": "imagenet"}},
     # A CPU with internet: the paper's DenseNet-121 (ImageNet weights from torchvision),
     # frozen, the same cached-feature path and numbers as "quick".
