@@ -1,6 +1,7 @@
 """Result tables: read :func:`mclstexp_lite.cv.run_cv` results folders and summarise them.
 
 - :func:`load_results` - the per-section metrics (``metrics.csv``) of one folder;
+- :func:`load_predictions` - its held-out predictions (``AnnData`` per section);
 - :func:`summarize_results` - mean and sample sd over held-out sections, per method and
   scheme, on the sections every method has;
 - :func:`shared_sections` - that rule: the rows of the held-out sections every method
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["load_results", "summarize_results", "summary_markdown", "compare",
+__all__ = ["load_results", "load_predictions", "summarize_results", "summary_markdown", "compare",
            "shared_sections", "neighbour_shares", "neighbours_markdown", "NEIGHBOURS_FILE"]
 
 #: Where :func:`mclstexp_lite.cv.run_cv` writes :func:`neighbour_shares` of a retrieval run.
@@ -44,6 +45,36 @@ def load_results(out_dir) -> pd.DataFrame:
         raise FileNotFoundError(f"{p} does not exist; run cv.run_cv(..., out_dir={str(out_dir)!r}) "
                                 "first.")
     return pd.read_csv(p, dtype={"fold": str, "test_section": str})
+
+
+def load_predictions(out_dir) -> dict:
+    """The held-out predictions of a :func:`~mclstexp_lite.cv.run_cv` folder, read back.
+
+    Returns
+    -------
+    dict
+        ``{held-out section: AnnData}`` in the order of ``metrics.csv`` (one
+        ``<fold>/pred_<section>.h5ad`` per held-out section; expression in ``X``, the
+        prediction's settings in ``uns['mclstexp_prediction']``).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder is not a finished run, or a prediction listed in ``metrics.csv``
+        is missing (rerun ``run_cv`` with the same ``out_dir`` to resume it).
+    """
+    import anndata as ad
+
+    table = load_results(out_dir)
+    out = {}
+    for fold, section in zip(table["fold"].astype(str), table["test_section"].astype(str)):
+        path = Path(out_dir) / fold / f"pred_{section}.h5ad"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is listed in {Path(out_dir) / 'metrics.csv'} but missing; rerun "
+                f"cv.run_cv(..., out_dir={str(out_dir)!r}) to write it again.")
+        out[section] = ad.read_h5ad(path)
+    return out
 
 
 def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme"),

@@ -212,6 +212,45 @@ def notebook_dir(output_dir, name: str) -> Path:
     return path
 
 
+def training_run_dir(output_dir) -> Path:
+    """Where notebook 02 keeps its training run (``OUTPUT_DIR/02_training/run``).
+
+    Notebooks 03 and 06 reuse that run; ask here instead of building the path by hand.
+    """
+    return notebook_dir(output_dir, "02_training") / "run"
+
+
+def cv_dir(output_dir, scheme: str, method: str) -> Path:
+    """Where notebook 03 keeps one cross-validation run
+    (``OUTPUT_DIR/03_evaluation/cv_<scheme>_<method>``); notebooks 04 and 05 read it."""
+    if scheme not in ("section", "patient"):
+        raise ValueError(f"scheme must be 'section' or 'patient', not {scheme!r}")
+    return notebook_dir(output_dir, "03_evaluation") / f"cv_{scheme}_{method}"
+
+
+def checkpoint(condition, what: str, *, hint: str = "") -> None:
+    """A tutorial checkpoint: print ``checkpoint passed: <what>`` or stop the notebook.
+
+    Parameters
+    ----------
+    condition
+        What the learner's run must show (truthy when it does).
+    what
+        The claim in words, e.g. ``"training loss fell below chance (log N)"``.
+    hint
+        What to check when it fails (a parameter, an earlier cell, the data).
+
+    Raises
+    ------
+    AssertionError
+        With ``what`` and ``hint`` when ``condition`` is false.
+    """
+    if not bool(condition):
+        msg = f"checkpoint failed: {what}."
+        raise AssertionError(msg + (f" What to check: {hint}" if hint else ""))
+    print(f"checkpoint passed: {what}")
+
+
 def write_metrics(folder, metrics: dict) -> Path:
     """Write ``metrics.json`` atomically; NaN and infinities are written as ``null``."""
     path = Path(folder) / "metrics.json"

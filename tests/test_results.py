@@ -76,3 +76,37 @@ def test_neighbour_shares_counts_where_the_neighbours_come_from(tmp_path):
     assert got.loc["U", "patient"] == "Q" and (got["top_k"] == 4).all()
     with pytest.raises(FileNotFoundError, match="config.json"):
         neighbour_shares(tmp_path / "f")
+
+
+def test_load_predictions_reads_every_held_out_section_and_names_a_missing_one(sections,
+                                                                               tmp_path):
+    from mclstexp_lite import results
+
+    out = tmp_path / "mean"
+    table = cv.run_cv(sections, scheme="patient", method="mean", config=tiny_config(),
+                      out_dir=out, **RUN)
+    preds = results.load_predictions(out)
+    assert list(preds) == list(table["test_section"].astype(str))
+    for s, pred in preds.items():
+        assert pred.n_obs == sections[s].n_obs
+        assert list(pred.var_names) == list(sections[s].var_names)
+    victim = next(out.glob("*/pred_S3.h5ad"))
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match="pred_S3.h5ad.*rerun cv.run_cv"):
+        results.load_predictions(out)
+    with pytest.raises(FileNotFoundError, match="metrics.csv"):
+        results.load_predictions(tmp_path / "nothing")
+
+
+def test_workflow_paths_and_checkpoint(tmp_path, capsys):
+    from mclstexp_lite import workflow
+
+    assert workflow.training_run_dir(tmp_path) == tmp_path / "02_training" / "run"
+    assert workflow.cv_dir(tmp_path, "patient", "mclstexp") == (
+        tmp_path / "03_evaluation" / "cv_patient_mclstexp")
+    with pytest.raises(ValueError, match="scheme"):
+        workflow.cv_dir(tmp_path, "donor", "mclstexp")
+    workflow.checkpoint(True, "loss fell")
+    assert "checkpoint passed: loss fell" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="checkpoint failed: loss fell. What to check: LR"):
+        workflow.checkpoint(False, "loss fell", hint="LR")
