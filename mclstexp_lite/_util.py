@@ -12,17 +12,20 @@
 - :func:`safe_name`, text reduced to a file-name-safe key part;
 - :func:`check_anndata`, :func:`section_name`: the AnnData type check and the section
   name that error messages use;
-- :func:`load_matching_npz`, a cached ``.npz`` read back only when it matches.
+- :func:`load_matching_npz`, a cached ``.npz`` read back only when it matches;
+- :func:`deprecated_alias`, a former public name that warns once and calls the new one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +271,23 @@ def torch_load_plain(path, *, what: str, fix: str, map_location="cpu"):
                      "by this package's save functions) or it is damaged")
         raise ValueError(f"cannot read the {what} {path}: {type(exc).__name__}: {first}. "
                          f"{fix}") from exc
+
+
+# ------------------------------------------------------------------------ deprecations
+def deprecated_alias(func, old: str, new: str):
+    """``func`` under its former name ``old``: the first call warns (``FutureWarning``,
+    shown by default, also in notebooks) that ``old`` is now ``new``; later calls are
+    silent. The alias keeps ``func``'s signature and docstring, headed by the notice."""
+
+    @functools.wraps(func)
+    def alias(*args, **kwargs):
+        if not alias.warned:
+            alias.warned = True
+            warnings.warn(f"{old} is deprecated and will be removed; use {new} (same "
+                          "arguments).", FutureWarning, stacklevel=2)
+        return func(*args, **kwargs)
+
+    alias.warned = False
+    alias.__name__ = alias.__qualname__ = old.rpartition(".")[2]
+    alias.__doc__ = f"Deprecated alias of :func:`{new}`.\n\n{func.__doc__ or ''}"
+    return alias

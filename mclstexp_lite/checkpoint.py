@@ -1,13 +1,19 @@
-"""Checkpoints: write, read, rebuild the model; build a model from a config; the
-one "same run?" rule.
+"""Checkpoints: write and read them, build a model, the one "same run?" rule.
 
 A checkpoint is one dict (model and optimiser states, model and training config, epoch,
 history, RNG states, genes, sections, preprocessing) written atomically after every
 epoch (:func:`save_checkpoint`) and read with ``weights_only=True``
-(:func:`load_checkpoint`). :func:`run_identity` / :func:`same_run` decide whether two
-training configs describe the same run: what resume (:func:`mclstexp_lite.train.train`),
-:func:`mclstexp_lite.workflow.train_or_load` and the cross-validation results folders
-(:mod:`mclstexp_lite.cv`) compare. Re-exported by :mod:`mclstexp_lite.train`.
+(:func:`load_checkpoint`). A model is built one way, :func:`build_model` (from a
+training config, or from the model config a checkpoint saved), and read back one way,
+:func:`load_model` (a checkpoint path or an already loaded checkpoint or predictor).
+
+"Same run?": :func:`run_identity` / :func:`same_run` / :func:`run_diff` compare two
+training configs (what the cross-validation results folders compare,
+:mod:`mclstexp_lite.run_folder`); :func:`run_mismatch` compares a checkpoint with a
+training (config, sections in order, genes, epochs): what resume
+(:func:`mclstexp_lite.train.train`), :func:`mclstexp_lite.workflow.train_or_load` and
+the reuse of finished runs in :func:`mclstexp_lite.cv.run_cv` ask.
+Re-exported by :mod:`mclstexp_lite.train`.
 """
 
 from __future__ import annotations
@@ -25,9 +31,8 @@ from . import models as mdl
 from ._util import atomic_write
 from .config import TrainConfig, input_size_of
 
-__all__ = ["CHECKPOINT", "save_checkpoint", "load_checkpoint", "model_from_checkpoint",
-           "model_from_state", "rebuild_model", "build_model", "run_identity", "same_run",
-           "run_diff"]
+__all__ = ["CHECKPOINT", "save_checkpoint", "load_checkpoint", "build_model", "load_model",
+           "run_identity", "same_run", "run_diff", "run_mismatch"]
 
 #: File name of the checkpoint inside a run's folder.
 CHECKPOINT = "checkpoint.pt"
@@ -82,40 +87,66 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> mdl.MclSTExp:
-    """Rebuild the model from a checkpoint's saved config and load its weights."""
-    return model_from_state(load_checkpoint(path, map_location=map_location))
+def build_model(config: TrainConfig | Mapping, n_genes: int | None = None, *,
+                preprocessing: Mapping | None = None) -> mdl.MclSTExp:
+    """The :class:`~mclstexp_lite.models.MclSTExp` a config describes, with fresh weights.
 
+    Parameters
+    ----------
+    config
+        A :class:`~mclstexp_lite.config.TrainConfig`: the model it trains, for
+        ``n_genes`` genes (``mode="frozen"`` freezes the image encoder;
+        ``config.image_size``, if set, becomes the model's ``image_size``; the input
+        options ``feature_norm``, ``expr_norm``, ``context``, ``context_um``,
+        ``wide_view`` are recorded in the model). Or a model config as a checkpoint or
+        a predictor saves it (``model.config``: the number of genes and the whole
+        architecture), to rebuild that model (:func:`load_model` then loads its weights).
+    n_genes
+        Number of genes; needed with a ``TrainConfig``, read from a model config.
+    preprocessing
+        With a model config: the preprocessing (input size, mean, std) the saved encoder
+        was trained with; it must be what the rebuilt encoder uses.
 
-def model_from_state(ckpt: Mapping) -> mdl.MclSTExp:
-    """The model of an already loaded checkpoint-like dict, in eval mode.
-
-    ``ckpt`` needs ``model_config`` and ``model`` (the state dict) and may hold
-    ``preprocessing`` (checked against the rebuilt encoder), ``config`` and ``genes``
-    (set as ``model.genes``, which :func:`mclstexp_lite.tl.check_model_reference`
-    compares name by name with a reference); a training checkpoint
-    (:func:`load_checkpoint`) and a predictor (:mod:`mclstexp_lite.predict`) both qualify.
+    Raises
+    ------
+    ValueError
+        A model config whose image encoder cannot be rebuilt here (a missing package, an
+        unknown encoder) or uses other preprocessing than ``preprocessing``.
     """
-    ckpt = dict(ckpt)
-    model = rebuild_model(ckpt)
-    model.load_state_dict(ckpt["model"])
-    if ckpt.get("genes") is not None:  # what a reference must match, name by name
-        model.genes = [str(g) for g in ckpt["genes"]]
-    return model.eval()
+    if isinstance(config, TrainConfig):
+        if n_genes is None:
+            raise TypeError("build_model(config, n_genes): a TrainConfig needs the number "
+                            "of genes the model predicts")
+        kw = dict(config.model)
+        kw.update(config.model_inputs())
+        if config.mode == "frozen":
+            kw["freeze_image"] = True
+        if config.image_size is not None:
+            kw["image_size"] = int(config.image_size)
+        return mdl.MclSTExp(n_genes, **kw)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a TrainConfig or a saved model config (dict), got "
+                        f"{type(config).__name__}")
+    mc = dict(config)
+    if n_genes is not None and int(n_genes) != int(mc.get("n_genes", n_genes)):
+        raise ValueError(f"the model config is for {mc['n_genes']} genes, not {n_genes}")
+    model = _model_from_config(mc)
+    if preprocessing is not None:
+        mine = model.preprocessing
+        diff = {k: (preprocessing.get(k), mine.get(k)) for k in ("image_size", "mean", "std")
+                if preprocessing.get(k) != mine.get(k)}
+        if diff:
+            raise ValueError(
+                f"the checkpoint's encoder was trained with other preprocessing than "
+                f"{mc.get('image_arch')!r} uses here (saved, here): {diff}. The encoder's "
+                "defaults changed (e.g. another timm version); use the versions that wrote "
+                "the checkpoint.")
+    return model
 
 
-def rebuild_model(ckpt: Mapping) -> mdl.MclSTExp:
-    """The architecture of a checkpoint (weights not loaded), with its preprocessing.
-
-    Checkpoints written before the encoder registry kept the input size only in the
-    training config; it is taken from there. The preprocessing recorded in the
-    checkpoint (input size, mean, std) must be what the rebuilt encoder uses.
-    """
-    mc = dict(ckpt["model_config"])
-    if "image_size" not in mc:
-        mc["image_size"] = (ckpt.get("config") or {}).get("image_size")
+def _model_from_config(mc: dict) -> mdl.MclSTExp:
     try:
-        model = mdl.MclSTExp.from_config(mc)
+        return mdl.MclSTExp.from_config(mc)
     except (ImportError, RuntimeError, OSError, KeyError) as exc:
         raise ValueError(
             f"the checkpoint's image encoder {mc.get('image_arch')!r} cannot be rebuilt here "
@@ -129,34 +160,50 @@ def rebuild_model(ckpt: Mapping) -> mdl.MclSTExp:
             f"the checkpoint's image encoder {mc.get('image_arch')!r} cannot be rebuilt here "
             f"({exc}). Install what it needs, or use the mclstexp_lite version that wrote "
             "the checkpoint.") from exc
-    saved = ckpt.get("preprocessing")
-    if saved is not None:
-        mine = model.preprocessing
-        diff = {k: (saved.get(k), mine.get(k)) for k in ("image_size", "mean", "std")
-                if saved.get(k) != mine.get(k)}
-        if diff:
-            raise ValueError(
-                f"the checkpoint's encoder was trained with other preprocessing than "
-                f"{mc.get('image_arch')!r} uses here (saved, here): {diff}. The encoder's "
-                "defaults changed (e.g. another timm version); use the versions that wrote "
-                "the checkpoint.")
-    return model
 
 
-def build_model(config: TrainConfig, n_genes: int) -> mdl.MclSTExp:
-    """The :class:`~mclstexp_lite.models.MclSTExp` that ``config`` trains (``n_genes`` genes).
+def load_model(source: str | os.PathLike | Mapping, *, map_location="cpu") -> mdl.MclSTExp:
+    """The trained model of a checkpoint, in eval mode: the one way to get a model back.
 
-    ``mode="frozen"`` freezes the image encoder; ``config.image_size`` (if set) becomes
-    the model's ``image_size``; the input options (``feature_norm``, ``expr_norm``,
-    ``context``, ``context_um``, ``wide_view``) are recorded in the model.
+    Parameters
+    ----------
+    source
+        A checkpoint file or a run folder holding ``checkpoint.pt`` (read with
+        :func:`load_checkpoint`), or an already loaded checkpoint-like dict: a training
+        checkpoint or a predictor file's contents (:mod:`mclstexp_lite.predict`). It
+        needs ``model_config`` and ``model`` (the state dict) and may hold
+        ``preprocessing`` (checked against the rebuilt encoder), ``config`` and ``genes``.
+    map_location
+        Where tensors are loaded (for a path).
+
+    Returns
+    -------
+    MclSTExp
+        The architecture rebuilt from the saved model config (:func:`build_model`), its
+        weights loaded, ``model.genes`` set from the checkpoint's genes (what a reference
+        must match name by name, :func:`mclstexp_lite.tl.check_model_reference`).
+
+    Notes
+    -----
+    Checkpoints written before the encoder registry kept the input size only in the
+    training config; it is taken from there.
     """
-    kw = dict(config.model)
-    kw.update(config.model_inputs())
-    if config.mode == "frozen":
-        kw["freeze_image"] = True
-    if config.image_size is not None:
-        kw["image_size"] = int(config.image_size)
-    return mdl.MclSTExp(n_genes, **kw)
+    if isinstance(source, Mapping):
+        ckpt = dict(source)
+        missing = [k for k in ("model_config", "model") if k not in ckpt]
+        if missing:
+            raise ValueError(f"not a checkpoint: the dict lacks {missing}; pass a checkpoint "
+                             "path, or what load_checkpoint returns")
+    else:
+        ckpt = load_checkpoint(source, map_location=map_location)
+    mc = dict(ckpt["model_config"])
+    if "image_size" not in mc:
+        mc["image_size"] = (ckpt.get("config") or {}).get("image_size")
+    model = build_model(mc, preprocessing=ckpt.get("preprocessing"))
+    model.load_state_dict(ckpt["model"])
+    if ckpt.get("genes") is not None:  # what a reference must match, name by name
+        model.genes = [str(g) for g in ckpt["genes"]]
+    return model.eval()
 
 
 # ===================================================================== same run?
@@ -194,3 +241,65 @@ def run_diff(a: TrainConfig | Mapping, b: TrainConfig | Mapping, *,
     differ (empty when :func:`same_run`)."""
     ia, ib = run_identity(a, epochs=epochs), run_identity(b, epochs=epochs)
     return {k: (v, ib.get(k)) for k, v in ia.items() if ib.get(k) != v}
+
+
+def _short_list(items, n: int = 6) -> str:
+    items = [str(x) for x in items]
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def run_mismatch(ckpt: Mapping, config: TrainConfig | Mapping, *, sections: Sequence[str],
+                 genes: Sequence[str], finished: bool = True) -> str | None:
+    """Whether the checkpoint ``ckpt`` is this training: the one "same run?" rule for
+    checkpoints, used by resume (:func:`mclstexp_lite.train.train`), by
+    :func:`mclstexp_lite.workflow.train_or_load` and by the reuse of finished runs in
+    :func:`mclstexp_lite.cv.run_cv`.
+
+    Parameters
+    ----------
+    ckpt
+        A loaded checkpoint (:func:`load_checkpoint`).
+    config
+        The training config asked for (:class:`~mclstexp_lite.config.TrainConfig` or its
+        dict), compared by :func:`run_identity`.
+    sections, genes
+        The training data's sections and genes, compared in order with the ones the
+        checkpoint was trained on.
+    finished
+        ``True``: the checkpoint must be a finished run of exactly this training (epochs
+        compared too, every epoch done). ``False``: a run that ``config`` may continue
+        (resume): its epochs may differ and it may be unfinished.
+
+    Returns
+    -------
+    str or None
+        ``None`` when it is the same run, else a sentence naming what differs (the
+        config fields with both values, the sections or genes, the epochs done).
+    """
+    diff = run_diff(ckpt["config"], config, epochs=finished)
+    if diff:
+        return f"it was trained with a different config {diff}"
+    for what, mine in (("sections", list(sections)), ("genes", list(genes))):
+        theirs = ckpt.get(what)
+        if theirs is None:
+            return f"it does not record the {what} it was trained on"
+        theirs = [str(x) for x in theirs]
+        if theirs != [str(x) for x in mine]:
+            order = ("; the same ones in another order"
+                     if sorted(theirs) == sorted(map(str, mine)) else "")
+            return (f"it was trained on other {what} ({len(theirs)}: {_short_list(theirs)}) "
+                    f"than the data given ({len(mine)}: {_short_list(mine)}){order}")
+    if finished:
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        epochs = int(cfg.epochs)
+        if int(ckpt["epoch"]) < epochs:
+            return f"it is unfinished ({ckpt['epoch']} of {epochs} epochs)"
+    return None
+
+
+# ====================================================================== deprecated
+#: Former names of :func:`load_model` (warn once, then call it).
+model_from_checkpoint = _util.deprecated_alias(load_model, "checkpoint.model_from_checkpoint",
+                                               "checkpoint.load_model")
+model_from_state = _util.deprecated_alias(load_model, "checkpoint.model_from_state",
+                                          "checkpoint.load_model")

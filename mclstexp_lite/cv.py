@@ -375,15 +375,7 @@ def _take_finished_run(source, fold: Fold, fold_dir: Path, config, data) -> str 
             log.info("fold %s: no checkpoint at %s to reuse; training", fold.name, src)
         return None
     ck = tr.load_checkpoint(src)
-    why = None
-    if not tr.same_run(ck["config"], config, epochs=True):
-        why = f"another config {tr.run_diff(ck['config'], config, epochs=True)}"
-    elif list(ck.get("sections") or []) != list(data.sections):
-        why = f"other training sections {ck.get('sections')}"
-    elif list(ck.get("genes") or []) != list(data.genes):
-        why = "other genes"
-    elif int(ck["epoch"]) < config.epochs:
-        why = f"unfinished ({ck['epoch']} of {config.epochs} epochs)"
+    why = tr.run_mismatch(ck, config, sections=data.sections, genes=data.genes)
     if why is not None:
         log.info("fold %s: not reusing %s (%s); training", fold.name, src, why)
         return None

@@ -41,7 +41,7 @@ from . import datasets as ds
 from . import patches as pt
 from . import tl
 from ._util import atomic_write, atomic_write_h5ad
-from .checkpoint import model_from_state
+from .checkpoint import load_model
 from .config import resolve_device
 from .embed import embed_images
 from .inputs import model_expression
@@ -426,7 +426,7 @@ def load_predictor(path, *, map_location="cpu") -> Predictor:
     if isinstance(obj, dict) and "format" not in obj and {"model", "config", "epoch"} <= set(obj):
         raise ValueError(
             f"{path} is a training checkpoint, not a predictor: it has no reference bank. "
-            "Build one with predict.build_predictor(train.model_from_checkpoint(path), "
+            "Build one with predict.build_predictor(train.load_model(path), "
             "reference) and save it with predict.save_predictor.")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
@@ -435,7 +435,7 @@ def load_predictor(path, *, map_location="cpu") -> Predictor:
     missing = [k for k in _REQUIRED if k not in obj]
     if missing:
         raise ValueError(f"{path}: predictor file lacks {missing}; write it again")
-    model = model_from_state(obj)
+    model = load_model(obj)
     fp = model.image_encoder.fingerprint()
     if fp != obj["encoder_fingerprint"]:
         raise ValueError(

@@ -501,7 +501,7 @@ def check_model_reference(model, reference) -> None:
     expression where the model learned another gene's, so predictions would land under
     the wrong names. The count is always compared; the names and their order when the
     model knows them (``model.genes``: set when it is read from a checkpoint or a
-    predictor, :func:`mclstexp_lite.checkpoint.model_from_state`, and when a training
+    predictor, :func:`mclstexp_lite.checkpoint.load_model`, and when a training
     run saves a checkpoint).
     """
     n = (getattr(model, "config", None) or {}).get("n_genes")

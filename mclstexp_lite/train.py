@@ -20,8 +20,8 @@ The pieces live in their own modules and are re-exported here, so ``ml.train.<na
 keeps working: :mod:`~mclstexp_lite.config` (:class:`TrainConfig`, :data:`PROFILES`,
 :func:`resolve_device`, :func:`autocast_dtype`, :func:`input_size_of`),
 :mod:`~mclstexp_lite.spotdata` (:class:`SpotData`), :mod:`~mclstexp_lite.checkpoint`
-(:data:`CHECKPOINT`, :func:`load_checkpoint`, :func:`model_from_checkpoint`,
-:func:`model_from_state`, :func:`build_model`, :func:`same_run`...) and
+(:data:`CHECKPOINT`, :func:`load_checkpoint`, :func:`load_model`, :func:`build_model`,
+:func:`run_mismatch`, :func:`same_run`...) and
 :mod:`~mclstexp_lite.embed` (:func:`embed_images`, :func:`embed_spots`).
 """
 
@@ -43,27 +43,22 @@ from . import inputs
 from . import tl
 from . import models as mdl
 from ._util import atomic_write_json
-from .checkpoint import (CHECKPOINT, build_model, load_checkpoint, model_from_checkpoint,
-                         model_from_state, rebuild_model, run_diff, run_identity, same_run,
-                         save_checkpoint)
+from .checkpoint import (CHECKPOINT, build_model, load_checkpoint, load_model, run_identity,
+                         run_mismatch, same_run, save_checkpoint)
+from .checkpoint import model_from_checkpoint, model_from_state  # noqa: F401 - deprecated
 from .config import PROFILES, TrainConfig, autocast_dtype, input_size_of, resolve_device
 from .embed import embed_images, embed_spots, prepare_images
 from .spotdata import SpotData
 
 __all__ = ["TrainConfig", "PROFILES", "SpotData", "TrainResult", "train", "main",
            "resolve_device", "autocast_dtype", "input_size_of", "CHECKPOINT",
-           "load_checkpoint", "model_from_checkpoint", "model_from_state", "build_model",
-           "same_run", "run_identity", "embed_images", "embed_spots"]
+           "load_checkpoint", "load_model", "build_model", "same_run", "run_identity",
+           "run_mismatch", "embed_images", "embed_spots"]
 
 log = logging.getLogger(__name__)
 
 
 # ========================================================================= the loop
-def _short_list(items, n: int = 6) -> str:
-    items = [str(x) for x in items]
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -134,19 +129,12 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
     if ckpt_path is not None and ckpt_path.exists():
         if resume:
             ckpt = load_checkpoint(ckpt_path)
-            saved = TrainConfig.from_dict(ckpt["config"])
-            if not same_run(saved, config):
-                diff = run_diff(saved, config)
-                raise ValueError(f"{ckpt_path} was trained with a different config {diff}; "
-                                 "resume with the same config, or use another out_dir")
-            for what, mine in (("sections", list(data.sections)), ("genes", list(data.genes))):
-                theirs = ckpt.get(what)
-                if theirs is not None and list(theirs) != mine:
-                    raise ValueError(
-                        f"{ckpt_path} was trained on other {what} ({len(theirs)}: "
-                        f"{_short_list(theirs)}) than the data given ({len(mine)}: "
-                        f"{_short_list(mine)}); resume with the same data, or use another "
-                        "out_dir (or overwrite=True to start afresh).")
+            why = run_mismatch(ckpt, config, sections=data.sections, genes=data.genes,
+                               finished=False)
+            if why is not None:
+                raise ValueError(f"{ckpt_path} cannot be resumed: {why}. Resume with the "
+                                 "same config and data, or use another out_dir (or "
+                                 "overwrite=True to start afresh).")
             start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
         elif not overwrite:
             raise FileExistsError(
@@ -154,8 +142,8 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
                 "overwrite=True to start afresh, or choose another out_dir.")
     if model is None:
         torch.manual_seed(config.seed)  # same initial weights for the same seed (and on every rank)
-        model = build_model(config, data.n_genes) if ckpt is None else rebuild_model(ckpt)
-    if ckpt is not None:
+        model = build_model(config, data.n_genes) if ckpt is None else load_model(ckpt)
+    elif ckpt is not None:
         model.load_state_dict(ckpt["model"])
     if inputs.options_of(model) != inputs.options_of(config):
         raise ValueError(f"the model reads other inputs {inputs.options_of(model)} than the "

@@ -185,9 +185,10 @@ def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
 def train_or_load(train_adatas: Mapping, config, *, out_dir, progress: bool = True):
     """Train on ``train_adatas`` into ``out_dir`` or reuse a finished run there.
 
-    A checkpoint trained with the same config for all its epochs is loaded as it is;
-    an interrupted one resumes; a checkpoint from another config is an error (use
-    another folder). Returns ``(model, history, data)``.
+    A finished run of this training (same config, sections in order, genes and epochs:
+    :func:`mclstexp_lite.checkpoint.run_mismatch`) is loaded as it is; an interrupted one
+    resumes; a checkpoint of another config or data (e.g. another gene panel) is an error
+    (use another folder). Returns ``(model, history, data)``.
     """
     from . import train as tr
 
@@ -196,10 +197,9 @@ def train_or_load(train_adatas: Mapping, config, *, out_dir, progress: bool = Tr
     ckpt_path = out_dir / tr.CHECKPOINT
     if ckpt_path.exists():
         ck = tr.load_checkpoint(ckpt_path)
-        same = tr.same_run(ck["config"], config)
-        if same and ck["epoch"] >= config.epochs and ck.get("sections") == list(data.sections):
+        if tr.run_mismatch(ck, config, sections=data.sections, genes=data.genes) is None:
             log.info("reusing the finished training run in %s", out_dir)
-            return tr.model_from_state(ck), list(ck["history"]), data
+            return tr.load_model(ck), list(ck["history"]), data
     res = tr.train(data, config, out_dir=out_dir, resume=True, progress=progress)
     return res.model, res.history, data
 

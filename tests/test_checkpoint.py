@@ -16,7 +16,8 @@ import torch
 
 from mclstexp_lite import train as tr
 
-from .factories import LOOP, fresh_copy, listing, state_equal, synthetic_spotdata, tiny_config
+from .factories import (LOOP, fresh_copy, listing, state_equal, synthetic_sections,
+                        synthetic_spotdata, tiny_config)
 
 
 # ------------------------------------------- training and resume (from test_train.py)
@@ -68,7 +69,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_checkpoint_round_trip_and_embeddings(tmp_path):
     data = synthetic_spotdata()
     res = tr.train(data, tiny_config(LOOP, epochs=1), out_dir=tmp_path, progress=False)
-    again = tr.model_from_checkpoint(tmp_path)
+    again = tr.load_model(tmp_path)
     cfg = tiny_config(LOOP)
     e1 = tr.embed_images(res.model, data, config=cfg, progress=False)
     e2 = tr.embed_images(again, data, config=cfg, progress=False)
@@ -87,7 +88,7 @@ def test_resume_refuses_a_checkpoint_of_other_sections_or_genes(tmp_path):
     tr.train(data, cfg, out_dir=tmp_path / "run", progress=False)
     other = synthetic_spotdata()
     other.sections = ["S0", "T1"]
-    with pytest.raises(ValueError, match=r"other sections .*S0, S1.*S0, T1"):
+    with pytest.raises(ValueError, match=r"cannot be resumed: .*other sections .*S0, S1.*S0, T1"):
         tr.train(other, cfg, out_dir=tmp_path / "run", resume=True, progress=False)
     renamed = synthetic_spotdata()
     renamed.genes = [f"h{i}" for i in range(len(renamed.genes))]
@@ -105,7 +106,7 @@ def test_truncated_checkpoint_is_a_value_error_naming_the_file(trained_run, tmp_
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     before = ckpt.read_bytes()
     for call in (lambda: tr.load_checkpoint(ckpt), lambda: tr.load_checkpoint(run),
-                 lambda: tr.model_from_checkpoint(ckpt),
+                 lambda: tr.load_model(ckpt),
                  lambda: tr.train(synthetic_spotdata(), tiny_config(epochs=2, seed=1, mode="full"),
                                   out_dir=run, resume=True, progress=False)):
         with pytest.raises(ValueError, match="truncated") as err:
@@ -132,3 +133,94 @@ def test_results_folder_of_another_run_is_never_replaced(trained_run, tmp_path):
                  out_dir=run, progress=False)
     assert str(run / tr.CHECKPOINT) in str(err.value)
     assert {name: (run / name).read_bytes() for name in listing(run)} == before
+
+
+# ----------------------------------------------- the one "same finished run" rule
+def test_run_mismatch_names_what_differs(trained_run):
+    """checkpoint.run_mismatch: None for the same finished run; otherwise a sentence
+    naming the config field, the sections, the genes (also only their order) or the
+    epochs; finished=False (resume) lets the epochs differ."""
+    ck = tr.load_checkpoint(trained_run)
+    data = synthetic_spotdata()
+    cfg = tiny_config(seed=1)
+    same = dict(sections=data.sections, genes=data.genes)
+    assert tr.run_mismatch(ck, cfg, **same) is None
+    assert tr.run_mismatch(ck, cfg.to_dict(), **same) is None
+    assert tr.run_mismatch(ck, tiny_config(seed=1, device="meta"), **same) is None  # where, not what
+    assert "'seed': (1, 2)" in tr.run_mismatch(ck, tiny_config(seed=2), **same)
+    assert "'epochs': (1, 3)" in tr.run_mismatch(ck, tiny_config(seed=1, epochs=3), **same)
+    assert tr.run_mismatch(ck, tiny_config(seed=1, epochs=3), finished=False, **same) is None
+    assert "other sections (2: S0, S1) than the data given (2: S1, S0)" in tr.run_mismatch(
+        ck, cfg, sections=["S1", "S0"], genes=data.genes)
+    assert "other genes (6: g0, g1, g2, g3, g4, g5) than the data given (6: g5, g4, g3, g2, g1, g0); the same ones in another order" in tr.run_mismatch(
+        ck, cfg, sections=data.sections, genes=data.genes[::-1])
+    assert "other genes (6: g0" in tr.run_mismatch(ck, cfg, sections=data.sections,
+                                                   genes=data.genes[:5])
+    unfinished = dict(ck, epoch=0)
+    assert tr.run_mismatch(unfinished, cfg, **same) == "it is unfinished (0 of 1 epochs)"
+    assert tr.run_mismatch(unfinished, cfg, finished=False, **same) is None
+    no_genes = {k: v for k, v in ck.items() if k != "genes"}
+    assert "does not record the genes" in tr.run_mismatch(no_genes, cfg, **same)
+
+
+def test_train_or_load_reuses_only_the_same_finished_run(tmp_path, monkeypatch):
+    """SYNTHETIC sections: workflow.train_or_load loads a finished run of the same
+    training without training again, and refuses (never returns) a model that the
+    folder holds for another gene panel, here the same genes in another order, which
+    once passed because only the config and sections were compared."""
+    from mclstexp_lite import workflow
+
+    sections = synthetic_sections(tmp_path / "images")
+    train = {s: sections[s] for s in ("S1", "S2")}
+    cfg = tiny_config()
+    model, history, data = workflow.train_or_load(train, cfg, out_dir=tmp_path / "run",
+                                                  progress=False)
+    assert len(history) == 1 and list(data.genes) == list(sections["S1"].var_names)
+    with monkeypatch.context() as mp:
+        def forbidden(*a, **k):
+            raise AssertionError("trained again although the run is finished")
+
+        mp.setattr(tr, "train", forbidden)
+        again, history2, _ = workflow.train_or_load(train, cfg, out_dir=tmp_path / "run",
+                                                    progress=False)
+    assert history2 == history and state_equal(again.state_dict(), model.state_dict())
+    before = (tmp_path / "run" / tr.CHECKPOINT).read_bytes()
+    reordered = {s: a[:, list(a.var_names[::-1])].copy() for s, a in train.items()}
+    with pytest.raises(ValueError, match=r"cannot be resumed: .*other genes .*the same ones "
+                                         r"in another order"):
+        workflow.train_or_load(reordered, cfg, out_dir=tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / tr.CHECKPOINT).read_bytes() == before
+
+
+def test_load_model_takes_a_path_a_folder_or_a_loaded_checkpoint(trained_run):
+    ck = tr.load_checkpoint(trained_run)
+    models = [tr.load_model(trained_run), tr.load_model(trained_run / tr.CHECKPOINT),
+              tr.load_model(ck)]
+    assert all(not m.training and m.genes == list(ck["genes"]) for m in models)
+    assert all(state_equal(m.state_dict(), ck["model"]) for m in models)
+    rebuilt = tr.build_model(ck["model_config"], preprocessing=ck["preprocessing"])
+    assert rebuilt.config == models[0].config
+    with pytest.raises(ValueError, match="other preprocessing"):
+        tr.build_model(ck["model_config"], preprocessing=dict(ck["preprocessing"], std=[1, 1, 1]))
+    with pytest.raises(ValueError, match=r"lacks \['model'\]"):
+        tr.load_model({"model_config": ck["model_config"]})
+    with pytest.raises(TypeError, match="number of genes"):
+        tr.build_model(tiny_config())
+
+
+def test_former_model_loaders_warn_once_and_still_work(trained_run):
+    from mclstexp_lite import checkpoint
+
+    for old in (checkpoint.model_from_checkpoint, checkpoint.model_from_state):
+        old.warned = False
+        arg = trained_run if old is checkpoint.model_from_checkpoint else tr.load_checkpoint(
+            trained_run)
+        with pytest.warns(FutureWarning, match=r"deprecated.*checkpoint\.load_model"):
+            model = old(arg)
+        assert model.genes == tr.load_model(trained_run).genes
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            old(arg)  # the second call is silent
+    assert tr.model_from_checkpoint is checkpoint.model_from_checkpoint

@@ -290,7 +290,7 @@ def test_predict_section_is_retrieval_aligned_with_truth(patient_run, sections, 
     import anndata as ad
 
     out, _ = patient_run
-    model = tr.model_from_checkpoint(out / "Q")
+    model = tr.load_model(out / "Q")
     cfg = tiny_config()
     geo = dict(patch_um=RUN["patch_um"], patch_size=RUN["patch_size"], progress=False)
     ref = tr.SpotData.from_anndata({s: sections[s] for s in ("S1", "S2")}, **geo)

@@ -159,7 +159,7 @@ def test_preprocessing_is_saved_in_the_checkpoint_and_is_all_prediction_needs(tm
     ck = tr.load_checkpoint(tmp_path)
     assert ck["preprocessing"]["image_size"] == 48 and ck["preprocessing"]["mean"] == [0.5] * 3
     assert ck["model_config"]["image_size"] == 48
-    again = tr.model_from_checkpoint(tmp_path)
+    again = tr.load_model(tmp_path)
     np.testing.assert_allclose(tr.embed_images(again, data, device="cpu", progress=False),
                                tr.embed_images(res.model, data, device="cpu", progress=False),
                                rtol=1e-5, atol=1e-5)
@@ -171,7 +171,7 @@ def test_checkpoint_whose_encoder_cannot_be_rebuilt_is_a_clear_error(tmp_path):
           "config": {}, "epoch": 1, "history": []}
     torch.save(ck, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="encoder 'timm:gone_net' cannot be rebuilt here"):
-        tr.model_from_checkpoint(tmp_path)
+        tr.load_model(tmp_path)
 
 
 def test_old_checkpoint_without_image_size_keeps_its_training_size(tmp_path):
@@ -182,7 +182,7 @@ def test_old_checkpoint_without_image_size_keeps_its_training_size(tmp_path):
     ck = {"model": model.state_dict(), "model_config": old_config,
           "config": {"image_size": 64}, "epoch": 1, "history": []}
     torch.save(ck, tmp_path / "checkpoint.pt")
-    assert tr.model_from_checkpoint(tmp_path).image_encoder.image_size == 64
+    assert tr.load_model(tmp_path).image_encoder.image_size == 64
 
 
 def test_checkpoint_preprocessing_must_match_the_rebuilt_encoder(tmp_path):
@@ -192,7 +192,7 @@ def test_checkpoint_preprocessing_must_match_the_rebuilt_encoder(tmp_path):
           "epoch": 1, "history": [], "preprocessing": pre}
     torch.save(ck, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="other preprocessing.*mean"):
-        tr.model_from_checkpoint(tmp_path)
+        tr.load_model(tmp_path)
 
 
 def test_feature_views_only_with_the_frozen_mode():

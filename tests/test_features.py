@@ -265,7 +265,7 @@ def test_unreadable_feature_cache_is_recomputed_with_a_warning(trained_run, tmp_
     half-written one without its JSON) is never used; it is recomputed with a warning."""
     from mclstexp_lite import features as fx
 
-    model = tr.model_from_checkpoint(trained_run)
+    model = tr.load_model(trained_run)
     patches = synthetic_spotdata().patches[0]
     enc = model.image_encoder
     expected = fx.section_features(enc, patches, device="cpu", cache_dir=False, progress=False)

@@ -165,7 +165,7 @@ def test_a_reference_with_the_genes_in_another_order_is_refused(trained, tmp_pat
 
     run = tmp_path / "run"
     tr.train(trained["data"], tiny_config(), out_dir=run, progress=False)
-    model = tr.model_from_checkpoint(run / tr.CHECKPOINT)
+    model = tr.load_model(run / tr.CHECKPOINT)
     assert model.genes == list(trained["data"].genes)
     order = list(reversed(range(6)))
     other = {}
