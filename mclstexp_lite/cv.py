@@ -235,8 +235,9 @@ def run_cv(
         Number of highly expressed genes of PCC-HEG (paper: 50).
     overwrite
         Recompute the selected folds (or replace results of a different config).
-        Without it, a folder whose selected folds are all complete, or that holds
-        another configuration, is refused.
+        Without it, a folder whose selected folds are all complete is read, not
+        recomputed (the table is returned, nothing is written), and a folder that holds
+        another configuration is refused.
     progress
         Progress bars and log messages.
     device
@@ -266,15 +267,15 @@ def run_cv(
     -------
     pandas.DataFrame
         Contents of ``metrics.csv``: one row per held-out section of every completed
-        fold of this folder, columns :data:`ROW_COLUMNS`. ``seconds`` is the fit
+        fold of this folder, columns :data:`ROW_COLUMNS` (also when every selected fold
+        was complete already and nothing ran). ``seconds`` is the fit
         time of the fold (summed epoch times for neural methods, also after a resume)
         plus its embedding/feature time plus the prediction time of that section.
 
     Raises
     ------
     FileExistsError
-        The selected folds are complete (pass ``overwrite=True``), or ``out_dir`` is
-        a non-empty folder that is not a results folder.
+        ``out_dir`` is a file, or a non-empty folder that is not a results folder.
     ValueError
         ``out_dir`` holds another configuration, or on bad arguments.
 
@@ -311,7 +312,8 @@ def run_cv(
     run_cfg["n_heg"] = int(n_heg)
     if stain_cfg is not None:  # absent when off, so folders written before still match
         run_cfg["stain"] = stain_cfg
-    prepare_out_dir(out, run_cfg, all_folds, selected, overwrite)
+    if prepare_out_dir(out, run_cfg, all_folds, selected, overwrite):
+        return _finished_table(out, all_folds)
     save_folds(all_folds, out / _FOLDS, scheme=scheme, sections=patients)
     geometry = {"patch_um": patch_um, "patch_size": patch_size}
     for fold in selected:
@@ -517,6 +519,15 @@ def _aggregate(out: Path, all_folds: Sequence[Fold]) -> pd.DataFrame:
     return df
 
 
+def _finished_table(out: Path, all_folds: Sequence[Fold]) -> pd.DataFrame:
+    """The table of a folder whose asked-for folds are complete: ``metrics.csv`` as
+    written, or aggregated now if a run stopped between a fold's ``metrics.json`` and
+    the tables."""
+    if (out / "metrics.csv").exists():
+        return load_results(out)
+    return _aggregate(out, all_folds)
+
+
 def _with_top_k(table: pd.DataFrame, out: Path) -> pd.DataFrame:
     with open(out / _CONFIG) as fh:
         cfg = json.load(fh)
@@ -583,7 +594,8 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
     run_cfg.update({"top_k": top_k, "metric": metric, "rescored_from": source,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(device)})
     out = Path(out_dir)
-    prepare_out_dir(out, run_cfg, all_folds, all_folds, overwrite)
+    if prepare_out_dir(out, run_cfg, all_folds, all_folds, overwrite):
+        return _finished_table(out, all_folds)
     save_folds(all_folds, out / _FOLDS, scheme=scheme, sections=patients)
     for fold in all_folds:
         npz = src / fold.name / _EMB

@@ -8,7 +8,8 @@ their patients, a fingerprint of every section's data, patch geometry, baseline 
 settings); :func:`folder_identity` drops the keys that may differ between runs of the same
 study and compares the training config by the one "same run?" rule
 (:func:`mclstexp_lite.checkpoint.run_identity`); :func:`prepare_out_dir` refuses a folder
-that holds another run (or complete results) unless told to replace them.
+that holds another run unless told to replace it, and says when the folds asked for are
+already complete (the results are then read back, not recomputed).
 """
 
 from __future__ import annotations
@@ -119,7 +120,21 @@ def _short(v) -> str:
 
 
 def prepare_out_dir(out: Path, run_cfg: dict, all_folds: list[Fold], selected: list[Fold],
-                     overwrite: bool) -> None:
+                     overwrite: bool) -> bool:
+    """Make ``out`` ready for the folds ``selected`` of the run ``run_cfg``.
+
+    Returns ``True``, and writes nothing, when ``out`` already holds this run with every
+    selected fold complete (the caller reads the results instead); else writes
+    ``config.json`` and returns ``False``. With ``overwrite`` the selected folds (all
+    folds, for another configuration) are cleared first.
+
+    Raises
+    ------
+    ValueError
+        ``out`` holds another configuration (without ``overwrite``).
+    FileExistsError
+        ``out`` is a file, or a non-empty folder that is not a results folder.
+    """
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out_dir {out} is a file, not a folder; choose another out_dir.")
     cfg_path = out / CONFIG_FILE
@@ -139,10 +154,8 @@ def prepare_out_dir(out: Path, run_cfg: dict, all_folds: list[Fold], selected: l
             done = [f.name for f in selected if (out / f.name / METRICS_FILE).exists()]
             if len(done) == len(selected):
                 if not overwrite:
-                    raise FileExistsError(
-                        f"{out} already holds complete results for fold(s) {done}. Pass "
-                        "overwrite=True to recompute them, choose another out_dir, or read "
-                        "them with cv.load_results(out_dir).")
+                    log.info("%s already holds complete results for fold(s) %s", out, done)
+                    return True
                 clear_folds(out, selected)
             elif overwrite:
                 clear_folds(out, selected)
@@ -152,6 +165,7 @@ def prepare_out_dir(out: Path, run_cfg: dict, all_folds: list[Fold], selected: l
             "results folder; choose another out_dir (nothing was written).")
     out.mkdir(parents=True, exist_ok=True)
     _util.atomic_write_json(cfg_path, run_cfg)
+    return False
 
 
 def clear_folds(out: Path, folds: Sequence[Fold]) -> None:

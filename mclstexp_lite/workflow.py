@@ -285,8 +285,9 @@ def save_figure(fig, folder, name: str, *, dpi: int = 120) -> Path:
 # --------------------------------------------------------------------------- CV
 def cv_or_load(adatas: Mapping, *, scheme: str, method: str, config, out_dir, folds=None,
                top_k: int = 200, reuse: Mapping | None = None, progress: bool = True):
-    """Run :func:`mclstexp_lite.cv.run_cv`, or read its results if every asked-for fold
-    is already complete in ``out_dir`` (a rerun of a notebook then costs nothing).
+    """Run :func:`mclstexp_lite.cv.run_cv` and return the rows of the asked-for folds
+    (every fold of ``scheme`` when ``folds`` is ``None``). Folds already complete in
+    ``out_dir`` are read, not run again (a rerun of a notebook then costs nothing).
     ``reuse`` is run_cv's: finished runs of a fold's exact training, taken instead of
     training it again (notebook 03 passes notebook 02's model for its held-out section).
 
@@ -296,17 +297,9 @@ def cv_or_load(adatas: Mapping, *, scheme: str, method: str, config, out_dir, fo
     """
     from . import cv
 
-    out_dir = Path(out_dir)
-    try:
-        return cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=out_dir,
-                         folds=folds, top_k=top_k, reuse=reuse, progress=progress)
-    except FileExistsError:
-        # run_cv compared the saved config with this one (a different config raises
-        # ValueError) and found every asked-for fold complete: read those results
-        if not (out_dir / "config.json").exists():
-            raise
-        names = folds if folds is not None else [
-            f.name for f in cv.make_folds(cv.patients_of(adatas), scheme)]
-        names = [names] if isinstance(names, str) else list(names)
-        table = cv.load_results(out_dir)
-        return table[table["fold"].astype(str).isin(names)].reset_index(drop=True)
+    table = cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=out_dir,
+                      folds=folds, top_k=top_k, reuse=reuse, progress=progress)
+    names = folds if folds is not None else [
+        f.name for f in cv.make_folds(cv.patients_of(adatas), scheme)]
+    names = [names] if isinstance(names, str) else list(names)
+    return table[table["fold"].astype(str).isin(names)].reset_index(drop=True)

@@ -124,11 +124,42 @@ def test_results_folder_layout_and_metrics(patient_run, sections):
         assert f.stat().st_mode & 0o777 == _util._umask_mode(), f
 
 
-def test_complete_folder_is_not_overwritten(patient_run, sections):
-    out, _ = patient_run
-    with pytest.raises(FileExistsError, match=f"(?s){out.name}.*overwrite=True"):
-        cv.run_cv(sections, scheme="patient", method="mclstexp", config=tiny_config(),
-                  out_dir=out, **RUN)
+def test_complete_folder_is_read_back_not_recomputed(patient_run, sections, monkeypatch):
+    """Every asked-for fold complete: run_cv returns the finished table and writes
+    nothing (no training, no file touched)."""
+    out, df = patient_run
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with monkeypatch.context() as mp:
+        def forbidden(*a, **k):
+            raise AssertionError("a complete fold was run again")
+
+        mp.setattr(cv, "_run_fold", forbidden)
+        again = cv.run_cv(sections, scheme="patient", method="mclstexp",
+                          config=tiny_config(), out_dir=out, **RUN)
+        one = cv.run_cv(sections, scheme="patient", method="mclstexp",
+                        config=tiny_config(), out_dir=out, folds=["Q"], **RUN)
+    pd.testing.assert_frame_equal(again, df)
+    pd.testing.assert_frame_equal(one, df)  # the folder's table, all completed folds
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+
+
+def test_cv_or_load_reads_a_complete_folder_and_refuses_another_configuration(
+        patient_run, sections):
+    """workflow.cv_or_load: the asked-for folds' rows of a complete folder, read back
+    through run_cv (no FileExistsError to catch); another configuration stays an error."""
+    from mclstexp_lite import workflow
+
+    out, df = patient_run
+    kw = dict(scheme="patient", method="mclstexp", config=tiny_config(), out_dir=out,
+              top_k=RUN["top_k"], progress=False)
+    run = {k: RUN[k] for k in ("n_heg", "device", "patch_um", "patch_size")}
+    with pytest.MonkeyPatch.context() as mp:  # cv_or_load passes only its own arguments
+        mp.setattr(cv, "run_cv", lambda *a, _run=cv.run_cv, **k: _run(*a, **k, **run))
+        pd.testing.assert_frame_equal(workflow.cv_or_load(sections, **kw), df)
+        only_q = workflow.cv_or_load(sections, folds="Q", **kw)
+        assert list(only_q["fold"]) == ["Q"] and list(only_q["test_section"]) == ["S3"]
+        with pytest.raises(ValueError, match="different configuration.*lr"):
+            workflow.cv_or_load(sections, **dict(kw, config=tiny_config(lr=5e-4)))
 
 
 def test_different_config_is_refused(patient_run, sections):

@@ -44,16 +44,17 @@ def test_config_diff_names_each_changed_key_with_its_path():
 
 def test_prepare_out_dir_writes_config_and_refuses_other_runs(tmp_path):
     out = tmp_path / "run"
-    rf.prepare_out_dir(out, _cfg(), FOLDS, FOLDS, overwrite=False)
+    assert rf.prepare_out_dir(out, _cfg(), FOLDS, FOLDS, overwrite=False) is False
     assert json.loads((out / rf.CONFIG_FILE).read_text())["method"] == "mean"
     with pytest.raises(ValueError, match=r"different configuration \(top_k: null -> 5\)"):
         rf.prepare_out_dir(out, _cfg(top_k=5), FOLDS, FOLDS, overwrite=False)
-    # complete folds are never silently recomputed
+    # complete folds are never silently recomputed: reported complete, nothing written
     for f in FOLDS:
         (out / f.name).mkdir()
         (out / f.name / rf.METRICS_FILE).write_text("{}")
-    with pytest.raises(FileExistsError, match="already holds complete results"):
-        rf.prepare_out_dir(out, _cfg(), FOLDS, FOLDS, overwrite=False)
+    before = (out / rf.CONFIG_FILE).read_bytes()
+    assert rf.prepare_out_dir(out, _cfg(created="later"), FOLDS, FOLDS, overwrite=False) is True
+    assert (out / rf.CONFIG_FILE).read_bytes() == before
     # overwrite of one fold clears that fold only
     rf.prepare_out_dir(out, _cfg(), FOLDS, FOLDS[:1], overwrite=True)
     assert not (out / "A").exists() and (out / "B" / rf.METRICS_FILE).exists()

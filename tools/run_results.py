@@ -120,6 +120,13 @@ def run_label(cfg) -> str:
     return cfg["method"] if k is None else f"{cfg['method']} k={int(k)}"
 
 
+def metrics_stamp(folder: Path):
+    """When ``folder/metrics.csv`` was last written (``None`` if absent): run_cv rewrites
+    it only when a fold ran, so an unchanged stamp means the folder was read back."""
+    p = Path(folder) / "metrics.csv"
+    return p.stat().st_mtime_ns if p.exists() else None
+
+
 def _dense_f32(X):
     """Dense float32 copy of an expression matrix, as run_cv scores the truth."""
     import numpy as np
@@ -334,24 +341,22 @@ def main(argv=None) -> int:
         for method in args.methods:
             d = out / scheme / method
             t0 = time.time()
-            try:
-                cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=d,
-                          top_k=args.top_k, metric=args.metric, overwrite=args.overwrite,
-                          progress=args.progress, device=args.device)
+            before = metrics_stamp(d)
+            cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=d,
+                      top_k=args.top_k, metric=args.metric, overwrite=args.overwrite,
+                      progress=args.progress, device=args.device)
+            if metrics_stamp(d) != before:  # a complete folder is read back, not run again
                 timings[f"{scheme}/{method}"] = time.time() - t0
                 log.info("%s/%s done in %.0f s", scheme, method, time.time() - t0)
-            except FileExistsError:
-                log.info("%s already complete; reading it back", d)
+            else:
+                log.info("%s already complete; read it back", d)
             dirs.append(d)
             if method in ("mclstexp", "bleep"):
                 for k in args.extra_top_k:
                     dk = out / scheme / f"{method}_k{k}"
-                    try:
-                        cv.rescore(adatas, d, top_k=k, metric=args.metric, out_dir=dk,
-                                   overwrite=args.overwrite, progress=args.progress,
-                                   device=args.device)
-                    except FileExistsError:
-                        log.info("%s already complete; reading it back", dk)
+                    cv.rescore(adatas, d, top_k=k, metric=args.metric, out_dir=dk,
+                               overwrite=args.overwrite, progress=args.progress,
+                               device=args.device)
                     dirs.append(dk)
             from mclstexp_lite.download import atomic_write_json
             atomic_write_json(timings_path, timings)

@@ -174,14 +174,15 @@ def main(argv=None) -> int:
                 if args.no_run:
                     continue
                 t0 = time.time()
-                try:
-                    cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=d,
-                              top_k=args.top_k, progress=False, device=args.device)
-                    timings[f"{scheme}/{d.name}"] = round(time.time() - t0, 1)
-                    log.info("%s done in %.0f s", d, time.time() - t0)
-                    atomic_write_json(timings_path, timings)
-                except FileExistsError:
-                    log.info("%s already complete; reading it back", d)
+                before = rr.metrics_stamp(d)
+                cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=d,
+                          top_k=args.top_k, progress=False, device=args.device)
+                if rr.metrics_stamp(d) == before:  # complete already: read back, not run again
+                    log.info("%s already complete; read it back", d)
+                    continue
+                timings[f"{scheme}/{d.name}"] = round(time.time() - t0, 1)
+                log.info("%s done in %.0f s", d, time.time() - t0)
+                atomic_write_json(timings_path, timings)
 
     # ------------------------------------------------------------------ tables
     rows, per_section, shares = [], [], []

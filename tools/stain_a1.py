@@ -135,13 +135,11 @@ def main(argv=None) -> int:
         for method in args.methods:
             d = out / stain / method
             t0 = time.time()
-            try:
-                cv.run_cv(adatas, scheme="section", method=method, config=config, out_dir=d,
-                          folds=[args.test], top_k=args.top_k, progress=args.progress,
-                          stain=None if stain == "none" else stain)
-                log.info("%s/%s done in %.0f s", stain, method, time.time() - t0)
-            except FileExistsError:
-                log.info("%s already complete; reading it back", d)
+            # a complete folder is read back by run_cv, not run again
+            cv.run_cv(adatas, scheme="section", method=method, config=config, out_dir=d,
+                      folds=[args.test], top_k=args.top_k, progress=args.progress,
+                      stain=None if stain == "none" else stain)
+            log.info("%s/%s ready in %.0f s", stain, method, time.time() - t0)
             m = pd.read_csv(d / "metrics.csv")
             r = m[m["test_section"] == args.test].iloc[0]
             rows.append({"stain": stain, "method": method,
