@@ -591,6 +591,7 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
     run_cfg = dict(src_cfg)
     source = str(src.resolve())
     run_device = tr.resolve_device(device)
+    genes = [str(g) for g in next(iter(adatas.values())).var_names]
     run_cfg.update({"top_k": top_k, "metric": metric, "rescored_from": source,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(device)})
     out = Path(out_dir)
@@ -617,17 +618,19 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
             raise ValueError(f"{npz}: reference spots differ from the folds' sections.")
         k = min(top_k, len(ref))
         rows, per_section = [], {}
-        sizes = np.bincount(ref.groups, minlength=len(ref.sections))
+        bank = tl.ReferenceBank(emb=np.asarray(emb["reference"], dtype=np.float32),
+                                expr=ref.expr, genes=genes,
+                                sections=list(ref.sections),
+                                n_spots=[int(n) for n in np.bincount(
+                                    ref.groups, minlength=len(ref.sections))])
         for s in fold.test:
             t0 = time.time()
-            pred = tl.retrieve(emb[f"test__{s}"], emb["reference"], ref.expr, top_k=k,
-                               metric=metric, device=run_device)
-            info = {"method": method, "scheme": scheme, "fold": fold.name, "top_k": k,
-                    "metric": metric, "train_sections": list(fold.train),
-                    "reference_sections": list(fold.reference),
-                    "reference_n_spots": [int(n) for n in sizes], "n_reference": len(ref),
-                    "rescored_from": source}
-            pred_ad = tl.prediction_anndata(pred, adatas[s], info=info)
+            pred_ad = tl.predict_spots(None, bank, adatas[s], image_emb=emb[f"test__{s}"],
+                                       top_k=k, metric=metric, device=run_device,
+                                       method=method, info={
+                                           "scheme": scheme, "fold": fold.name,
+                                           "train_sections": list(fold.train),
+                                           "rescored_from": source})
             _util.atomic_write_h5ad(pred_ad, fold_dir / f"pred_{s}.h5ad")
             scores, per_section[s] = _score(pred_ad, adatas[s], src_cfg.get("n_heg", 50))
             rows.append({"method": method, "scheme": scheme, "fold": fold.name,

@@ -62,6 +62,10 @@ OOD_K = 10
 #: spot to the spots of the other reference sections) gets a warning. Calibrated on the
 #: offline data (docs/results.md, "Slides unlike the training data").
 OOD_THRESHOLD = 1.75
+#: Keys a predictor's prediction records in ``uns['mclstexp_prediction']`` beyond those of
+#: :func:`mclstexp_lite.tl.predict_section` (the out-of-distribution pair only when the
+#: predictor holds reference image embeddings).
+PREDICTOR_KEYS = ("predictor_created", "ood_score", "ood_threshold")
 _REQUIRED = ("format", "model", "model_config", "preprocessing", "encoder_fingerprint",
              "reference_emb", "reference_expr", "genes", "info")
 
@@ -147,8 +151,10 @@ class Predictor:
         anndata.AnnData
             Predicted expression (float32, the predictor's genes), the section's spots,
             ``obsm['spatial']`` and ``uns['spatial']`` (plots on the H&E with
-            ``sc.pl.spatial``), ``uns['mclstexp_prediction']`` (how it was made, with
-            ``ood_score``: the slide's patches' distance to the reference images over
+            ``sc.pl.spatial``), ``uns['mclstexp_prediction']`` (how it was made: the keys
+            :func:`mclstexp_lite.tl.predict_section` records, through the same path
+            :func:`mclstexp_lite.tl.predict_spots`, plus :data:`PREDICTOR_KEYS`:
+            ``predictor_created`` and ``ood_score``: the slide's patches' distance to the reference images over
             the reference's own; above ``ood_threshold`` a warning says that the slide is
             unlike the training data, e.g. another tissue, species or stain, and the
             prediction is not to be trusted).
@@ -176,21 +182,12 @@ class Predictor:
                                      patch_um=self.info["patch_um"],
                                      patch_size=self.info["patch_size"],
                                      cache_dir=cache_dir, progress=progress)
-        dev = resolve_device(device)
-        emb = embed_images(self.model, data, device=dev, progress=progress)
-        pred = tl.retrieve(emb, self.reference_emb, self.reference_expr,
-                           top_k=int(self.info["top_k"]), metric=str(self.info["metric"]),
-                           device=dev, progress=progress)
-        record = {
-            "method": "mclstexp",
-            "top_k": int(self.info["top_k"]),
-            "metric": str(self.info["metric"]),
-            "reference_sections": list(self.info["reference_sections"]),
-            "reference_n_spots": list(self.info["reference_n_spots"]),
-            "n_reference": int(len(self.reference_emb)),
-            "predictor_created": str(self.info.get("created", "")),
-            "image_only": bool(adata.n_vars == 0),
-        }
+        out, emb = tl.predict_spots(
+            self.model, self.bank, adata, test_data=data, top_k=int(self.info["top_k"]),
+            metric=str(self.info["metric"]), device=device, progress=progress,
+            info={"predictor_created": str(self.info.get("created", ""))},
+            return_image_emb=True)
+        record = out.uns[tl.PREDICTION_KEY]
         score = self.ood_score(emb)
         if score is not None:
             threshold = float(self.info.get("ood_threshold", OOD_THRESHOLD))
@@ -205,7 +202,15 @@ class Predictor:
                     "predicted expression is then not to be trusted. Check the slide, its "
                     "scale, and try ml.stain to match its colours to the training sections.",
                     UserWarning, stacklevel=2)
-        return tl.prediction_anndata(pred, adata, info=record, genes=list(self.genes))
+        return out
+
+    @property
+    def bank(self) -> tl.ReferenceBank:
+        """The reference bank retrieval looks up (:class:`mclstexp_lite.tl.ReferenceBank`)."""
+        return tl.ReferenceBank(emb=self.reference_emb, expr=self.reference_expr,
+                                genes=list(self.genes),
+                                sections=list(self.info["reference_sections"]),
+                                n_spots=list(self.info["reference_n_spots"]))
 
     def ood_score(self, image_emb) -> float | None:
         """How unlike the training data a slide's patches are: the median over its

@@ -6,6 +6,8 @@ the inverse-squared-distance weighted mean of their measured expression (its ker
 :mod:`mclstexp_lite.retrieval`). :func:`predict_section` does it for a held-out section:
 embed its patches and the reference spots (:mod:`mclstexp_lite.embed`), retrieve, and
 wrap the result in an AnnData laid out like the truth (:func:`prediction_anndata`).
+Those steps are one function, :func:`predict_spots`, over a :class:`ReferenceBank`; a
+saved predictor (:meth:`mclstexp_lite.predict.Predictor.predict`) takes the same path.
 
 ``torch`` is imported when this module is imported, which happens only when
 ``mclstexp_lite.tl`` is first accessed (the package imports submodules lazily).
@@ -13,14 +15,24 @@ wrap the result in an AnnData laid out like the truth (:func:`prediction_anndata
 
 from __future__ import annotations
 
+import copy
+import json
 import numbers
+from dataclasses import dataclass
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import retrieval as rv
 from ._util import h5ad_value
+from .config import resolve_device
+from .embed import embed_images, embed_spots
+from .inputs import model_expression
+from .spotdata import SpotData
 
 __all__ = ["retrieve", "default_chunk_size"]
 
@@ -177,8 +189,6 @@ def retrieve(
     >>> retrieve(query, keys, key_expr, top_k=50).shape
     (20, 100)
     """
-    from tqdm.auto import tqdm
-
     tensors = {
         "query": rv.as_tensor(query, "query"),
         "keys": rv.as_tensor(keys, "keys"),
@@ -237,8 +247,6 @@ def retrieve(
         first = next((x for x in (query, keys, key_expr) if isinstance(x, torch.Tensor)), None)
         device = first.device if first is not None else torch.device("cpu")
     else:
-        from .config import resolve_device  # the one device rule ("auto" included)
-
         try:
             device = device if device == "auto" else torch.device(device)
         except (RuntimeError, TypeError) as err:
@@ -349,11 +357,150 @@ def embed_reference(model, reference, *, device="auto") -> np.ndarray:
         spots attend to each other in the Transformer), see
         :func:`mclstexp_lite.train.embed_spots`.
     """
-    from .embed import embed_spots
-
     _check_spotdata(reference, "reference")
     return np.asarray(embed_spots(model, reference, device=device, per_section=True),
                       dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ReferenceBank:
+    """The reference side of retrieval: what every prediction looks up and averages.
+
+    Attributes
+    ----------
+    emb
+        ``(N, D)`` float32 spot embeddings of the reference spots.
+    expr
+        ``(N, G)`` expression of the same spots as the model reads it (per-section centred
+        for ``expr_norm="center"``, :func:`mclstexp_lite.inputs.model_expression`): what
+        retrieval averages.
+    genes
+        The ``G`` gene names, in column order.
+    sections, n_spots
+        The reference sections and their spot counts, in order (recorded with every
+        prediction).
+
+    Built from training sections with :meth:`from_spotdata`; a saved predictor holds one
+    (:attr:`mclstexp_lite.predict.Predictor.bank`).
+    """
+
+    emb: np.ndarray
+    expr: object
+    genes: list
+    sections: list
+    n_spots: list
+
+    def __post_init__(self):
+        n = int(sum(self.n_spots))
+        if len(self.sections) != len(self.n_spots) or self.emb.ndim != 2 or \
+                len(self.emb) != n or tuple(self.expr.shape) != (n, len(self.genes)):
+            raise ValueError(
+                f"reference bank parts do not fit together: embeddings {tuple(self.emb.shape)}, "
+                f"expression {tuple(self.expr.shape)}, {len(self.genes)} genes, sections "
+                f"{list(self.sections)} with {list(self.n_spots)} spots")
+
+    @classmethod
+    def from_spotdata(cls, model, reference, *, reference_emb=None,
+                      device="auto") -> "ReferenceBank":
+        """The bank of the reference sections ``reference`` (a
+        :class:`mclstexp_lite.train.SpotData`): their spot embeddings (given, e.g. from a
+        cache, or :func:`embed_reference`) and the expression ``model`` reads
+        (``reference.expr`` when ``model`` is ``None``)."""
+        _check_spotdata(reference, "reference")
+        if reference_emb is None:
+            if model is None:
+                raise ValueError("`model` is None; pass a trained model, or `reference_emb`.")
+            reference_emb = embed_reference(model, reference, device=device)
+        reference_emb = np.asarray(reference_emb, dtype=np.float32)
+        if reference_emb.ndim != 2 or reference_emb.shape[0] != len(reference):
+            raise ValueError(f"`reference_emb` must have shape ({len(reference)}, D), got "
+                             f"{reference_emb.shape}.")
+        sizes = np.bincount(reference.groups, minlength=len(reference.sections))
+        return cls(emb=reference_emb,
+                   expr=reference.expr if model is None else model_expression(model, reference),
+                   genes=[str(g) for g in reference.genes],
+                   sections=[str(s) for s in reference.sections],
+                   n_spots=[int(n) for n in sizes])
+
+
+def predict_spots(model, bank: ReferenceBank, test_adata, *, test_data=None, image_emb=None,
+                  top_k: int = 200, metric: str = "l1", config=None, device="auto",
+                  method: str = "mclstexp", info: dict | None = None, progress: bool = False,
+                  return_image_emb: bool = False):
+    """Embed, retrieve, assemble: the one prediction path of :func:`predict_section` and
+    :meth:`mclstexp_lite.predict.Predictor.predict`.
+
+    Parameters
+    ----------
+    model
+        The trained model (its image encoder embeds ``test_data``); may be ``None`` when
+        ``image_emb`` is given.
+    bank
+        The :class:`ReferenceBank` retrieved from.
+    test_adata
+        The section predicted (its spots, coordinates and images; its expression is not
+        read).
+    test_data
+        :class:`mclstexp_lite.train.SpotData` of ``test_adata``'s patches; default built
+        from it with the package's patch geometry.
+    image_emb
+        Precomputed image embeddings ``(n_spots, D)`` (skips the encoder pass).
+    top_k, metric
+        Passed to :func:`retrieve`.
+    config
+        Optional training config: only the device and precision of the image pass are
+        read.
+    method
+        Recorded as ``method``.
+    info
+        More keys for ``uns['mclstexp_prediction']`` (e.g. a predictor's).
+    return_image_emb
+        Also return the image embeddings.
+
+    Returns
+    -------
+    anndata.AnnData
+        The prediction (:func:`prediction_anndata`): ``X`` float32 in the bank's genes;
+        ``var`` copied from ``test_adata`` when it has exactly those genes;
+        ``uns['mclstexp_prediction']``: ``method``, ``top_k``, ``metric``,
+        ``reference_sections``, ``reference_n_spots``, ``n_reference``, ``model_config``
+        (JSON string), ``image_only`` (the section has no measured genes),
+        ``test_section``, then the keys of ``info``.
+    """
+    _check_adata(test_adata, "test_adata")
+    dev = resolve_device(device)
+    if image_emb is None:
+        if model is None:
+            raise ValueError("`model` is None; pass a trained model, or `image_emb`.")
+        if test_data is None:
+            test_data = SpotData.from_anndata({_section_of(test_adata): test_adata},
+                                              progress=progress)
+        if len(test_data) != test_adata.n_obs:
+            raise ValueError(f"`test_data` has {len(test_data)} spots but `test_adata` has "
+                             f"{test_adata.n_obs}; build it from the same AnnData.")
+        image_emb = embed_images(model, test_data, config=config, device=dev,
+                                 progress=progress)
+    image_emb = np.asarray(image_emb, dtype=np.float32)
+    if image_emb.ndim != 2 or image_emb.shape[0] != test_adata.n_obs:
+        raise ValueError(f"`image_emb` must have shape ({test_adata.n_obs}, D), got "
+                         f"{image_emb.shape}.")
+    pred = retrieve(image_emb, bank.emb, bank.expr, top_k=top_k, metric=metric, device=dev,
+                    progress=progress)
+    record = {
+        "method": str(method),
+        "top_k": int(top_k),
+        "metric": str(metric),
+        "reference_sections": [str(s) for s in bank.sections],
+        "reference_n_spots": [int(n) for n in bank.n_spots],
+        "n_reference": int(len(bank.emb)),
+        "model_config": json.dumps(model.config if model is not None else {}, sort_keys=True),
+        "image_only": bool(test_adata.n_vars == 0),
+        **(info or {}),
+    }
+    same_genes = [str(g) for g in test_adata.var_names] == list(bank.genes)
+    out = prediction_anndata(pred, test_adata, info=record,
+                             genes=None if same_genes else list(bank.genes))
+    return (out, image_emb) if return_image_emb else out
 
 
 def predict_section(
@@ -380,7 +527,7 @@ def predict_section(
     (:func:`retrieve`, with ``key_expr=reference.expr``, or the per-section centred
     expression of a model trained with ``expr_norm="center"``,
     :func:`mclstexp_lite.inputs.model_expression`; ``reference.expr`` when ``model`` is
-    ``None``).
+    ``None``). The steps are :func:`predict_spots`, which a saved predictor uses too.
 
     Parameters
     ----------
@@ -423,8 +570,8 @@ def predict_section(
         prediction plots and scores like the truth. ``uns['mclstexp_prediction']``:
         ``method``, ``top_k``, ``metric``, ``reference_sections`` (list),
         ``reference_n_spots`` (spots per reference section, same order),
-        ``n_reference``, ``test_section`` and ``model_config`` (JSON string).
-        Writable with ``write_h5ad``.
+        ``n_reference``, ``model_config`` (JSON string), ``image_only`` and
+        ``test_section`` (:func:`predict_spots`). Writable with ``write_h5ad``.
 
     Raises
     ------
@@ -432,64 +579,24 @@ def predict_section(
         If genes differ between reference and test, embedding shapes do not match, or
         ``model`` is missing while an embedding must be computed.
     """
-    import json
-
-    from .config import resolve_device
-    from .embed import embed_images
-    from .inputs import model_expression
-    from .spotdata import SpotData
-
     _check_spotdata(reference, "reference")
     _check_adata(test_adata, "test_adata")
-    image_only = test_adata.n_vars == 0
-    if not image_only and list(test_adata.var_names) != list(reference.genes):
+    if test_adata.n_vars and list(test_adata.var_names) != list(reference.genes):
         raise ValueError(
             "`test_adata` and `reference` have different genes (or gene order); prepare "
             "both with the same panel: pp.prepare(adata, genes)."
         )
     if model is not None:
         check_model_reference(model, reference)
-    need_model = image_emb is None or reference_emb is None
-    if need_model and model is None:
+    elif image_emb is None or reference_emb is None:
         raise ValueError("`model` is None; pass a trained model, or both `image_emb` and "
                          "`reference_emb`.")
     dev = resolve_device(device)
-    if image_emb is None:
-        if test_data is None:
-            test_data = SpotData.from_anndata({_section_of(test_adata): test_adata},
-                                              progress=progress)
-        if len(test_data) != test_adata.n_obs:
-            raise ValueError(f"`test_data` has {len(test_data)} spots but `test_adata` has "
-                             f"{test_adata.n_obs}; build it from the same AnnData.")
-        image_emb = embed_images(model, test_data, config=config, device=dev,
-                                 progress=progress)
-    if reference_emb is None:
-        reference_emb = embed_reference(model, reference, device=dev)
-    image_emb = np.asarray(image_emb, dtype=np.float32)
-    reference_emb = np.asarray(reference_emb, dtype=np.float32)
-    if image_emb.ndim != 2 or image_emb.shape[0] != test_adata.n_obs:
-        raise ValueError(f"`image_emb` must have shape ({test_adata.n_obs}, D), got "
-                         f"{image_emb.shape}.")
-    if reference_emb.ndim != 2 or reference_emb.shape[0] != len(reference):
-        raise ValueError(f"`reference_emb` must have shape ({len(reference)}, D), got "
-                         f"{reference_emb.shape}.")
-    # what retrieval averages: the expression the model reads (mclstexp_lite.inputs)
-    bank = reference.expr if model is None else model_expression(model, reference)
-    pred = retrieve(image_emb, reference_emb, bank, top_k=top_k, metric=metric,
-                    device=dev, progress=progress)
-    sizes = np.bincount(reference.groups, minlength=len(reference.sections))
-    model_config = model.config if model is not None else {}
-    info = {
-        "method": str(method),
-        "top_k": int(top_k),
-        "metric": str(metric),
-        "reference_sections": [str(s) for s in reference.sections],
-        "reference_n_spots": [int(n) for n in sizes],
-        "n_reference": int(len(reference)),
-        "model_config": json.dumps(model_config, sort_keys=True),
-    }
-    return prediction_anndata(pred, test_adata, info=info,
-                              genes=list(reference.genes) if image_only else None)
+    bank = ReferenceBank.from_spotdata(model, reference, reference_emb=reference_emb,
+                                       device=dev)
+    return predict_spots(model, bank, test_adata, test_data=test_data, image_emb=image_emb,
+                         top_k=top_k, metric=metric, config=config, device=dev,
+                         method=method, progress=progress)
 
 
 def check_model_reference(model, reference) -> None:
@@ -566,15 +673,9 @@ def prediction_anndata(pred, true_adata, *, info: dict, genes=None):
         ``X`` float32 dense; copies of ``obs``, ``var``, ``obsm`` and
         ``uns['spatial']``; ``uns['mclstexp_prediction']``.
     """
-    import copy
-
-    import anndata as ad
-
     _check_adata(true_adata, "true_adata")
     if not isinstance(info, dict):
         raise TypeError(f"`info` must be a dict, got {type(info).__name__}.")
-    import pandas as pd
-
     X = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
     var = (true_adata.var.copy() if genes is None
            else pd.DataFrame(index=pd.Index([str(g) for g in genes])))
@@ -612,19 +713,15 @@ def _section_of(adata) -> str:
 
 
 def _check_adata(adata, name: str) -> None:
-    import anndata as ad
-
     if not isinstance(adata, ad.AnnData):
         raise TypeError(f"`{name}` must be an AnnData, got {type(adata).__name__}.")
 
 
 def _check_spotdata(data, name: str) -> None:
-    from .spotdata import SpotData
-
     if not isinstance(data, SpotData):
         raise TypeError(f"`{name}` must be a mclstexp_lite.train.SpotData, got "
                         f"{type(data).__name__}; build it with SpotData.from_anndata.")
 
 
-__all__ += ["predict_section", "embed_reference", "prediction_anndata", "check_model_reference",
-            "check_gene_order", "PREDICTION_KEY"]
+__all__ += ["predict_section", "predict_spots", "ReferenceBank", "embed_reference",
+            "prediction_anndata", "check_model_reference", "check_gene_order", "PREDICTION_KEY"]

@@ -54,6 +54,26 @@ def test_a_saved_predictor_predicts_like_the_model_it_came_from(trained):
     np.testing.assert_allclose(got.X, want.X, rtol=1e-5, atol=1e-6)
 
 
+def test_predict_section_and_a_predictor_take_one_path(trained):
+    """The same model, reference and section: tl.predict_section and Predictor.predict
+    give identical predictions and record the same info (a predictor adds only its own
+    keys, predict.PREDICTOR_KEYS), with the same values."""
+    p = predict.build_predictor(trained["model"], trained["data"], **LAYOUT)
+    test = trained["sections"]["S3"]
+    got = p.predict(test, device="cpu", progress=False)
+    test_data = tr.SpotData.from_anndata({"S3": test}, patch_um=RUN["patch_um"],
+                                         patch_size=RUN["patch_size"], progress=False)
+    want = tl.predict_section(trained["model"], trained["data"], test, top_k=5, device="cpu",
+                              test_data=test_data)
+    np.testing.assert_array_equal(got.X, want.X)
+    assert list(got.var_names) == list(want.var_names) and got.obs.equals(want.obs)
+    rec, ref = got.uns[tl.PREDICTION_KEY], want.uns[tl.PREDICTION_KEY]
+    assert set(rec) - set(ref) == set(predict.PREDICTOR_KEYS) and set(ref) <= set(rec)
+    assert {k: rec[k] for k in ref} == ref
+    assert ref["image_only"] is False and ref["test_section"] == "S3"
+    assert ref["reference_sections"] == ["S1", "S2"] and ref["n_reference"] == 76
+
+
 def test_the_file_loads_without_unpickling_code(trained):
     obj = torch.load(trained["path"], weights_only=True)  # raises if anything needs pickle
     assert obj["format"] == predict.FORMAT
