@@ -4,7 +4,9 @@ A :class:`TrainConfig` defines a training run (the paper's defaults); :data:`PRO
 is the one table of named profiles (``paper``, ``quick``, ``densenet_frozen``): overrides
 of the same dataclass, not second code paths. The notebooks' YAML files name a profile
 and never repeat its numbers. :func:`resolve_device` is the one place a device setting
-(``"auto"``, ``"cpu"``, ``"cuda:1"``...) becomes a ``torch.device``.
+(``"auto"``, ``"cpu"``, ``"cuda:1"``...) becomes a ``torch.device`` (it and
+:func:`autocast_dtype` live in the private ``_device`` module, below the feature cache,
+which needs them too).
 
 Everything here is re-exported by :mod:`mclstexp_lite.train`.
 """
@@ -16,9 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-import torch
-
+from . import encoders
 from . import features as fx
+from ._device import autocast_dtype, resolve_device  # noqa: F401 - re-exported here
 from ._util import positive_int
 from .models import INPUT_OPTIONS  # the input options TrainConfig passes to the model
 
@@ -244,50 +246,8 @@ PROFILES: dict[str, dict] = {
 }
 
 
-# =========================================================================== device
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks cuda > mps > cpu; an unavailable explicit device is an error."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device name (try 'auto', 'cpu', "
-                         "'cuda', 'cuda:1', 'mps')") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available here; use "
-                         "device='auto' or 'cpu'")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
-                                  and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} asked for but MPS is not available; use 'auto'")
-    return dev
-
-
-def autocast_dtype(amp: str, device: torch.device):
-    """Autocast dtype for an ``amp`` setting (``"auto"``, ``"bf16"``, ``"off"``) on
-    ``device``: ``torch.bfloat16``, or ``None`` for full precision."""
-    if amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 def input_size_of(config: TrainConfig) -> int:
     """The input size ``config`` trains at (its ``image_size``, else the encoder's own)."""
-    from . import encoders
-
     if config.image_size is not None:
         return int(config.image_size)
     if config.model.get("image_size") is not None:

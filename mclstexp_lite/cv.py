@@ -87,6 +87,7 @@ from .results import (NEIGHBOURS_FILE, compare, load_results, neighbour_shares,
                       neighbours_markdown, summarize_results, summary_markdown)
 from .run_folder import CONFIG_FILE as _CONFIG
 from .run_folder import METRICS_FILE as _METRICS
+from .run_folder import METHODS  # the methods run_cv runs: retrieval models, baselines
 from .run_folder import RETRIEVAL_METHODS as _NEURAL
 from .run_folder import fingerprint, prepare_out_dir, run_config, stain_config
 
@@ -112,9 +113,6 @@ __all__ = [
     "neighbours_markdown",
 ]
 
-#: Methods :func:`run_cv` runs (the one list of them): the two retrieval models, then
-#: the baselines of :data:`mclstexp_lite.baselines.METHODS`.
-METHODS = _NEURAL + bl.METHODS
 #: Columns of the per-section metrics table (``metrics.csv``), in order.
 ROW_COLUMNS = ("method", "scheme", "fold", "test_section", "pcc_acg", "pcc_heg", "mse",
                "mae", "n_spots", "n_genes", "n_constant_genes", "seconds")

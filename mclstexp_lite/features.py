@@ -51,7 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import __version__, download
+from ._device import autocast_dtype, resolve_device
 from ._util import atomic_write, atomic_write_json, safe_name
+from .image_encoder import normalize_uint8
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +155,6 @@ def _views(views) -> list[int]:
 # ---------------------------------------------------------------- identity
 def default_cache_dir() -> Path:
     """``<mclstexp_lite.download.cache_dir()>/features`` (beside the patch cache)."""
-    from . import download
-
     return download.cache_dir() / "features"
 
 
@@ -187,8 +188,6 @@ def patch_identity(patches) -> str:
 def _compute(encoder, patches, view: int, device: torch.device, batch_size: int, amp_dtype,
              progress: bool, desc: str) -> np.ndarray:
     from tqdm.auto import tqdm
-
-    from .image_encoder import normalize_uint8
 
     n = len(patches)
     size = encoder.image_size
@@ -241,8 +240,6 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
     numpy.ndarray
         float32 ``(n, encoder.out_dim)`` (a read-only memory map when cached).
     """
-    from .config import autocast_dtype, resolve_device
-
     view = _check_view(view)
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -293,8 +290,6 @@ def cached_array(identity: dict, compute, *, dim: int, cache_dir=None, label: st
     recomputed. ``compute()`` returns the array; it is written atomically (``.npy`` then
     ``.json``). ``cache_dir=False`` computes without caching.
     """
-    from . import __version__
-
     if cache_dir is False:
         return compute()
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -274,8 +274,10 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
         layer), logs a warning, lists them in ``uns['mclstexp_missing_genes']`` and
         flags them in ``var['mclstexp_zero_filled']``.
     copy
-        Return a new AnnData (default). ``False`` modifies ``adata`` in place and
-        returns ``None``.
+        Must be ``True`` (the default): a new AnnData is returned and ``adata`` is left
+        as it is. In-place subsetting (``copy=False``) was removed: AnnData has no
+        public way to drop genes of an object in place; write
+        ``adata = pp.subset_genes(adata, genes)``.
     id_map
         Optional ids -> symbols table: a file (first column the id, second the symbol,
         header optional; a 10x ``features.tsv.gz`` works), a mapping or a DataFrame; read
@@ -285,7 +287,7 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
 
     Returns
     -------
-    anndata.AnnData or None
+    anndata.AnnData
         ``n_vars == len(genes)`` and ``var_names == genes``. When genes were matched
         through other names, ``uns['mclstexp_gene_map']`` records ``sources``,
         ``n_matched`` and ``ambiguous``: for a panel gene that several of the section's
@@ -303,6 +305,11 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
     _util.check_anndata(adata)
     if missing not in MISSING_MODES:
         raise ValueError(f"missing must be 'error' or 'zero', got {missing!r}")
+    if copy is not True:
+        raise ValueError("subset_genes returns a new AnnData: in-place subsetting "
+                         "(copy=False) was removed, as AnnData offers no public way to drop "
+                         "genes of an object in place. Write adata = pp.subset_genes(adata, "
+                         "genes).")
     genes = check_gene_list(genes)
     if not adata.var_names.is_unique:
         raise ValueError(f"section {_util.section_name(adata)}: var_names are not unique; run "
@@ -356,19 +363,12 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
             "(pp.select_panel) so that every gene is present.")
 
     if not absent:
-        if copy:
-            out = adata[:, src].copy()
-            if renamed:
-                out.var_names = list(genes)
-            if mapped is not None:
-                out.uns[GENE_MAP_KEY] = mapped
-            return out
-        adata._inplace_subset_var(src)
+        out = adata[:, src].copy()
         if renamed:
-            adata.var_names = list(genes)
+            out.var_names = list(genes)
         if mapped is not None:
-            adata.uns[GENE_MAP_KEY] = mapped
-        return None
+            out.uns[GENE_MAP_KEY] = mapped
+        return out
 
     logger.warning("section %s: %d panel gene(s) not measured, added as all-zero columns: "
                    "%s%s", section, len(absent), ", ".join(absent[:10]),
@@ -393,7 +393,4 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
     new.uns[MISSING_KEY] = prev + [g for g in absent if g not in prev]
     if mapped is not None:
         new.uns[GENE_MAP_KEY] = mapped
-    if copy:
-        return new
-    adata._init_as_actual(new)
-    return None
+    return new

@@ -102,7 +102,7 @@ def cluster(adata, *, n_clusters: int | None = None, method: str = "kmeans",
         (scanpy, on a kNN graph of the principal components; ``resolution``).
     smooth
         Average each spot's expression with its spatial neighbours first
-        (``squidpy.gr.spatial_neighbors``, 6 nearest spots), which favours contiguous
+        (``squidpy.gr.spatial_neighbors_knn``, 6 nearest spots), which favours contiguous
         regions.
 
     Returns
@@ -123,7 +123,7 @@ def cluster(adata, *, n_clusters: int | None = None, method: str = "kmeans",
     if smooth:
         import squidpy as sq
 
-        sq.gr.spatial_neighbors(work, coord_type="generic", n_neighs=6)
+        sq.gr.spatial_neighbors_knn(work, n_neighs=6)  # 6 nearest spots, generic coordinates
         A = work.obsp["spatial_connectivities"].tocsr().astype(float)
         A = A + A.T.multiply(A.T > A)  # symmetric
         A.setdiag(1.0)

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _util
 from . import download as dl
+from ._normalize import NORMALIZE_KEY, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +242,6 @@ def _as_named_list(adatas) -> list[tuple[str, object]]:
 
 def _raw_counts(adata):
     """Raw counts of a section: layers['counts'] when X was normalised, else X."""
-    from .pp import NORMALIZE_KEY
-
     if NORMALIZE_KEY in adata.uns:
         if "counts" not in adata.layers:
             raise ValueError(f"section {_util.section_name(adata)} is normalised but has no "
@@ -297,8 +296,6 @@ def select_panel(adatas, *, n_top_genes: int = 1000, how: str = "union",
     import anndata as ad
     import scanpy as sc
     from scipy import sparse
-
-    from .pp import normalize
 
     items = _as_named_list(adatas)
     if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, numbers.Integral) \

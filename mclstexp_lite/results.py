@@ -25,6 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import metrics as mt
+from .folds import load_folds
+from .run_folder import METHODS
+
 __all__ = ["load_results", "load_predictions", "summarize_results", "summary_markdown", "compare",
            "shared_sections", "neighbour_shares", "neighbours_markdown", "NEIGHBOURS_FILE"]
 
@@ -107,8 +111,6 @@ def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme"),
         ``"C2 (not scored for: ridge_color)"``; ``""`` for rows that lost none. A group
         with no section in common with the others keeps its row, with no metrics.
     """
-    from . import metrics as mt
-
     by = [by] if isinstance(by, str) else list(by)
     left_out = None
     if shared and "test_section" in per_section.columns:
@@ -204,8 +206,6 @@ def summary_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
     column (sections not shared by every method, :func:`summarize_results`) gets a
     footnote that says methods are compared on the sections they share.
     """
-    from . import metrics as mt
-
     lead = [c for c in table.columns if not c.endswith(("_mean", "_sd"))]
     metrics = [c[:-5] for c in table.columns if c.endswith("_mean")]
     head = lead + [_LABELS.get(m, m) for m in metrics]
@@ -264,8 +264,6 @@ def compare(results_dirs, *, per_section: bool = False) -> pd.DataFrame:
         all folders have (:func:`summarize_results`); a ``left_out`` column names the
         others when there are any.
     """
-    from .cv import METHODS  # cv re-exports this module, so imported here
-
     if isinstance(results_dirs, (str, os.PathLike)):
         results_dirs = [results_dirs]
     parts = []
@@ -319,8 +317,7 @@ def neighbour_shares(results_dir) -> pd.DataFrame:
     ``top_source_neighbours`` and ``top_source_bank`` (its share of the neighbours and
     of the bank).
     """
-    from .folds import load_folds
-    from .tl import retrieve
+    from .tl import retrieve  # torch, only here
 
     results_dir = Path(results_dir)
     cfg_path = results_dir / "config.json"

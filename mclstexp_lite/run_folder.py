@@ -30,7 +30,8 @@ from .folds import Fold
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "VOLATILE_KEYS", "RETRIEVAL_METHODS", "sha256_text",
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "VOLATILE_KEYS", "RETRIEVAL_METHODS", "METHODS",
+           "sha256_text",
            "fingerprint", "run_config", "folder_identity", "config_diff", "prepare_out_dir",
            "clear_folds", "stain_config"]
 
@@ -42,6 +43,9 @@ METRICS_FILE = "metrics.json"
 VOLATILE_KEYS = ("package_version", "created", "device")
 #: Methods that retrieve from a reference bank (their ``top_k`` and ``metric`` count).
 RETRIEVAL_METHODS = ("mclstexp", "bleep")
+#: Methods :func:`mclstexp_lite.cv.run_cv` runs (the one list of them, ``cv.METHODS``):
+#: the two retrieval models, then the baselines of :data:`mclstexp_lite.baselines.METHODS`.
+METHODS = RETRIEVAL_METHODS + bl.METHODS
 
 
 def sha256_text(items) -> str:

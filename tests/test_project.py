@@ -120,3 +120,170 @@ def test_no_unsafe_unpickling_in_the_package():
     assert torch_loads, "expected torch.load calls (checkpoints, feature cache)"
     assert all(w is True for _, _, w in torch_loads), torch_loads
     assert pickle_loads == [("panels.py", "published_panel", True)]
+
+
+# ------------------------------------------------------------------ the import graph
+#: Imports that make a module heavy (what ``import mclstexp_lite`` must not load).
+HEAVY = ("torch", "scanpy", "squidpy", "anndata")
+
+
+def _modules() -> dict[str, tuple]:
+    """``{dotted name: (path, is_package)}`` of every module of the package."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        out[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    return out
+
+
+def _imports(tree: ast.AST):
+    """``(in_function, enclosing function or None, node)`` for every import statement."""
+    def walk(node, func):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                else func
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                yield func is not None, func, child
+            yield from walk(child, inner)
+    yield from walk(tree, None)
+
+
+def _targets(name: str, is_pkg: bool, node, modules) -> tuple[set, set]:
+    """(package modules, external top-level packages) an import statement loads; a
+    submodule brings its parent packages along."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    elif node.level == 0:
+        names = [f"{node.module}.{a.name}" for a in node.names]
+    else:
+        base = name.split(".")[: len(name.split(".")) - (node.level - (1 if is_pkg else 0))]
+        mod = ".".join(base + ([node.module] if node.module else []))
+        names = [f"{mod}.{a.name}" for a in node.names]
+    inner, outer = set(), set()
+    for full in names:
+        if full.split(".")[0] != PACKAGE.name:
+            outer.add(full.split(".")[0])
+            continue
+        while full not in modules:
+            full = full.rpartition(".")[0]
+        parts = full.split(".")
+        inner.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
+    inner.discard(name)
+    return {m for m in inner if not name.startswith(m + ".")}, outer
+
+
+def _import_graph():
+    """Edges ``{module: {module}}`` of all imports (function level included), the
+    module-level ones apart, the external packages each imports at module level, and the
+    in-function imports of package modules ``(module, function, target)``."""
+    modules = _modules()
+    every, top, outer, lazy = {}, {}, {}, []
+    for name, (path, is_pkg) in modules.items():
+        every[name], top[name], outer[name] = set(), set(), set()
+        for in_func, func, node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            inner, ext = _targets(name, is_pkg, node, modules)
+            every[name] |= inner
+            if in_func:
+                lazy += [(name, func, t) for t in sorted(inner)]
+            else:
+                top[name] |= inner
+                outer[name] |= ext
+    return every, top, outer, lazy
+
+
+def _cycles(graph: dict[str, set]) -> list[list[str]]:
+    """One cycle (a closed path) through every strongly connected part of ``graph``."""
+    index, low, stack, on, parts = {}, {}, [], set(), []
+
+    def connect(v):  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                part.add(w)
+                if w == v:
+                    break
+            if len(part) > 1:
+                parts.append(part)
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    cycles = []
+    for part in parts:  # shortest way back to the part's first module
+        start = min(part)
+        paths, seen = [[start]], {start}
+        while paths:
+            path = paths.pop(0)
+            nxt = sorted(w for w in graph[path[-1]] if w in part)
+            if start in nxt:
+                cycles.append(path + [start])
+                break
+            for w in nxt:
+                if w not in seen:
+                    seen.add(w)
+                    paths.append(path + [w])
+    return cycles
+
+
+def _heavy(top: dict, outer: dict) -> set:
+    heavy = {m for m, ext in outer.items() if set(ext) & set(HEAVY)}
+    grew = True
+    while grew:
+        more = {m for m, deps in top.items() if deps & heavy} - heavy
+        heavy |= more
+        grew = bool(more)
+    return heavy
+
+
+def test_no_import_cycles_counting_imports_inside_functions():
+    """A module never imports, even inside a function, a module that imports it back
+    (directly or through others): the package is layered, and a name two modules share
+    lives in the module below both."""
+    every, _, _, _ = _import_graph()
+    cycles = [" -> ".join(c) for c in _cycles(every)]
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_imports_inside_functions_only_keep_heavy_modules_lazy():
+    """A package module is imported inside a function only where that keeps a light
+    module light: the importer does not load torch/scanpy/squidpy/anndata at import
+    time and the imported module does. Everything else is imported at the top."""
+    every, top, outer, lazy = _import_graph()
+    heavy = _heavy(top, outer)
+    needless = [f"{m}.{func}: {t}" for m, func, t in lazy if m in heavy or t not in heavy]
+    assert not needless, ("imports inside functions that could be at the top:\n"
+                          + "\n".join(needless))
+    assert "mclstexp_lite.train" in heavy and "mclstexp_lite.datasets" not in heavy
+
+
+# --------------------------------------------------------------- AnnData, public API
+def test_the_package_uses_only_public_anndata_api():
+    """No private AnnData attribute (``adata._inplace_subset_var``,
+    ``adata._init_as_actual``, ``adata._X``...) anywhere in the package: those change
+    without notice between anndata versions. An AST walk over every attribute access,
+    against the private names AnnData has in the installed version (plus its instance
+    slots), so that a new use cannot slip in under another spelling of the call."""
+    import anndata as ad
+
+    private = {n for n in dir(ad.AnnData) if n.startswith("_") and not n.startswith("__")}
+    private |= {"_X", "_obs", "_var", "_uns", "_obsm", "_varm", "_obsp", "_varp", "_layers",
+                "_raw", "_adata_ref", "_oidx", "_vidx", "_is_view", "_n_obs", "_n_vars"}
+    assert {"_inplace_subset_var", "_init_as_actual"} <= private  # the walk can find them
+    hits = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                hits.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+    assert not hits, "AnnData private API:\n" + "\n".join(hits)
