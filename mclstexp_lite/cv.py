@@ -80,6 +80,9 @@ import pandas as pd
 
 from . import _util
 from . import baselines as bl
+from . import metrics as mt
+from . import stain as st
+from ._patch_extract import DEFAULT_PATCH_UM
 from .folds import FOLDS_FILE as _FOLDS
 from .folds import (SCHEMES, Fold, check_folder_name, check_leakage, load_folds, make_folds,
                     patients_of, save_folds)
@@ -285,8 +288,6 @@ def run_cv(
     embeddings/features in ``embeddings.npz`` are reused when they match the
     checkpoint and spots.
     """
-    from . import patches as pt
-
     adatas = _check_adatas(adatas)
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}.")
@@ -294,7 +295,7 @@ def run_cv(
     top_k = _util.positive_int(top_k, "top_k")
     if metric not in ("l1", "l2"):
         raise ValueError(f"metric must be 'l1' or 'l2', got {metric!r}.")
-    patch_um = pt.DEFAULT_PATCH_UM if patch_um is None else float(patch_um)
+    patch_um = DEFAULT_PATCH_UM if patch_um is None else float(patch_um)
     n_genes = next(iter(adatas.values())).n_vars
     if isinstance(n_heg, bool) or not isinstance(n_heg, (int, np.integer)) or not 1 <= n_heg <= n_genes:
         raise ValueError(f"n_heg must be an integer between 1 and the number of genes "
@@ -344,8 +345,6 @@ def run_cv(
 
 def _fold_stain(stain, adatas, fold: Fold, geometry, progress):
     """The fold's normaliser: ``stain`` itself, or one fitted on the fold's training sections."""
-    from . import stain as st
-
     if stain is None or isinstance(stain, st.StainNormalizer):
         return stain
     return st.fit_on_sections({s: adatas[s] for s in fold.train}, stain,
@@ -486,8 +485,6 @@ def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top
 def _score(pred_ad, truth, n_heg: int) -> tuple[dict, dict]:
     """Metrics of one predicted section: the metric columns of its ``metrics.csv`` row,
     and what ``metrics.json`` keeps per section (the HEG genes)."""
-    from . import metrics as mt
-
     m = mt.summarize(pred_ad.X, _util.to_dense(truth.X, np.float32),
                      genes=list(truth.var_names), n_heg=n_heg)
     return ({c: m[c] for c in ROW_COLUMNS[4:11]},

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _util
+from . import _util, metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,6 @@ def rank_genes(pairs: Sequence[tuple], *, genes: Sequence[str] | None = None):
         gene was not constant), sorted by ``mean_neglog10_p`` descending.
     """
     import pandas as pd
-
-    from . import metrics
 
     frames = []
     for i, (pred, true) in enumerate(pairs):

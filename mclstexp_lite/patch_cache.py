@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import patches
+from . import __version__, download
 from ._util import (atomic_write, atomic_write_text, positive_float, positive_int, safe_name,
                     sha256_file)
-from .patches import DEFAULT_PATCH_UM, center_pixels, crop_size_px
+from ._patch_extract import DEFAULT_PATCH_UM, center_pixels, crop_size_px, extract_patches
 
 __all__ = ["patch_cache"]
 
@@ -46,8 +46,6 @@ def _default_cache_dir() -> Path:
     That is ``$MCLSTEXP_CACHE`` when set, else the per-user cache folder; derived files
     never go inside the data root, which may be a shared or read-only copy.
     """
-    from mclstexp_lite import download
-
     return download.cache_dir() / "patches"
 
 
@@ -414,7 +412,7 @@ def patch_cache(
             meta["built_from"] = "source image"
 
             def fill(dest):
-                patches.extract_patches(
+                extract_patches(
                     inputs["path"],
                     inputs["centers"],
                     crop_px=crop_px,
@@ -424,8 +422,6 @@ def patch_cache(
                     out=dest,
                     progress=progress,
                 )
-
-        from mclstexp_lite import __version__
 
         meta.update(
             obs_names=obs_names,
@@ -470,9 +466,12 @@ _STAINED_SUBDIR = "stained"
 
 def _stained_patch_cache(adata, stain, *, patch_um, out_size, cache_dir, library_id, overwrite,
                          progress) -> np.memmap:
-    """:func:`patch_cache` with ``stain=``: the normalised entry, built from the plain one."""
-    from . import stain as st
+    """:func:`patch_cache` with ``stain=``: the normalised entry, built from the plain one.
 
+    ``stain`` is used through the normaliser's interface (``method``, ``is_fitted``,
+    ``fingerprint``, ``transform``, ``last_stats``, ``to_dict``), so this module needs
+    nothing of :mod:`mclstexp_lite.stain`, which builds on the cache
+    (:func:`mclstexp_lite.stain.fit_on_sections`)."""
     if isinstance(stain, str):
         raise TypeError(
             f"stain must be a fitted mclstexp_lite.stain.StainNormalizer, got the string "
@@ -480,7 +479,8 @@ def _stained_patch_cache(adata, stain, *, patch_um, out_size, cache_dir, library
             f"stain.fit_on_sections(training_sections, {stain!r}) (cv.run_cv(stain={stain!r}) "
             "does this per fold)."
         )
-    if not isinstance(stain, st.StainNormalizer):
+    if not all(hasattr(type(stain), a) for a in ("is_fitted", "fingerprint", "transform",
+                                                  "to_dict")):
         raise TypeError(
             f"stain must be a fitted mclstexp_lite.stain.StainNormalizer or None, got "
             f"{type(stain).__name__}."
@@ -519,8 +519,6 @@ def _stained_patch_cache(adata, stain, *, patch_um, out_size, cache_dir, library
                 result = arr
 
     if result is None:
-        from mclstexp_lite import __version__
-
         stats: dict = {}
 
         def fill(dest):

@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import _util
+from . import __version__, _util
 from . import datasets as ds
 from . import patches as pt
 from . import tl
@@ -45,6 +45,7 @@ from .checkpoint import load_model
 from .config import resolve_device
 from .embed import embed_images
 from .inputs import model_expression
+from .slides import GRIDS
 from .spotdata import SpotData
 
 __all__ = ["Predictor", "build_predictor", "save_predictor", "load_predictor",
@@ -323,8 +324,6 @@ def build_predictor(model, reference, *, top_k: int = 50, metric: str = "l1",
         raise TypeError(f"reference must be a mclstexp_lite.train.SpotData, got "
                         f"{type(reference).__name__}; build it with SpotData.from_anndata")
     tl.check_model_reference(model, reference)
-    from .slides import GRIDS
-
     layout = _reference_layout(reference, spot_pitch_um, spot_diameter_um, grid)
     if layout["grid"] not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS} (legacy ST 1k, legacy ST 2k, Visium), "
@@ -354,8 +353,6 @@ def build_predictor(model, reference, *, top_k: int = 50, metric: str = "l1",
         reference_image_emb = bank
     else:
         reference_image_emb = None
-    from . import __version__
-
     sizes = np.bincount(reference.groups, minlength=len(reference.sections))
     info = {
         "reference_sections": [str(s) for s in reference.sections],

@@ -24,8 +24,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import _util
+from . import __version__, _util
 from . import baselines as bl
+from . import stain as st
 from .folds import Fold
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ def fingerprint(adata) -> dict:
 
 def run_config(*, adatas, patients, scheme, method, config, top_k, metric, patch_um,
                 patch_size, device) -> dict:
-    from . import __version__
-
     genes = list(next(iter(adatas.values())).var_names)
     d = {
         "scheme": scheme,
@@ -95,7 +94,7 @@ def folder_identity(cfg: Mapping) -> dict:
     """What must match for a results folder to hold this run: ``config.json`` without
     its volatile keys, the training config compared by the one "same run?" rule
     (:func:`mclstexp_lite.checkpoint.run_identity`, with ``epochs``)."""
-    from . import checkpoint
+    from . import checkpoint  # torch, only here
 
     d = {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}
     tc = dict(d.get("train_config") or {})
@@ -184,8 +183,6 @@ def clear_folds(out: Path, folds: Sequence[Fold]) -> None:
 
 def stain_config(stain) -> dict | None:
     """What ``run_cv(stain=...)`` records in ``config.json``; validates ``stain``."""
-    from . import stain as st
-
     if stain is None:
         return None
     if isinstance(stain, str):

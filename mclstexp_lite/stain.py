@@ -51,6 +51,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .patch_cache import patch_cache
+
 __all__ = [
     "METHODS",
     "StainNormalizer",
@@ -540,15 +542,13 @@ def fit_on_sections(adatas: Mapping, method: str = "macenko", *, per_section: in
     StainNormalizer
         Fitted; :attr:`StainNormalizer.reference` names the sections.
     """
-    from . import patches as pt
-
     if not isinstance(adatas, Mapping) or not adatas:
         raise ValueError("adatas must be a non-empty {section: AnnData} dict of the reference sections.")
     norm = StainNormalizer(method, **settings)
     geometry = {"out_size": out_size, "cache_dir": cache_dir, "progress": progress}
     if patch_um is not None:
         geometry["patch_um"] = patch_um
-    arrays = {s: pt.patch_cache(a, **geometry) for s, a in adatas.items()}
+    arrays = {s: patch_cache(a, **geometry) for s, a in adatas.items()}
     ref = reference_patches(arrays, per_section=per_section, io=norm.io, beta=norm.beta,
                             black_level=norm.black_level)
     norm.fit(ref, description=f"{len(ref)} patches, up to {per_section} per section "

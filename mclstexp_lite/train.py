@@ -38,8 +38,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import datasets as ds
 from . import features as fx
-from . import inputs
+from . import inputs, pp
 from . import tl
 from . import models as mdl
 from ._util import atomic_write_json
@@ -303,9 +304,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
-    from . import datasets as ds
-    from . import pp
-
     over = {"seed": args.seed, "device": device}
     if args.epochs is not None:
         over["epochs"] = args.epochs

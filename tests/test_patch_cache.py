@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+import mclstexp_lite._patch_extract as PX
 import mclstexp_lite.patch_cache as PC
 from mclstexp_lite import _util
 from mclstexp_lite import datasets as ds
@@ -245,7 +246,7 @@ def test_cache_hit_reuses_entry_without_decoding(c2_cache, monkeypatch):
     def no_decode(*args, **kwargs):
         raise AssertionError("the image was decoded on a cache hit")
 
-    monkeypatch.setattr(P, "_open_image", no_decode)
+    monkeypatch.setattr(PX, "_open_image", no_decode)
     again = P.patch_cache(adata.copy(), cache_dir=cache, progress=False)
     assert isinstance(again, np.memmap)
     np.testing.assert_array_equal(again, arr)
@@ -258,7 +259,7 @@ def test_subset_and_reorder_reuse_rows_of_existing_entry(c2_cache, monkeypatch):
     adata, arr, cache = c2_cache
     order = np.random.default_rng(3).permutation(adata.n_obs)[:60]
     sub = adata[order].copy()
-    monkeypatch.setattr(P, "_open_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(PX, "_open_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
     got = P.patch_cache(sub, cache_dir=cache, progress=False)
     assert isinstance(got, np.memmap) and got.shape == (60, 224, 224, 3)
     np.testing.assert_array_equal(got, arr[order])
@@ -363,7 +364,7 @@ def test_failed_overwrite_keeps_the_valid_entry(c2, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("simulated decode failure")
 
-    monkeypatch.setattr(P, "_open_image", broken)
+    monkeypatch.setattr(PX, "_open_image", broken)
     with pytest.raises(ValueError, match="simulated"):
         P.patch_cache(adata, cache_dir=tmp_path, overwrite=True, progress=False)
     assert _entry_files(tmp_path) == files and not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
@@ -471,7 +472,7 @@ def _interrupt_half_way(monkeypatch, exc):
         real(image, centers[:half], out=out[:half], ids=None if ids is None else ids[:half], **kw)
         raise exc
 
-    monkeypatch.setattr(P, "extract_patches", half_then_fail)
+    monkeypatch.setattr(PC, "extract_patches", half_then_fail)  # what the cache calls
 
 
 def test_interrupted_patch_cache_write_leaves_no_entry(synthetic_section, tmp_path, monkeypatch):

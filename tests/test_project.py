@@ -256,15 +256,27 @@ def test_no_import_cycles_counting_imports_inside_functions():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+#: In-function imports in files that other branches are editing at the same time
+#: (tutorials.py, workflow.py outside train_or_load / cv_or_load' bodies): move them to
+#: the top once those branches are merged, and empty this set.
+_LEFT_FOR_THE_MERGE = {
+    "mclstexp_lite.tutorials.run: mclstexp_lite._util",
+    "mclstexp_lite.workflow.prepared_sections: mclstexp_lite.pp",
+    "mclstexp_lite.workflow.cv_or_load: mclstexp_lite.cv",
+}
+
+
 def test_imports_inside_functions_only_keep_heavy_modules_lazy():
     """A package module is imported inside a function only where that keeps a light
     module light: the importer does not load torch/scanpy/squidpy/anndata at import
     time and the imported module does. Everything else is imported at the top."""
     every, top, outer, lazy = _import_graph()
     heavy = _heavy(top, outer)
-    needless = [f"{m}.{func}: {t}" for m, func, t in lazy if m in heavy or t not in heavy]
-    assert not needless, ("imports inside functions that could be at the top:\n"
-                          + "\n".join(needless))
+    needless = {f"{m}.{func}: {t}" for m, func, t in lazy if m in heavy or t not in heavy}
+    assert not needless - _LEFT_FOR_THE_MERGE, (
+        "imports inside functions that could be at the top:\n"
+        + "\n".join(sorted(needless - _LEFT_FOR_THE_MERGE)))
+    assert not _LEFT_FOR_THE_MERGE - needless, "moved already: drop from _LEFT_FOR_THE_MERGE"
     assert "mclstexp_lite.train" in heavy and "mclstexp_lite.datasets" not in heavy
 
 

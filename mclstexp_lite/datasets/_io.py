@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import _util
 from .. import download as dl
+from ..slides import open_slide
 
 #: Longest side of the downscaled image stored in ``uns['spatial'][lib]['images']['hires']``.
 HIRES_MAX_PX = 2000
@@ -96,8 +97,6 @@ def image_array_file(arr: np.ndarray, *, what: str = "image array") -> Path:
     import hashlib
 
     from PIL import Image
-
-    from ..slides import open_slide
 
     with open_slide(np.asarray(arr)) as slide:  # dtype, channels, transparency checked
         rgb = np.ascontiguousarray(slide.read_region(0, 0, slide.width, slide.height))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import slides
 from ._io import DROPPED_WARN_SHARE, HIRES_MAX_PX, integer_counts
 from .geometry import (
     LEGACY_ST_PITCH_UM,
@@ -223,8 +224,6 @@ def hest(
 
     import anndata as ad
     import pandas as pd
-
-    from .. import slides
 
     if not isinstance(sample_id, str) or not sample_id or any(c in sample_id for c in "/\\"):
         raise ValueError(f"sample_id must be a HEST id such as 'TENX95' (no path), got "

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _util
+from .. import slides
 from ._io import HIRES_MAX_PX, image_array_file
 from .geometry import GRID_ROW_RATIO, LEGACY_ST_PITCH_UM, LEGACY_ST_SPOT_DIAMETER_UM
 
@@ -135,8 +136,6 @@ def from_image(
     import anndata as ad
     import pandas as pd
     from scipy import sparse
-
-    from .. import slides
 
     for name, v in (("spot_pitch_um", spot_pitch_um), ("spot_diameter_um", spot_diameter_um)):
         if not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:

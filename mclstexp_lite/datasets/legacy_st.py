@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import download as dl
+from ..gene_names import read_gene_map, unversioned
 from ._io import (
     DROPPED_WARN_SHARE,
     FIX_MANIFEST,
@@ -318,8 +319,6 @@ def from_files(
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
     if gene_map is not None:
-        from ..gene_names import read_gene_map, unversioned
-
         mapping = read_gene_map(gene_map, what="gene_map")
         where = gene_map if isinstance(gene_map, (str, os.PathLike)) else "the gene_map mapping"
         plain = {unversioned(k): v for k, v in mapping.items()}

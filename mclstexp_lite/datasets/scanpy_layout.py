@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._patch_extract import DEFAULT_PATCH_UM
 from ._io import HIRES_MAX_PX, downscaled_rgb, image_array_file, integer_counts
 from .geometry import (
     ARRAY_LAYOUTS,
@@ -215,8 +216,6 @@ def from_anndata(adata, image: str | os.PathLike | None = None, *,
         frame = float(scalef)
         src = image_array_file(_rgb_uint8(images[key], f"images['{key}']"))
         img_from = f"uns['spatial'][{library_id!r}]['images'][{key!r}]"
-        from ..patches import DEFAULT_PATCH_UM
-
         um_img = full_um / frame
         crop = DEFAULT_PATCH_UM / um_img
         if crop < MIN_PATCH_PX:
