@@ -155,6 +155,74 @@ def from_files(
     from scipy import sparse
 
     counts, spots = Path(counts), Path(spots)
+    _check_from_files_args(counts=counts, spots=spots, image=image, labels=labels,
+                           pixel_scale=pixel_scale, um_per_px=um_per_px, array=array,
+                           spot_pitch_um=spot_pitch_um, spot_diameter_um=spot_diameter_um,
+                           counts_orientation=counts_orientation)
+    patient = patient if patient is not None else section
+    cnt = _read_counts(counts, spots, counts_orientation)
+    sp, n_rows, not_selected = _read_spot_file(spots, counts, selected)
+    cnt, sp, dropped = _match_counts_and_spots(
+        cnt, sp, counts=counts, spots=spots, section=section, n_rows=n_rows,
+        not_selected=not_selected, selected=selected, counts_orientation=counts_orientation,
+        drop_zero_count_spots=drop_zero_count_spots)
+
+    pix = sp[["pixel_x", "pixel_y"]].to_numpy(float) * pixel_scale
+    obs = _spot_obs(sp, pix, section, patient)
+    if labels is not None:
+        _add_labels(obs, Path(labels), sp.index, section)
+    X = sparse.csr_matrix(cnt.to_numpy().astype(np.int32))
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(
+        index=pd.Index(cnt.columns.astype(str), name=None)))
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    if gene_map is not None:
+        _add_gene_symbols(adata, gene_map, counts, section)
+    adata.obsm["spatial"] = pix.astype(np.float64)
+
+    scale = _legacy_scale(section, spots, sp[["x", "y"]].to_numpy(float), pix, array=array,
+                          um_per_px=um_per_px, spot_pitch_um=spot_pitch_um,
+                          spot_diameter_um=spot_diameter_um)
+    lay = ARRAY_LAYOUTS[scale["layout"]]
+    pitch_um, um_per_px = scale["pitch_um"], scale["um_per_px"]
+    spacing_um = nearest_um(scale["layout"], pitch_um)
+    meta = {
+        "source_image_path": str(Path(image).resolve()) if image is not None else "",
+        "source_image_sha256": image_sha256,
+        "um_per_px": float(um_per_px),
+        "pixel_scale": float(pixel_scale),
+        "spot_pitch_um": pitch_um,
+        "spot_spacing_um": round(spacing_um, 3),
+        "spot_diameter_um": scale["diameter_um"],
+        "array": scale["layout"],
+        "array_from": scale["array_from"],
+        "grid": lay["grid"],
+        "array_step_um": [float(u) * pitch_um / lay["pitch_um"] for u in lay["step_um"]],
+        "row_ratio": scale["row_ratio"],
+        "scale_from": scale["scale_from"],
+    }
+    lib = {"metadata": meta, "images": {},
+           "scalefactors": {"spot_diameter_fullres": float(scale["diameter_um"] / um_per_px),
+                            "tissue_hires_scalef": 1.0}}
+    if image is not None:
+        _attach_image(lib, Path(image), pix, adata.obs_names, section=section,
+                      pixel_scale=pixel_scale, pitch_px=spacing_um / um_per_px,
+                      hires_max_px=hires_max_px,
+                      fix=FIX_OWN if dataset == "custom" else FIX_MANIFEST)
+    adata.uns["spatial"] = {section: lib}
+    adata.uns["mclstexp"] = {"dataset": dataset, "section": section,
+                             "files": {"counts": str(counts), "spots": str(spots),
+                                       "image": str(image) if image is not None else "",
+                                       "labels": str(labels) if labels is not None else "",
+                                       "gene_map": (str(gene_map) if isinstance(
+                                           gene_map, (str, os.PathLike)) else "")},
+                             "spots_dropped": dropped}
+    return adata
+
+
+# ---------------------------------------------------------- the steps of from_files()
+def _check_from_files_args(*, counts, spots, image, labels, pixel_scale, um_per_px, array,
+                           spot_pitch_um, spot_diameter_um, counts_orientation) -> None:
     for what, path in (("counts", counts), ("spots", spots), ("image", image),
                        ("labels", labels)):
         if path is not None and not Path(path).is_file():
@@ -176,9 +244,13 @@ def from_files(
     if counts_orientation not in ("spots_x_genes", "genes_x_spots"):
         raise ValueError("counts_orientation must be 'spots_x_genes' or 'genes_x_spots', "
                          f"got {counts_orientation!r}")
-    patient = patient if patient is not None else section
 
-    # counts ---------------------------------------------------------------
+
+def _read_counts(counts: Path, spots: Path, counts_orientation: str):
+    """The count table, spots x genes, checked: unique spot ids, whole non-negative
+    numbers."""
+    import pandas as pd
+
     cnt = read_table(counts, index_col=0)
     if looks_like_spot_file(cnt.columns):
         raise ValueError(f"{counts} has the columns of a spot file (pixel_x, pixel_y), not "
@@ -208,8 +280,14 @@ def from_files(
     if not np.allclose(values, np.round(values)):
         raise ValueError(f"{counts}: counts are not integers (is this already normalised?). "
                          "Load raw counts; normalisation is done by mclstexp_lite.pp.normalize.")
+    return cnt
 
-    # spots ----------------------------------------------------------------
+
+def _read_spot_file(spots: Path, counts: Path, selected: bool):
+    """The spot file indexed by ``"{x}x{y}"`` of the rounded array coordinates (with
+    ``array_x``, ``array_y``), its number of rows, and the rows left out as not selected."""
+    import pandas as pd
+
     sp = read_table(spots)
     need = {"x", "y", "pixel_x", "pixel_y"}
     if not need <= set(sp.columns):
@@ -219,12 +297,10 @@ def from_files(
         raise ValueError(f"{spots}: spot file needs columns {sorted(need)}, found "
                          f"{list(sp.columns)[:10]}{' ...' if sp.shape[1] > 10 else ''}."
                          + swapped)
-    n_rows = len(sp)
-    dropped = {"not_selected": 0, "counts_without_spot_row": 0, "spot_rows_without_counts": 0,
-               "zero_counts": 0}
+    n_rows, not_selected = len(sp), 0
     if "selected" in sp.columns and selected:
         keep_sel = sp["selected"] == 1
-        dropped["not_selected"] = int((~keep_sel).sum())
+        not_selected = int((~keep_sel).sum())
         sp = sp[keep_sel]
     coord_cols = ["x", "y", "pixel_x", "pixel_y"]
     text_cols = [c for c in coord_cols if not pd.api.types.is_numeric_dtype(sp[c])]
@@ -244,6 +320,16 @@ def from_files(
     if len(dup):
         raise ValueError(f"{spots}: {len(dup)} spot(s) share rounded array coordinates, e.g. "
                          f"{list(dup[:5])}; the file is not a legacy-ST spot selection.")
+    return sp, n_rows, not_selected
+
+
+def _match_counts_and_spots(cnt, sp, *, counts, spots, section, n_rows, not_selected,
+                            selected, counts_orientation, drop_zero_count_spots):
+    """The spots in both files (and with counts, unless ``drop_zero_count_spots`` is
+    off), and the rows dropped by reason; warns when many were dropped or the two files
+    share too few spot ids to be of one section."""
+    dropped = {"not_selected": not_selected, "counts_without_spot_row": 0,
+               "spot_rows_without_counts": 0, "zero_counts": 0}
     common = cnt.index.intersection(sp.index, sort=False)
     if len(common) == 0:
         hint = " Are they from the same section?"
@@ -258,6 +344,7 @@ def from_files(
     dropped["counts_without_spot_row"] = len(cnt.index) - len(common)
     dropped["spot_rows_without_counts"] = len(sp.index) - len(common)
     overlap = len(common) / max(1, min(len(cnt.index), len(sp.index)))
+    n_cnt, n_sp = len(cnt.index), len(sp.index)
     cnt = cnt.loc[common]
     sp = sp.loc[common]
     totals = cnt.to_numpy().sum(axis=1)
@@ -276,22 +363,26 @@ def from_files(
                f"{reasons}.")
         same = ""
         if overlap < SAME_SECTION_SHARE:
-            same = (f" Only {len(common)} spot ids are in both the count table ({len(cnt.index)} "
-                    f"rows) and the spot file ({len(sp.index)} rows{' selected' if selected and dropped['not_selected'] else ''}), "
+            same = (f" Only {len(common)} spot ids are in both the count table ({n_cnt} "
+                    f"rows) and the spot file ({n_sp} rows{' selected' if selected and dropped['not_selected'] else ''}), "
                     f"{overlap:.0%} of the smaller: are {counts.name} and {spots.name} from the "
                     "same section? (Sections of one array design share spot ids, so files of "
                     "two sections match in part.)")
         if (n_rows and lost > DROPPED_WARN_SHARE * n_rows) or same:
             hint = (" Pass selected=False to keep the rows the spot file marks as not "
                     "selected." if dropped["not_selected"] and not same else "")
-            warnings.warn(msg + same + hint, UserWarning, stacklevel=2)
+            warnings.warn(msg + same + hint, UserWarning, stacklevel=3)
         else:
             log.info("%s", msg)
     if len(cnt) == 0:
         raise ValueError(f"{counts}: no spots with counts left after matching {spots}")
+    return cnt, sp, dropped
 
-    pix = sp[["pixel_x", "pixel_y"]].to_numpy(float) * pixel_scale
-    obs = pd.DataFrame({
+
+def _spot_obs(sp, pix, section, patient):
+    import pandas as pd
+
+    return pd.DataFrame({
         "section": pd.Categorical([section] * len(sp)),
         "patient": pd.Categorical([patient] * len(sp)),
         "array_x": sp["array_x"].to_numpy(int),
@@ -300,54 +391,62 @@ def from_files(
         "pixel_y": pix[:, 1],
     }, index=[f"{section}_{i}" for i in sp.index])
 
-    if labels is not None:
-        lab = read_table(Path(labels))
-        if not {"x", "y", "label"} <= set(lab.columns):
-            raise ValueError(f"{labels}: label file needs columns x, y, label; found "
-                             f"{list(lab.columns)}")
-        lab = lab.dropna(subset=["x", "y"])
-        key = [f"{a}x{b}" for a, b in zip(np.round(lab["x"]).astype(int),
-                                            np.round(lab["y"]).astype(int))]
-        lab_map = dict(zip(key, lab["label"].astype(str)))
-        obs["label"] = pd.Categorical([lab_map.get(i) for i in sp.index])
-        n_lab = int(obs["label"].notna().sum())
-        log.info("%s: %d of %d spots carry a pathologist label", section, n_lab, len(obs))
 
-    X = sparse.csr_matrix(cnt.to_numpy().astype(np.int32))
-    var = pd.DataFrame(index=pd.Index(cnt.columns.astype(str), name=None))
-    adata = ad.AnnData(X=X, obs=obs, var=var)
-    if not adata.var_names.is_unique:
-        adata.var_names_make_unique()
-    if gene_map is not None:
-        mapping = read_gene_map(gene_map, what="gene_map")
-        where = gene_map if isinstance(gene_map, (str, os.PathLike)) else "the gene_map mapping"
-        plain = {unversioned(k): v for k, v in mapping.items()}
-        names = [unversioned(str(n)) for n in adata.var_names]
-        symbols = [plain.get(n, "") for n in names]
-        n_mapped = sum(bool(x) for x in symbols)
-        if n_mapped == 0:
-            values = {unversioned(v) for v in mapping.values()}
-            if any(n in values for n in names):
-                raise ValueError(
-                    f"{counts}: its gene names are in the second column of {where}, not the "
-                    "first: the first column must hold the count table's names (the ids), "
-                    "the second the symbols. Swap the columns, or drop gene_map= if the "
-                    "counts already use symbols.")
+def _add_labels(obs, labels: Path, spot_ids, section) -> None:
+    """``obs['label']`` from a pathologist label table (``x``, ``y``, ``label``), joined
+    on the rounded array coordinates."""
+    import pandas as pd
+
+    lab = read_table(labels)
+    if not {"x", "y", "label"} <= set(lab.columns):
+        raise ValueError(f"{labels}: label file needs columns x, y, label; found "
+                         f"{list(lab.columns)}")
+    lab = lab.dropna(subset=["x", "y"])
+    key = [f"{a}x{b}" for a, b in zip(np.round(lab["x"]).astype(int),
+                                        np.round(lab["y"]).astype(int))]
+    lab_map = dict(zip(key, lab["label"].astype(str)))
+    obs["label"] = pd.Categorical([lab_map.get(i) for i in spot_ids])
+    n_lab = int(obs["label"].notna().sum())
+    log.info("%s: %d of %d spots carry a pathologist label", section, n_lab, len(obs))
+
+
+def _add_gene_symbols(adata, gene_map, counts, section) -> None:
+    """``var['gene_ids']`` (the counts' names) and ``var['gene_symbols']`` from
+    ``gene_map``; the table must name the counts' genes in its first column."""
+    mapping = read_gene_map(gene_map, what="gene_map")
+    where = gene_map if isinstance(gene_map, (str, os.PathLike)) else "the gene_map mapping"
+    plain = {unversioned(k): v for k, v in mapping.items()}
+    names = [unversioned(str(n)) for n in adata.var_names]
+    symbols = [plain.get(n, "") for n in names]
+    n_mapped = sum(bool(x) for x in symbols)
+    if n_mapped == 0:
+        values = {unversioned(v) for v in mapping.values()}
+        if any(n in values for n in names):
             raise ValueError(
-                f"none of the gene names of {counts} (e.g. {list(adata.var_names[:3])}) is "
-                f"in the first column of {where} (e.g. {list(mapping)[:3]}). Is the table "
-                "for another organism or annotation?")
-        if n_mapped < adata.n_vars / 2:
-            warnings.warn(
-                f"{section}: {where} gives a symbol to only {n_mapped} of the "
-                f"{adata.n_vars} genes of {counts}; the others keep an empty "
-                "var['gene_symbols']. Check that the table matches the counts' annotation.",
-                UserWarning, stacklevel=2)
-        adata.var["gene_ids"] = adata.var_names.astype(str)
-        adata.var["gene_symbols"] = symbols
-    adata.obsm["spatial"] = pix.astype(np.float64)
+                f"{counts}: its gene names are in the second column of {where}, not the "
+                "first: the first column must hold the count table's names (the ids), "
+                "the second the symbols. Swap the columns, or drop gene_map= if the "
+                "counts already use symbols.")
+        raise ValueError(
+            f"none of the gene names of {counts} (e.g. {list(adata.var_names[:3])}) is "
+            f"in the first column of {where} (e.g. {list(mapping)[:3]}). Is the table "
+            "for another organism or annotation?")
+    if n_mapped < adata.n_vars / 2:
+        warnings.warn(
+            f"{section}: {where} gives a symbol to only {n_mapped} of the "
+            f"{adata.n_vars} genes of {counts}; the others keep an empty "
+            "var['gene_symbols']. Check that the table matches the counts' annotation.",
+            UserWarning, stacklevel=3)
+    adata.var["gene_ids"] = adata.var_names.astype(str)
+    adata.var["gene_symbols"] = symbols
 
-    arr_xy = sp[["x", "y"]].to_numpy(float)
+
+def _legacy_scale(section, spots, arr_xy, pix, *, array, um_per_px, spot_pitch_um,
+                  spot_diameter_um) -> dict:
+    """The spot array (given, or decided from the geometry), its spot distance and
+    diameter, and the image's microns per pixel (given, else from the spots); warns
+    when the geometry fits no array well, contradicts the array given, or disagrees
+    with the ``um_per_px`` given."""
     geo = array_layout(arr_xy, pix)
     ambiguous_1k = array == "auto" and geo["ambiguous"] and geo["layout"] == "1k"
     if array == "auto":
@@ -363,7 +462,7 @@ def from_files(
                 f"{section}: the spots of {spots} fit no known array well: {geo['reason']} "
                 f"(same-row / nearest: 1k and Visium 1.00, 2k 1.41). Taking "
                 f"array={layout!r}{how}: {guess:.3f} um/px. Pass array={layout!r}{alt}, or "
-                "um_per_px= if you know the image's scale.", UserWarning, stacklevel=2)
+                "um_per_px= if you know the image's scale.", UserWarning, stacklevel=3)
             array_from += " (ambiguous)"
     else:
         layout = array
@@ -372,7 +471,7 @@ def from_files(
             warnings.warn(
                 f"{section}: array={array!r} was given, but {spots} shows {geo['reason']}, "
                 f"which is the geometry of a {geo['layout']} array. Check the array type.",
-                UserWarning, stacklevel=2)
+                UserWarning, stacklevel=3)
     lay = ARRAY_LAYOUTS[layout]
     pitch_um = float(spot_pitch_um) if spot_pitch_um is not None else float(lay["pitch_um"])
     diameter_um = (float(spot_diameter_um) if spot_diameter_um is not None
@@ -393,54 +492,32 @@ def from_files(
                 f"{section}: um_per_px={um_per_px:g} was given, but on a {layout} array "
                 f"(same-row spots {pitch_um:g} um apart) the spots of {spots} show "
                 f"{estimate:.3f} um/px. Using the given value; check it, pixel_scale, array "
-                "and spot_pitch_um.", UserWarning, stacklevel=2)
-    spacing_um = nearest_um(layout, pitch_um)
-    pitch_px = spacing_um / um_per_px  # nearest neighbours, in image pixels
-    meta = {
-        "source_image_path": str(Path(image).resolve()) if image is not None else "",
-        "source_image_sha256": image_sha256,
-        "um_per_px": float(um_per_px),
-        "pixel_scale": float(pixel_scale),
-        "spot_pitch_um": pitch_um,
-        "spot_spacing_um": round(spacing_um, 3),
-        "spot_diameter_um": diameter_um,
-        "array": layout,
-        "array_from": array_from,
-        "grid": lay["grid"],
-        "array_step_um": [float(u) * pitch_um / lay["pitch_um"] for u in lay["step_um"]],
-        "row_ratio": round(geo["row_ratio"], 4) if np.isfinite(geo["row_ratio"]) else -1.0,
-        "scale_from": scale_source,
-    }
-    lib = {"metadata": meta, "images": {},
-           "scalefactors": {"spot_diameter_fullres": float(diameter_um / um_per_px),
-                            "tissue_hires_scalef": 1.0}}
-    if image is not None:
-        image = Path(image)
-        hires, (w, h) = downscaled_rgb(image, hires_max_px,
-                                       fix=FIX_OWN if dataset == "custom" else FIX_MANIFEST)
-        lib["images"]["hires"] = hires
-        lib["scalefactors"]["tissue_hires_scalef"] = hires.shape[1] / w
-        meta["source_image_size"] = [int(w), int(h)]
-        outside = ((pix[:, 0] < 0) | (pix[:, 0] >= w) | (pix[:, 1] < 0) | (pix[:, 1] >= h))
-        if outside.any():
-            ids = list(adata.obs_names[outside][:3])
-            raise ValueError(
-                f"{section}: {int(outside.sum())} spot centre(s) lie outside the image "
-                f"{image} ({w} x {h} px), e.g. {ids}. The spot pixels are probably in another "
-                f"frame: check pixel_scale (now {pixel_scale}) and that the image belongs to "
-                "this section.")
-        meta.update(check_spots_on_image(section, image, pix, hires,
-                                          lib["scalefactors"]["tissue_hires_scalef"], (w, h),
-                                          pitch_px, pixel_scale))
-    adata.uns["spatial"] = {section: lib}
-    adata.uns["mclstexp"] = {"dataset": dataset, "section": section,
-                             "files": {"counts": str(counts), "spots": str(spots),
-                                       "image": str(image) if image is not None else "",
-                                       "labels": str(labels) if labels is not None else "",
-                                       "gene_map": (str(gene_map) if isinstance(
-                                           gene_map, (str, os.PathLike)) else "")},
-                             "spots_dropped": dropped}
-    return adata
+                "and spot_pitch_um.", UserWarning, stacklevel=3)
+    return {"layout": layout, "array_from": array_from, "pitch_um": pitch_um,
+            "diameter_um": diameter_um, "um_per_px": um_per_px, "scale_from": scale_source,
+            "row_ratio": round(geo["row_ratio"], 4) if np.isfinite(geo["row_ratio"]) else -1.0}
+
+
+def _attach_image(lib, image: Path, pix, obs_names, *, section, pixel_scale, pitch_px,
+                  hires_max_px, fix) -> None:
+    """The plotting copy of ``image`` in ``lib``, its size, and the spots-on-tissue
+    checks in ``lib['metadata']``; spots outside the image are an error."""
+    meta = lib["metadata"]
+    hires, (w, h) = downscaled_rgb(image, hires_max_px, fix=fix)
+    lib["images"]["hires"] = hires
+    lib["scalefactors"]["tissue_hires_scalef"] = hires.shape[1] / w
+    meta["source_image_size"] = [int(w), int(h)]
+    outside = ((pix[:, 0] < 0) | (pix[:, 0] >= w) | (pix[:, 1] < 0) | (pix[:, 1] >= h))
+    if outside.any():
+        ids = list(obs_names[outside][:3])
+        raise ValueError(
+            f"{section}: {int(outside.sum())} spot centre(s) lie outside the image "
+            f"{image} ({w} x {h} px), e.g. {ids}. The spot pixels are probably in another "
+            f"frame: check pixel_scale (now {pixel_scale}) and that the image belongs to "
+            "this section.")
+    meta.update(check_spots_on_image(section, image, pix, hires,
+                                      lib["scalefactors"]["tissue_hires_scalef"], (w, h),
+                                      pitch_px, pixel_scale))
 
 
 # -------------------------------------------------------------------------- HER2+
