@@ -136,6 +136,42 @@ def integer_counts(matrix, what: str):
     return out, None
 
 
+def raw_counts(adata, what: str = ""):
+    """The raw integer counts of an AnnData: ``X``, else ``layers['counts']``, else
+    ``raw.X`` (:func:`integer_counts`). Returns ``(csr int32, where, var)`` (``var`` of
+    the matrix taken), or ``(None, reasons, None)`` when none holds counts; ``what``
+    heads each place's name in the reasons (e.g. the file name)."""
+    reasons = []
+    for where, matrix, var in (
+            ("X", adata.X, adata.var),
+            ("layers['counts']", adata.layers["counts"] if "counts" in adata.layers else None,
+             adata.var),
+            ("raw.X", adata.raw.X if adata.raw is not None else None,
+             adata.raw.var if adata.raw is not None else None)):
+        if matrix is None:
+            continue
+        X, why = integer_counts(matrix, f"{what} {where}" if what else where)
+        if X is not None:
+            return X, where, var
+        reasons.append(why)
+    return None, reasons, None
+
+
+def plain_var(var):
+    """A copy of ``var`` with a plain string index and its columns kept (gene ids,
+    symbols: other names a panel can match) as numbers, booleans or strings."""
+    import pandas as pd
+
+    out = pd.DataFrame(index=pd.Index(np.asarray(var.index).astype(str), name=None))
+    for col in var.columns:
+        values = var[col]
+        if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+            out[col] = values.to_numpy()
+        else:
+            out[col] = values.astype(str).to_numpy()
+    return out
+
+
 def read_table(path: Path, **kw):
     """A count / spot / label table: tab-separated, or comma-separated for a ``.csv``
     name (gzip allowed), with an error that names the file and the likely fix."""

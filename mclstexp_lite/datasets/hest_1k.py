@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import slides
-from ._io import DROPPED_WARN_SHARE, HIRES_MAX_PX, integer_counts
+from ._io import DROPPED_WARN_SHARE, HIRES_MAX_PX, plain_var, raw_counts
 from .geometry import (
     LEGACY_ST_PITCH_UM,
     LEGACY_ST_SPOT_DIAMETER_UM,
@@ -390,19 +390,10 @@ def _hest_counts(sample_id, path: Path):
         raise ValueError(f"cannot read {path}: {type(exc).__name__}: {exc}. The "
                          "file is truncated or not an AnnData .h5ad; download it "
                          "again.") from exc
-    reasons = []
-    for where, matrix, names in (
-            ("X", src.X, src.var),
-            ("layers['counts']", src.layers["counts"] if "counts" in src.layers else None,
-             src.var),
-            ("raw.X", src.raw.X if src.raw is not None else None,
-             src.raw.var if src.raw is not None else None)):
-        if matrix is None:
-            continue
-        X, why = integer_counts(matrix, f"{path.name} {where}")
-        if X is not None:
-            return src, X, where, names
-        reasons.append(why)
+    X, where, var = raw_counts(src, path.name)
+    if X is not None:
+        return src, X, where, var
+    reasons = where
     raise ValueError(
         f"HEST sample {sample_id!r}: no raw counts in {path}: "
         f"{'; '.join(reasons) or 'it has no X'}. This package needs raw integer "
@@ -635,14 +626,7 @@ def _hest_anndata(sample_id, X, var_src, obs_src, pix, patient, array_xy, tech):
         "pixel_y": pix[:, 1],
     }, index=[f"{sample_id}_{_plain_legacy_name(i) if legacy else i}"
               for i in obs_src.index.astype(str)])
-    var = pd.DataFrame(index=pd.Index(np.asarray(var_src.index).astype(str), name=None))
-    for col in var_src.columns:  # gene_ids etc.: other names a panel can match
-        values = var_src[col]
-        if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
-            var[col] = values.to_numpy()
-        else:
-            var[col] = values.astype(str).to_numpy()
-    adata = ad.AnnData(X=X, obs=obs, var=var)
+    adata = ad.AnnData(X=X, obs=obs, var=plain_var(var_src))
     if not adata.var_names.is_unique:
         adata.var_names_make_unique()
     adata.obsm["spatial"] = pix.astype(np.float64)

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .. import _util
 from .. import slides
@@ -29,8 +30,6 @@ MAX_TISSUE_MM = 26.0
 
 def _mask_for_thumb(tissue_mask, shape, image_size, name) -> np.ndarray:
     """A user's tissue mask (array or image file, any resolution) at thumbnail size."""
-    from PIL import Image
-
     if isinstance(tissue_mask, (str, os.PathLike)):
         path = Path(tissue_mask)
         if not path.is_file():
@@ -133,10 +132,6 @@ def from_image(
         scale (the message gives the image's size in mm and what to check); an image
         that is not 8-bit RGB (see :func:`mclstexp_lite.slides.open_slide`).
     """
-    import anndata as ad
-    import pandas as pd
-    from scipy import sparse
-
     for name, v in (("spot_pitch_um", spot_pitch_um), ("spot_diameter_um", spot_diameter_um)):
         if not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
             raise ValueError(f"{name} must be a positive number of microns, got {v!r}")
@@ -158,118 +153,28 @@ def from_image(
     slide = slides.open_slide(image)
     try:
         path = slide.path
-        name = slide.name
         section = str(section) if section else (path.name.split(".")[0] if path else "image")
-        scale_from = "given (um_per_px=)"
-        if um_per_px is None:
-            if slide.um_per_px_embedded is None:
-                raise ValueError(
-                    f"{name} does not state its pixel size (no TIFF resolution tags); pass "
-                    "um_per_px= (microns per pixel of this image, e.g. 0.25 for a 40x scan, "
-                    "0.5 for 20x; the scanner's metadata or the HEST metadata JSON says it).")
-            um_per_px = slide.um_per_px_embedded
-            scale_from = "stated in the image file"
-        um_per_px = float(um_per_px)
-        if not np.isfinite(um_per_px) or um_per_px <= 0:
-            raise ValueError(f"um_per_px must be a positive number, got {um_per_px!r}")
-        emb = slide.um_per_px_embedded
-        if emb is not None and scale_from.startswith("given") and not 0.8 <= um_per_px / emb <= 1.25:
-            warnings.warn(f"{name}: um_per_px={um_per_px:g} was given but the file states "
-                          f"{emb:.4g} um/px; using the given value. Check which is right.",
-                          UserWarning, stacklevel=2)
-        w_mm, h_mm = slide.width * um_per_px / 1000, slide.height * um_per_px / 1000
-        # a thumbnail fine enough to resolve a spot's disk (>= 8 px across)
-        long_um = max(slide.width, slide.height) * um_per_px
-        mask_px = int(min(8000, max(hires_max_px, math.ceil(long_um / (spot_diameter_um / 8)))))
+        um_per_px, scale_from = _image_scale(slide, um_per_px)
+        ctx = {"name": slide.name, "um_per_px": um_per_px, "scale_from": scale_from,
+               "w_mm": slide.width * um_per_px / 1000, "h_mm": slide.height * um_per_px / 1000,
+               "max_tissue_mm": max_tissue_mm}
         hires, hscale = slide.thumbnail(hires_max_px)
-
-        def check_extent(mask, mask_um):  # tissue wider than a glass slide: scale too large
-            if not mask.any():
-                return
-            ys, xs = np.nonzero(mask)
-            extent = sorted([(np.ptp(xs) + 1) * mask_um / 1000, (np.ptp(ys) + 1) * mask_um / 1000])
-            if extent[0] > max_tissue_mm:
-                area = float(mask.sum() * (mask_um / 1000) ** 2)
-                raise ValueError(
-                    f"{name}: the tissue spans {extent[0]:.1f} x {extent[1]:.1f} mm, wider "
-                    f"than a standard glass slide ({max_tissue_mm:g} mm, max_tissue_mm=). The "
-                    f"image is {w_mm:.2f} x {h_mm:.2f} mm at um_per_px={um_per_px:g} "
-                    f"({scale_from}); {area:.2f} mm^2 of it is tissue. um_per_px is probably "
-                    "too large (10x?); check the scanner's pixel size. For a large-format "
-                    "slide pass a larger max_tissue_mm=.")
-
-        if mask_px > hires_max_px and tissue_mask is None:
-            # a wrong scale shows on the small thumbnail already: fail before the fine one
-            check_extent(slides.tissue_mask(hires, um_per_px=um_per_px / hscale),
-                         um_per_px / hscale)
-            thumb, scale = slide.thumbnail(mask_px)
-        else:
-            thumb, scale = hires, hscale
-        thumb_um = um_per_px / scale
-        if tissue_mask is None:
-            mask = slides.tissue_mask(thumb, um_per_px=thumb_um)
-            mask_from = "Otsu threshold of HSV saturation, morphological clean-up"
-        else:
-            mask = _mask_for_thumb(tissue_mask, thumb.shape[:2], (slide.width, slide.height),
-                                   name)
-            mask_from = "given (tissue_mask=)"
+        mask, thumb_um, scale, mask_from = _find_tissue(
+            slide, hires, hscale, tissue_mask, spot_diameter_um, hires_max_px, ctx)
         tissue_mm2 = float(mask.sum() * (thumb_um / 1000) ** 2)
-        stained = float((slides.saturation(thumb) > slides.MIN_SATURATION).mean())
-        if not mask.any() and tissue_mask is None and stained > 0.01:
-            raise ValueError(
-                f"{name}: {stained:.0%} of the image is stained, but every stained piece is "
-                f"smaller than {slides.MIN_PIECE_MM2} mm^2 at um_per_px={um_per_px:g} "
-                f"({scale_from}), at which the whole image is only {w_mm:.2f} x {h_mm:.2f} mm. "
-                "um_per_px is probably too small (10x?); check the scanner's pixel size, or "
-                "pass tissue_mask=.")
-        if not mask.any():
-            raise ValueError(
-                f"no tissue found in {name} ({slide.width} x {slide.height} px, "
-                f"{w_mm:.1f} x {h_mm:.1f} mm at {um_per_px:g} um/px): nothing is stained "
-                f"(HSV saturation above max(Otsu, {slides.MIN_SATURATION})). Check that this "
-                "is the H&E image (not a mask, label or fluorescence image), or pass "
-                "tissue_mask=.")
-        centres, array_xy, share = slides.lay_spots(
-            mask, mask_um_per_px=thumb_um, pitch_um=spot_pitch_um,
-            diameter_um=spot_diameter_um, grid=grid, min_tissue=min_tissue)
-        n = len(centres)
-        scale_hint = (f"The image is {w_mm:.2f} x {h_mm:.2f} mm at um_per_px={um_per_px:g} "
-                      f"({scale_from}); {tissue_mm2:.2f} mm^2 of it is tissue.")
-        if n < MIN_VIRTUAL_SPOTS:
-            raise ValueError(
-                f"{name}: only {n} virtual spots of {spot_pitch_um:g} um pitch fit on the "
-                f"tissue. {scale_hint} If the tissue is larger than that, um_per_px is too "
-                "small (a 10x error shrinks it 100-fold in area); check the scanner's pixel "
-                "size. Otherwise lower spot_pitch_um or min_tissue.")
-        check_extent(mask, thumb_um)
-        if n > max_spots:
-            raise ValueError(
-                f"{name}: {n:,} virtual spots of {spot_pitch_um:g} um pitch (more than "
-                f"max_spots={max_spots:,}). {scale_hint} If the tissue is smaller than that, "
-                "um_per_px is too large (a 10x error makes 100 times as many spots); check "
-                "it. If the tissue really is that large, pass max_spots=.")
+        centres, array_xy, share = _virtual_spots(
+            mask, thumb_um, tissue_mm2, ctx, spot_pitch_um=spot_pitch_um,
+            spot_diameter_um=spot_diameter_um, grid=grid, min_tissue=min_tissue,
+            max_spots=max_spots)
         pix = centres / scale
         sha = _util.sha256_file(path) if path is not None else ""
-        from PIL import Image
-
         hmask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
             (hires.shape[1], hires.shape[0]), Image.Resampling.NEAREST)) > 0
         width, height = slide.width, slide.height
     finally:
         slide.close()
 
-    ids = [f"{section}_{x}x{y}" for x, y in array_xy]
-    obs = pd.DataFrame({
-        "section": pd.Categorical([section] * n),
-        "patient": pd.Categorical([""] * n),
-        "array_x": array_xy[:, 0].astype(int),
-        "array_y": array_xy[:, 1].astype(int),
-        "pixel_x": pix[:, 0],
-        "pixel_y": pix[:, 1],
-        "tissue_share": share.astype(np.float32),
-    }, index=ids)
-    adata = ad.AnnData(X=sparse.csr_matrix((n, 0), dtype=np.float32), obs=obs)
-    adata.obsm["spatial"] = pix.astype(np.float64)
+    adata = _image_only_anndata(section, array_xy, pix, share)
     meta = {
         "source_image_path": str(Path(path).resolve()) if path is not None else "",
         "source_image_sha256": sha,
@@ -294,4 +199,134 @@ def from_image(
                              "files": {"image": ("<NumPy array> saved as " if from_array else "")
                                        + (str(path) if path is not None else "")},
                              "tissue_mask": hmask}
+    return adata
+
+
+# --------------------------------------------------------- the steps of from_image()
+def _image_scale(slide, um_per_px):
+    """Microns per pixel (given, else stated in the file) and where it came from; warns
+    when the given value and the file's disagree."""
+    scale_from = "given (um_per_px=)"
+    if um_per_px is None:
+        if slide.um_per_px_embedded is None:
+            raise ValueError(
+                f"{slide.name} does not state its pixel size (no TIFF resolution tags); pass "
+                "um_per_px= (microns per pixel of this image, e.g. 0.25 for a 40x scan, "
+                "0.5 for 20x; the scanner's metadata or the HEST metadata JSON says it).")
+        um_per_px = slide.um_per_px_embedded
+        scale_from = "stated in the image file"
+    um_per_px = float(um_per_px)
+    if not np.isfinite(um_per_px) or um_per_px <= 0:
+        raise ValueError(f"um_per_px must be a positive number, got {um_per_px!r}")
+    emb = slide.um_per_px_embedded
+    if emb is not None and scale_from.startswith("given") and not 0.8 <= um_per_px / emb <= 1.25:
+        warnings.warn(f"{slide.name}: um_per_px={um_per_px:g} was given but the file states "
+                      f"{emb:.4g} um/px; using the given value. Check which is right.",
+                      UserWarning, stacklevel=3)
+    return um_per_px, scale_from
+
+
+def _check_extent(mask, mask_um, ctx) -> None:
+    """Tissue wider than a glass slide: the scale is too large."""
+    if not mask.any():
+        return
+    ys, xs = np.nonzero(mask)
+    extent = sorted([(np.ptp(xs) + 1) * mask_um / 1000, (np.ptp(ys) + 1) * mask_um / 1000])
+    if extent[0] > ctx["max_tissue_mm"]:
+        area = float(mask.sum() * (mask_um / 1000) ** 2)
+        raise ValueError(
+            f"{ctx['name']}: the tissue spans {extent[0]:.1f} x {extent[1]:.1f} mm, wider "
+            f"than a standard glass slide ({ctx['max_tissue_mm']:g} mm, max_tissue_mm=). The "
+            f"image is {ctx['w_mm']:.2f} x {ctx['h_mm']:.2f} mm at "
+            f"um_per_px={ctx['um_per_px']:g} ({ctx['scale_from']}); {area:.2f} mm^2 of it "
+            "is tissue. um_per_px is probably too large (10x?); check the scanner's pixel "
+            "size. For a large-format slide pass a larger max_tissue_mm=.")
+
+
+def _find_tissue(slide, hires, hscale, tissue_mask, spot_diameter_um, hires_max_px, ctx):
+    """The tissue mask on a thumbnail fine enough to resolve a spot's disk (>= 8 px
+    across), its microns per pixel and scale, and how it was found; no tissue, or only
+    specks at this scale, is an error."""
+    um_per_px = ctx["um_per_px"]
+    long_um = max(slide.width, slide.height) * um_per_px
+    mask_px = int(min(8000, max(hires_max_px, math.ceil(long_um / (spot_diameter_um / 8)))))
+    if mask_px > hires_max_px and tissue_mask is None:
+        # a wrong scale shows on the small thumbnail already: fail before the fine one
+        _check_extent(slides.tissue_mask(hires, um_per_px=um_per_px / hscale),
+                      um_per_px / hscale, ctx)
+        thumb, scale = slide.thumbnail(mask_px)
+    else:
+        thumb, scale = hires, hscale
+    thumb_um = um_per_px / scale
+    if tissue_mask is None:
+        mask = slides.tissue_mask(thumb, um_per_px=thumb_um)
+        mask_from = "Otsu threshold of HSV saturation, morphological clean-up"
+    else:
+        mask = _mask_for_thumb(tissue_mask, thumb.shape[:2], (slide.width, slide.height),
+                               ctx["name"])
+        mask_from = "given (tissue_mask=)"
+    stained = float((slides.saturation(thumb) > slides.MIN_SATURATION).mean())
+    if not mask.any() and tissue_mask is None and stained > 0.01:
+        raise ValueError(
+            f"{ctx['name']}: {stained:.0%} of the image is stained, but every stained piece "
+            f"is smaller than {slides.MIN_PIECE_MM2} mm^2 at um_per_px={um_per_px:g} "
+            f"({ctx['scale_from']}), at which the whole image is only {ctx['w_mm']:.2f} x "
+            f"{ctx['h_mm']:.2f} mm. um_per_px is probably too small (10x?); check the "
+            "scanner's pixel size, or pass tissue_mask=.")
+    if not mask.any():
+        raise ValueError(
+            f"no tissue found in {ctx['name']} ({slide.width} x {slide.height} px, "
+            f"{ctx['w_mm']:.1f} x {ctx['h_mm']:.1f} mm at {um_per_px:g} um/px): nothing is "
+            f"stained (HSV saturation above max(Otsu, {slides.MIN_SATURATION})). Check that "
+            "this is the H&E image (not a mask, label or fluorescence image), or pass "
+            "tissue_mask=.")
+    return mask, thumb_um, scale, mask_from
+
+
+def _virtual_spots(mask, thumb_um, tissue_mm2, ctx, *, spot_pitch_um, spot_diameter_um, grid,
+                   min_tissue, max_spots):
+    """Spot centres on the mask's thumbnail, their grid coordinates and tissue shares
+    (:func:`mclstexp_lite.slides.lay_spots`); too few or too many for the scale is an
+    error that says what to check."""
+    centres, array_xy, share = slides.lay_spots(
+        mask, mask_um_per_px=thumb_um, pitch_um=spot_pitch_um,
+        diameter_um=spot_diameter_um, grid=grid, min_tissue=min_tissue)
+    n = len(centres)
+    scale_hint = (f"The image is {ctx['w_mm']:.2f} x {ctx['h_mm']:.2f} mm at "
+                  f"um_per_px={ctx['um_per_px']:g} ({ctx['scale_from']}); {tissue_mm2:.2f} "
+                  "mm^2 of it is tissue.")
+    if n < MIN_VIRTUAL_SPOTS:
+        raise ValueError(
+            f"{ctx['name']}: only {n} virtual spots of {spot_pitch_um:g} um pitch fit on the "
+            f"tissue. {scale_hint} If the tissue is larger than that, um_per_px is too "
+            "small (a 10x error shrinks it 100-fold in area); check the scanner's pixel "
+            "size. Otherwise lower spot_pitch_um or min_tissue.")
+    _check_extent(mask, thumb_um, ctx)
+    if n > max_spots:
+        raise ValueError(
+            f"{ctx['name']}: {n:,} virtual spots of {spot_pitch_um:g} um pitch (more than "
+            f"max_spots={max_spots:,}). {scale_hint} If the tissue is smaller than that, "
+            "um_per_px is too large (a 10x error makes 100 times as many spots); check "
+            "it. If the tissue really is that large, pass max_spots=.")
+    return centres, array_xy, share
+
+
+def _image_only_anndata(section, array_xy, pix, share):
+    """The virtual spots as an AnnData with no genes."""
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+
+    n = len(pix)
+    obs = pd.DataFrame({
+        "section": pd.Categorical([section] * n),
+        "patient": pd.Categorical([""] * n),
+        "array_x": array_xy[:, 0].astype(int),
+        "array_y": array_xy[:, 1].astype(int),
+        "pixel_x": pix[:, 0],
+        "pixel_y": pix[:, 1],
+        "tissue_share": share.astype(np.float32),
+    }, index=[f"{section}_{x}x{y}" for x, y in array_xy])
+    adata = ad.AnnData(X=sparse.csr_matrix((n, 0), dtype=np.float32), obs=obs)
+    adata.obsm["spatial"] = pix.astype(np.float64)
     return adata

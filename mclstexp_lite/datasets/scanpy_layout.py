@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .._patch_extract import DEFAULT_PATCH_UM
-from ._io import HIRES_MAX_PX, downscaled_rgb, image_array_file, integer_counts
+from ._io import HIRES_MAX_PX, downscaled_rgb, image_array_file, plain_var, raw_counts
 from .geometry import (
     ARRAY_LAYOUTS,
     SPACERANGER_SPOT_UM,
@@ -110,6 +110,81 @@ def from_anndata(adata, image: str | os.PathLike | None = None, *,
                          "sc.read_visium, or use datasets.visium(outs_folder).")
     if array not in ("auto", *ARRAY_LAYOUTS):
         raise ValueError(f"array must be 'auto' or one of {sorted(ARRAY_LAYOUTS)}, got {array!r}")
+    library_id, lib = _library(adata, library_id)
+    sf = dict(lib.get("scalefactors") or {})
+    section = str(section or library_id or "section")
+    X, counts_from, var = raw_counts(adata)
+    if X is None:
+        raise ValueError(f"no raw counts in the AnnData: {'; '.join(counts_from)}. This "
+                         "package needs raw integer counts (ml.pp.prepare normalises them): "
+                         "keep them in X or layers['counts'] before normalising.")
+    pix = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2].copy()
+    keep, dropped = _spots_kept(adata.obs, pix, in_tissue_only)
+    X, pix, obs = X[keep], pix[keep], adata.obs.iloc[np.flatnonzero(keep)]
+    if any(dropped.values()):
+        log.info("%s: dropped %s", section, dropped)
+
+    scale = _full_res_scale(section, obs, pix, sf, array=array, um_per_px=um_per_px)
+    layout, full_um = scale["layout"], scale["full_um"]
+    lay = ARRAY_LAYOUTS[layout]
+    src, frame, img_from = _patch_source(section, image, lib, library_id, full_um)
+    xy = pix * frame
+    um = full_um / frame
+    hires, (w, h) = downscaled_rgb(src, hires_max_px)
+    outside = (xy[:, 0] < 0) | (xy[:, 0] >= w) | (xy[:, 1] < 0) | (xy[:, 1] >= h)
+    if outside.mean() > 0.5:
+        raise ValueError(f"{section}: {int(outside.sum())} of {len(xy)} spots lie outside "
+                         f"the image {src} ({w} x {h} px): obsm['spatial'] is not in this "
+                         "image's full-resolution pixels (a downscaled image needs its scale "
+                         "factor; pass the image Space Ranger was given).")
+    scalef = hires.shape[1] / w
+    pitch_um = float(lay["pitch_um"])
+    spacing_um = nearest_um(layout)
+    geo = scale["geo"]
+    meta = {"source_image_path": str(Path(src).resolve()), "source_image_sha256": "",
+            "source_image_size": [int(w), int(h)], "um_per_px": float(um),
+            "pixel_scale": float(frame), "spot_pitch_um": pitch_um,
+            "spot_spacing_um": round(spacing_um, 3), "spot_diameter_um": float(lay["diameter_um"]),
+            "array": layout, "grid": lay["grid"],
+            "array_from": (f"given (array={array!r})" if array != "auto" else
+                           f"auto: {geo['reason']}" if geo is not None else
+                           "assumed visium (no array_row/array_col)"),
+            "scale_from": scale["scale_from"], "image_from": img_from}
+    meta.update(check_spots_on_image(section, src, xy, hires, scalef, (w, h), spacing_um / um))
+
+    arr = scale["arr"]
+    if arr is not None and np.isfinite(arr).all():
+        array_xy = np.round(arr).astype(int)
+    else:
+        array_xy = np.round((pix - pix.min(axis=0)) * full_um / pitch_um).astype(int)
+    new_obs = pd.DataFrame({
+        "section": pd.Categorical([section] * len(xy)),
+        "patient": pd.Categorical([str(patient or section)] * len(xy)),
+        "array_x": array_xy[:, 0], "array_y": array_xy[:, 1],
+        "pixel_x": xy[:, 0], "pixel_y": xy[:, 1],
+    }, index=obs.index.astype(str))
+    out = ad.AnnData(X=X, obs=new_obs, var=plain_var(var))
+    if not out.var_names.is_unique:
+        out.var_names_make_unique()
+    out.obsm["spatial"] = xy.astype(np.float64)
+    out.uns["spatial"] = {section: {
+        "images": {"hires": hires},
+        "scalefactors": {"tissue_hires_scalef": float(scalef),
+                         "spot_diameter_fullres": float(lay["diameter_um"] / um)},
+        "metadata": meta}}
+    out.uns["mclstexp"] = {"dataset": "anndata", "section": section,
+                           "library_id": str(library_id or ""), "counts_from": counts_from,
+                           "files": {"image": str(image) if image is not None else ""},
+                           "spots_dropped": dropped}
+    if not math.isfinite(um) or um <= 0:  # pragma: no cover - guarded above
+        raise ValueError(f"{section}: invalid pixel size {um}")
+    return out
+
+
+# -------------------------------------------------------- the steps of from_anndata()
+def _library(adata, library_id):
+    """The library id of ``uns['spatial']`` to use (the only one, or the one asked
+    for; ``None`` when there is none) and its entry."""
     spatial = dict(adata.uns.get("spatial") or {})
     if library_id is None:
         if len(spatial) > 1:
@@ -120,32 +195,13 @@ def from_anndata(adata, image: str | os.PathLike | None = None, *,
     elif library_id not in spatial:
         raise ValueError(f"library_id={library_id!r} is not in uns['spatial'] "
                          f"({', '.join(map(str, spatial)) or 'empty'})")
-    lib = spatial.get(library_id) or {} if library_id is not None else {}
-    sf = dict(lib.get("scalefactors") or {})
-    images = dict(lib.get("images") or {})
-    section = str(section or library_id or "section")
+    return library_id, (spatial.get(library_id) or {} if library_id is not None else {})
 
-    # counts -------------------------------------------------------------------------
-    reasons, X, counts_from, var = [], None, "", adata.var
-    for where, matrix, v in (("X", adata.X, adata.var),
-                             ("layers['counts']", adata.layers["counts"]
-                              if "counts" in adata.layers else None, adata.var),
-                             ("raw.X", adata.raw.X if adata.raw is not None else None,
-                              adata.raw.var if adata.raw is not None else None)):
-        if matrix is None:
-            continue
-        X, why = integer_counts(matrix, where)
-        if X is not None:
-            counts_from, var = where, v
-            break
-        reasons.append(why)
-    if X is None:
-        raise ValueError(f"no raw counts in the AnnData: {'; '.join(reasons)}. This package "
-                         "needs raw integer counts (ml.pp.prepare normalises them): keep them "
-                         "in X or layers['counts'] before normalising.")
 
-    pix = np.asarray(adata.obsm["spatial"], dtype=float)[:, :2].copy()
-    obs = adata.obs
+def _spots_kept(obs, pix, in_tissue_only: bool):
+    """Spots with coordinates (and in tissue, when asked and recorded); what was dropped."""
+    import pandas as pd
+
     keep = np.isfinite(pix).all(axis=1)
     dropped = {"no_coordinates": int((~keep).sum()), "not_in_tissue": 0}
     if in_tissue_only and "in_tissue" in obs.columns:
@@ -157,11 +213,13 @@ def from_anndata(adata, image: str | os.PathLike | None = None, *,
     if not keep.any():
         raise ValueError(f"no spots left (dropped {dropped}); pass in_tissue_only=False to keep "
                          "spots outside the tissue.")
-    X, pix, obs = X[keep], pix[keep], obs.iloc[np.flatnonzero(keep)]
-    if any(dropped.values()):
-        log.info("%s: dropped %s", section, dropped)
+    return keep, dropped
 
-    # scale and layout ------------------------------------------------------------------
+
+def _full_res_scale(section, obs, pix, sf, *, array, um_per_px) -> dict:
+    """The spot array and the microns per full-resolution pixel (given, else from the
+    spot geometry, else from Space Ranger's spot diameter); warns when the geometry and
+    the scale factors disagree."""
     arr = (obs[["array_col", "array_row"]].to_numpy(float)
            if {"array_col", "array_row"} <= set(obs.columns) else None)
     geo = None
@@ -171,7 +229,6 @@ def from_anndata(adata, image: str | os.PathLike | None = None, *,
         except (ValueError, np.linalg.LinAlgError):
             geo = None
     layout = array if array != "auto" else (geo["layout"] if geo is not None else "visium")
-    lay = ARRAY_LAYOUTS[layout]
     sf_um = None
     if "spot_diameter_fullres" in sf and float(sf["spot_diameter_fullres"]) > 0 \
             and layout == "visium":
@@ -194,92 +251,44 @@ def from_anndata(adata, image: str | os.PathLike | None = None, *,
                       f"{'scale factors' if scale_from.startswith('spot geometry') else 'spot geometry'}"
                       f" give {other:.4g}; check that obsm['spatial'] and the scale factors "
                       "belong to the same image (or pass um_per_px=).", UserWarning,
-                      stacklevel=2)
+                      stacklevel=3)
+    return {"arr": arr, "geo": geo, "layout": layout, "full_um": full_um,
+            "scale_from": scale_from}
 
-    # the image patches are cut from ------------------------------------------------------
+
+def _patch_source(section, image, lib, library_id, full_um):
+    """The image patches are cut from (``image``, else the library's hires or lowres
+    image saved as a file), its frame relative to full resolution, and where it came
+    from; warns when a downscaled image makes patches of little detail."""
     if image is not None:
-        src, frame, img_from = Path(image), 1.0, "given (image=)"
+        src = Path(image)
         if not src.is_file():
             raise FileNotFoundError(f"image file not found: {src} (the `image` argument of "
                                     "from_anndata); check the path.")
-    else:
-        key = next((k for k in ("hires", "lowres") if images.get(k) is not None), None)
-        if key is None:
-            raise ValueError(
-                f"{section}: no image: uns['spatial'][{library_id!r}]['images'] has no hires "
-                "or lowres image and no image= was given. Pass image= (the full-resolution "
-                "H&E the spots were aligned to).")
-        scalef = sf.get(f"tissue_{key}_scalef")
-        if scalef is None or not float(scalef) > 0:
-            raise ValueError(f"{section}: the {key} image has no "
-                             f"scalefactors['tissue_{key}_scalef']; cannot place the spots on it.")
-        frame = float(scalef)
-        src = image_array_file(_rgb_uint8(images[key], f"images['{key}']"))
-        img_from = f"uns['spatial'][{library_id!r}]['images'][{key!r}]"
-        um_img = full_um / frame
-        crop = DEFAULT_PATCH_UM / um_img
-        if crop < MIN_PATCH_PX:
-            warnings.warn(
-                f"{section}: no full-resolution image was given, so patches come from the "
-                f"{key} image at {um_img:.2f} um/px: a {DEFAULT_PATCH_UM:.0f} um patch is "
-                f"{crop:.0f} px across there and is enlarged to the model's input size, so "
-                "the encoder sees far less detail than on full-resolution training slides "
-                "(expect weaker predictions). Pass image= with the full-resolution H&E "
-                "(e.g. the image given to Space Ranger) when you have it.",
-                UserWarning, stacklevel=2)
-    xy = pix * frame
-    um = full_um / frame
-    hires, (w, h) = downscaled_rgb(src, hires_max_px)
-    outside = (xy[:, 0] < 0) | (xy[:, 0] >= w) | (xy[:, 1] < 0) | (xy[:, 1] >= h)
-    if outside.mean() > 0.5:
-        raise ValueError(f"{section}: {int(outside.sum())} of {len(xy)} spots lie outside "
-                         f"the image {src} ({w} x {h} px): obsm['spatial'] is not in this "
-                         "image's full-resolution pixels (a downscaled image needs its scale "
-                         "factor; pass the image Space Ranger was given).")
-    scalef = hires.shape[1] / w
-    pitch_um = float(lay["pitch_um"])
-    spacing_um = nearest_um(layout)
-    meta = {"source_image_path": str(Path(src).resolve()), "source_image_sha256": "",
-            "source_image_size": [int(w), int(h)], "um_per_px": float(um),
-            "pixel_scale": float(frame), "spot_pitch_um": pitch_um,
-            "spot_spacing_um": round(spacing_um, 3), "spot_diameter_um": float(lay["diameter_um"]),
-            "array": layout, "grid": lay["grid"],
-            "array_from": (f"given (array={array!r})" if array != "auto" else
-                           f"auto: {geo['reason']}" if geo is not None else
-                           "assumed visium (no array_row/array_col)"),
-            "scale_from": scale_from, "image_from": img_from}
-    meta.update(check_spots_on_image(section, src, xy, hires, scalef, (w, h), spacing_um / um))
-
-    if arr is not None and np.isfinite(arr).all():
-        array_xy = np.round(arr).astype(int)
-    else:
-        array_xy = np.round((pix - pix.min(axis=0)) * full_um / pitch_um).astype(int)
-    new_obs = pd.DataFrame({
-        "section": pd.Categorical([section] * len(xy)),
-        "patient": pd.Categorical([str(patient or section)] * len(xy)),
-        "array_x": array_xy[:, 0], "array_y": array_xy[:, 1],
-        "pixel_x": xy[:, 0], "pixel_y": xy[:, 1],
-    }, index=obs.index.astype(str))
-    new_var = pd.DataFrame(index=pd.Index(np.asarray(var.index).astype(str), name=None))
-    for col in var.columns:  # gene ids / symbols let panels match other names
-        values = var[col]
-        if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-            new_var[col] = values.to_numpy()
-        else:
-            new_var[col] = values.astype(str).to_numpy()
-    out = ad.AnnData(X=X, obs=new_obs, var=new_var)
-    if not out.var_names.is_unique:
-        out.var_names_make_unique()
-    out.obsm["spatial"] = xy.astype(np.float64)
-    out.uns["spatial"] = {section: {
-        "images": {"hires": hires},
-        "scalefactors": {"tissue_hires_scalef": float(scalef),
-                         "spot_diameter_fullres": float(lay["diameter_um"] / um)},
-        "metadata": meta}}
-    out.uns["mclstexp"] = {"dataset": "anndata", "section": section,
-                           "library_id": str(library_id or ""), "counts_from": counts_from,
-                           "files": {"image": str(image) if image is not None else ""},
-                           "spots_dropped": dropped}
-    if not math.isfinite(um) or um <= 0:  # pragma: no cover - guarded above
-        raise ValueError(f"{section}: invalid pixel size {um}")
-    return out
+        return src, 1.0, "given (image=)"
+    images = dict(lib.get("images") or {})
+    sf = dict(lib.get("scalefactors") or {})
+    key = next((k for k in ("hires", "lowres") if images.get(k) is not None), None)
+    if key is None:
+        raise ValueError(
+            f"{section}: no image: uns['spatial'][{library_id!r}]['images'] has no hires "
+            "or lowres image and no image= was given. Pass image= (the full-resolution "
+            "H&E the spots were aligned to).")
+    scalef = sf.get(f"tissue_{key}_scalef")
+    if scalef is None or not float(scalef) > 0:
+        raise ValueError(f"{section}: the {key} image has no "
+                         f"scalefactors['tissue_{key}_scalef']; cannot place the spots on it.")
+    frame = float(scalef)
+    src = image_array_file(_rgb_uint8(images[key], f"images['{key}']"))
+    um_img = full_um / frame
+    crop = DEFAULT_PATCH_UM / um_img
+    if crop < MIN_PATCH_PX:
+        warnings.warn(
+            f"{section}: no full-resolution image was given, so patches come from the "
+            f"{key} image at {um_img:.2f} um/px: a {DEFAULT_PATCH_UM:.0f} um patch is "
+            f"{crop:.0f} px across there and is enlarged to the model's input size, so "
+            "the encoder sees far less detail than on full-resolution training slides "
+            "(expect weaker predictions). Pass image= with the full-resolution H&E "
+            "(e.g. the image given to Space Ranger) when you have it.",
+            UserWarning, stacklevel=3)
+    return src, frame, f"uns['spatial'][{library_id!r}]['images'][{key!r}]"
