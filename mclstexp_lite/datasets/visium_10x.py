@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +50,6 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
         with the image, ``tissue_hires_scalef`` relative to that frame and
         ``spot_diameter_fullres`` in it.
     """
-    import json
-
     import pandas as pd
     import scanpy as sc
     from scipy import sparse
@@ -67,20 +67,7 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
     except Exception as exc:
         raise ValueError(f"cannot read the 10x matrix {h5}: {exc}") from exc
     adata.var_names_make_unique()
-    pos_file = next((spatial / n for n in ("tissue_positions.csv", "tissue_positions_list.csv")
-                     if (spatial / n).exists()), None)
-    if pos_file is None:
-        raise FileNotFoundError(f"no tissue_positions(.csv|_list.csv) in {spatial}")
-    cols = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
-            "pxl_col_in_fullres"]
-    pos = pd.read_csv(pos_file, header=0 if pos_file.name == "tissue_positions.csv" else None)
-    if pos.shape[1] != len(cols):
-        raise ValueError(f"{pos_file}: expected {len(cols)} columns {cols}, found {pos.shape[1]}; "
-                         "it must be the positions file Space Ranger wrote for this slide.")
-    pos.columns = cols
-    pos = pos.set_index("barcode")
-    if in_tissue_only:
-        pos = pos[pos["in_tissue"] == 1]
+    pos, pos_file = _visium_positions(spatial, in_tissue_only)
     missing = adata.obs_names.difference(pos.index)
     if len(missing):
         log.info("%s: %d barcode(s) of the matrix have no in-tissue position; dropped",
@@ -88,19 +75,7 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
     adata = adata[adata.obs_names.isin(pos.index)].copy()
     pos = pos.loc[adata.obs_names]
     sf_path = spatial / "scalefactors_json.json"
-    try:
-        scale = json.loads(sf_path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"cannot read {sf_path}: {exc}. The file is truncated or not JSON; "
-                         "copy it again from the Space Ranger output.") from exc
-    needed = ["spot_diameter_fullres"] + (
-        [] if image_path is not None
-        else ["tissue_hires_scalef"] if (spatial / "tissue_hires_image.png").exists()
-        else ["tissue_lowres_scalef"] if (spatial / "tissue_lowres_image.png").exists() else [])
-    absent = [k for k in needed if not isinstance(scale, dict) or k not in scale]
-    if absent:
-        raise ValueError(f"{sf_path} lacks {absent}; it must be the scale factors file Space "
-                         "Ranger wrote for this slide.")
+    scale = _visium_scalefactors(sf_path, spatial, image_path)
     full_xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
 
     if image_path is not None:
@@ -116,21 +91,7 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
     # Space Ranger's spot_diameter_fullres spans a 65 um circle (its documentation of
     # scalefactors_json.json), not the 55 um spot
     um_per_px = SPACERANGER_SPOT_UM / (scale["spot_diameter_fullres"] * frame)
-    arr = pos[["array_col", "array_row"]].to_numpy(float)
-    geo_um = None
-    if len(arr) >= 6:
-        try:
-            geo_um = layout_um_per_px(array_layout(arr, xy)["steps_px"], "visium")
-        except (ValueError, np.linalg.LinAlgError):
-            geo_um = None
-    if geo_um is not None and not 0.9 <= geo_um / um_per_px <= 1.1:
-        import warnings
-
-        warnings.warn(
-            f"{library_id}: {sf_path.name} gives {um_per_px:.4g} um/px (spot_diameter_fullres "
-            f"= {SPACERANGER_SPOT_UM:g} um) but spots 100 um apart show {geo_um:.4g} um/px; "
-            "check that the positions and scale factors belong to this image.",
-            UserWarning, stacklevel=2)
+    geo_um = _visium_geometry_check(library_id, sf_path, pos, xy, um_per_px)
 
     adata.X = sparse.csr_matrix(adata.X).astype(np.int32)
     adata.obs = pd.DataFrame({
@@ -159,6 +120,65 @@ def visium(path: str | os.PathLike, *, library_id: str | None = None,
                              "files": {"counts": str(h5), "spots": str(pos_file),
                                        "image": str(src), "labels": ""}}
     return adata
+
+
+def _visium_positions(spatial: Path, in_tissue_only: bool):
+    """Space Ranger's spot positions (``tissue_positions.csv`` with a header, or the
+    older ``tissue_positions_list.csv`` without) indexed by barcode, and the file."""
+    import pandas as pd
+
+    pos_file = next((spatial / n for n in ("tissue_positions.csv", "tissue_positions_list.csv")
+                     if (spatial / n).exists()), None)
+    if pos_file is None:
+        raise FileNotFoundError(f"no tissue_positions(.csv|_list.csv) in {spatial}")
+    cols = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
+            "pxl_col_in_fullres"]
+    pos = pd.read_csv(pos_file, header=0 if pos_file.name == "tissue_positions.csv" else None)
+    if pos.shape[1] != len(cols):
+        raise ValueError(f"{pos_file}: expected {len(cols)} columns {cols}, found {pos.shape[1]}; "
+                         "it must be the positions file Space Ranger wrote for this slide.")
+    pos.columns = cols
+    pos = pos.set_index("barcode")
+    if in_tissue_only:
+        pos = pos[pos["in_tissue"] == 1]
+    return pos, pos_file
+
+
+def _visium_scalefactors(sf_path: Path, spatial: Path, image_path) -> dict:
+    """``scalefactors_json.json``, with the factors the image used needs."""
+    try:
+        scale = json.loads(sf_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"cannot read {sf_path}: {exc}. The file is truncated or not JSON; "
+                         "copy it again from the Space Ranger output.") from exc
+    needed = ["spot_diameter_fullres"] + (
+        [] if image_path is not None
+        else ["tissue_hires_scalef"] if (spatial / "tissue_hires_image.png").exists()
+        else ["tissue_lowres_scalef"] if (spatial / "tissue_lowres_image.png").exists() else [])
+    absent = [k for k in needed if not isinstance(scale, dict) or k not in scale]
+    if absent:
+        raise ValueError(f"{sf_path} lacks {absent}; it must be the scale factors file Space "
+                         "Ranger wrote for this slide.")
+    return scale
+
+
+def _visium_geometry_check(library_id, sf_path: Path, pos, xy, um_per_px):
+    """Microns per pixel the spot geometry shows (Visium spots 100 um apart), or
+    ``None``; warns when it disagrees with the scale factors' by more than 10 %."""
+    arr = pos[["array_col", "array_row"]].to_numpy(float)
+    geo_um = None
+    if len(arr) >= 6:
+        try:
+            geo_um = layout_um_per_px(array_layout(arr, xy)["steps_px"], "visium")
+        except (ValueError, np.linalg.LinAlgError):
+            geo_um = None
+    if geo_um is not None and not 0.9 <= geo_um / um_per_px <= 1.1:
+        warnings.warn(
+            f"{library_id}: {sf_path.name} gives {um_per_px:.4g} um/px (spot_diameter_fullres "
+            f"= {SPACERANGER_SPOT_UM:g} um) but spots 100 um apart show {geo_um:.4g} um/px; "
+            "check that the positions and scale factors belong to this image.",
+            UserWarning, stacklevel=3)
+    return geo_um
 
 
 def visium_fixture(*, data_dir: str | os.PathLike | None = None, download: bool | None = None):
