@@ -369,72 +369,11 @@ def patch_cache(
         "sha256_computed": inputs["sha256_computed"],
     }
 
-    result = None
-    if not overwrite:
-        try:
-            opened = _open_entry(directory, key)
-        except _StaleEntry as err:
-            logger.warning("Patch cache entry %s is unusable (%s); rebuilding it.", npy_path, err)
-            opened = None
-        if opened is not None:
-            arr, stored = opened
-            mismatch = [
-                field
-                for field in ("library_id", "crop_px", "out_size", "source_image_sha256", "pad_value")
-                if stored.get(field) != meta[field]
-            ]
-            if stored["obs_names"] != obs_names:
-                mismatch.append("obs_names")
-            if not np.array_equal(np.asarray(stored["centers_px"], dtype=np.int64).reshape(-1, 2), rounded):
-                mismatch.append("centers_px")
-            if mismatch:
-                logger.warning(
-                    "Patch cache entry %s does not match this section (%s); rebuilding it.",
-                    npy_path,
-                    ", ".join(mismatch),
-                )
-            else:
-                result = arr
-
+    result = None if overwrite else _matching_entry(directory, key, meta, obs_names, rounded)
     if result is None:
-        shape = (len(obs_names), out_size, out_size, 3)
         sibling = None if overwrite else _gather_from_sibling(directory, prefix, key, rounded, pad)
-        if sibling is not None:
-            source, rows, sibling_key = sibling
-            meta["built_from"] = f"cache entry {sibling_key}"
-
-            def fill(dest):
-                order = np.argsort(rows, kind="stable")
-                for i in order:  # ascending source rows: sequential reads
-                    dest[i] = source[rows[i]]
-
-        else:
-            meta["built_from"] = "source image"
-
-            def fill(dest):
-                extract_patches(
-                    inputs["path"],
-                    inputs["centers"],
-                    crop_px=crop_px,
-                    out_size=out_size,
-                    pad_value=pad,
-                    ids=obs_names,
-                    out=dest,
-                    progress=progress,
-                )
-
-        meta.update(
-            obs_names=obs_names,
-            centers_px=rounded.tolist(),
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            package_version=__version__,
-        )
-        _write_entry(directory, key, shape, fill, meta)
-        logger.info("Cached %d patches of %s in %s (%s).", shape[0], lib, npy_path, meta["built_from"])
-        opened = _open_entry(directory, key)
-        if opened is None:  # pragma: no cover - removed by another process meanwhile
-            raise RuntimeError(f"Patch cache entry {json_path} vanished right after it was written.")
-        result = opened[0]
+        result = _build_entry(directory, key, meta, sibling, inputs=inputs, obs_names=obs_names,
+                              rounded=rounded, progress=progress)
 
     if not getattr(adata, "is_view", False):
         record = adata.uns.get("mclstexp")
@@ -457,6 +396,82 @@ def patch_cache(
             },
         }
     return result
+
+
+def _matching_entry(directory: Path, key: str, meta: dict, obs_names, rounded):
+    """The stored entry ``key`` when it is whole and matches this section (geometry,
+    image, obs names, centres), else ``None`` (a warning says why it is rebuilt)."""
+    npy_path = directory / f"{key}.npy"
+    try:
+        opened = _open_entry(directory, key)
+    except _StaleEntry as err:
+        logger.warning("Patch cache entry %s is unusable (%s); rebuilding it.", npy_path, err)
+        return None
+    if opened is None:
+        return None
+    arr, stored = opened
+    mismatch = [
+        field
+        for field in ("library_id", "crop_px", "out_size", "source_image_sha256", "pad_value")
+        if stored.get(field) != meta[field]
+    ]
+    if stored["obs_names"] != obs_names:
+        mismatch.append("obs_names")
+    if not np.array_equal(np.asarray(stored["centers_px"], dtype=np.int64).reshape(-1, 2), rounded):
+        mismatch.append("centers_px")
+    if mismatch:
+        logger.warning(
+            "Patch cache entry %s does not match this section (%s); rebuilding it.",
+            npy_path,
+            ", ".join(mismatch),
+        )
+        return None
+    return arr
+
+
+def _build_entry(directory: Path, key: str, meta: dict, sibling, *, inputs, obs_names, rounded,
+                 progress) -> np.memmap:
+    """Write the entry ``key`` (rows copied from a sibling entry of the same image, else
+    cut from the image) and open it."""
+    shape = (len(obs_names), meta["out_size"], meta["out_size"], 3)
+    if sibling is not None:
+        source, rows, sibling_key = sibling
+        meta["built_from"] = f"cache entry {sibling_key}"
+
+        def fill(dest):
+            order = np.argsort(rows, kind="stable")
+            for i in order:  # ascending source rows: sequential reads
+                dest[i] = source[rows[i]]
+
+    else:
+        meta["built_from"] = "source image"
+
+        def fill(dest):
+            extract_patches(
+                inputs["path"],
+                inputs["centers"],
+                crop_px=meta["crop_px"],
+                out_size=meta["out_size"],
+                pad_value=meta["pad_value"],
+                ids=obs_names,
+                out=dest,
+                progress=progress,
+            )
+
+    meta.update(
+        obs_names=obs_names,
+        centers_px=rounded.tolist(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        package_version=__version__,
+    )
+    _write_entry(directory, key, shape, fill, meta)
+    logger.info("Cached %d patches of %s in %s (%s).", shape[0], meta["library_id"],
+                directory / f"{key}.npy", meta["built_from"])
+    opened = _open_entry(directory, key)
+    if opened is None:  # pragma: no cover - removed by another process meanwhile
+        raise RuntimeError(f"Patch cache entry {directory / f'{key}.json'} vanished right after "
+                           "it was written.")
+    return opened[0]
 
 
 #: Subfolder of the patch cache for stain-normalised entries. They must stay out of the
