@@ -189,71 +189,10 @@ def retrieve(
     >>> retrieve(query, keys, key_expr, top_k=50).shape
     (20, 100)
     """
-    tensors = {
-        "query": rv.as_tensor(query, "query"),
-        "keys": rv.as_tensor(keys, "keys"),
-        "key_expr": rv.as_tensor(key_expr, "key_expr", allow_sparse=True),
-    }
-    for name, tensor in tensors.items():
-        if tensor.ndim != 2:
-            raise ValueError(
-                f"`{name}` must be 2-D, got shape {tuple(tensor.shape)}; "
-                + {
-                    "query": "pass one embedding per row, shape (Q, D).",
-                    "keys": "pass one embedding per row, shape (K, D).",
-                    "key_expr": "pass one spot per row, shape (K, G).",
-                }[name]
-            )
-    q_all, k_all, e_all = tensors["query"], tensors["keys"], tensors["key_expr"]
-    n_query, dim = q_all.shape
-    n_keys = k_all.shape[0]
-    n_genes = e_all.shape[1]
-    if k_all.shape[1] != dim:
-        raise ValueError(
-            f"`query` has embedding width {dim} but `keys` has {k_all.shape[1]}; "
-            "both must come from the same projection head."
-        )
-    if e_all.shape[0] != n_keys:
-        raise ValueError(
-            f"`keys` has {n_keys} rows but `key_expr` has {e_all.shape[0]}; "
-            "row j of `key_expr` must be the expression of key j."
-        )
-    if n_keys == 0:
-        raise ValueError("`keys` is empty; the reference bank needs at least one spot.")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-        raise TypeError(f"`top_k` must be an integer, got {top_k!r}.")
-    top_k = int(top_k)
-    if top_k < 1:
-        raise ValueError(f"`top_k` must be at least 1, got {top_k}.")
-    if top_k > n_keys:
-        raise ValueError(
-            f"`top_k`={top_k} is larger than the number of keys K={n_keys}; "
-            f"lower `top_k` to at most {n_keys}."
-        )
-    if metric not in _METRICS:
-        raise ValueError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, numbers.Integral)
-        or chunk_size < 1
-    ):
-        raise ValueError(
-            f"`chunk_size` must be a positive integer or None, got {chunk_size!r}."
-        )
-    for name, tensor in tensors.items():
-        rv.check_finite(tensor, name)
-
-    if device is None:
-        first = next((x for x in (query, keys, key_expr) if isinstance(x, torch.Tensor)), None)
-        device = first.device if first is not None else torch.device("cpu")
-    else:
-        try:
-            device = device if device == "auto" else torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(
-                f"`device` {device!r} is not a torch device; use e.g. 'cpu' or 'cuda'."
-            ) from err
-        device = resolve_device(device)
+    q_all, k_all, e_all = _retrieve_inputs(query, keys, key_expr)
+    n_query, n_keys, n_genes = q_all.shape[0], k_all.shape[0], e_all.shape[1]
+    top_k = _check_retrieve_settings(top_k, metric, chunk_size, n_keys)
+    device = _retrieve_device(device, query, keys, key_expr)
     acc = torch.float32 if device.type == "mps" else torch.float64
 
     torch_out = isinstance(key_expr, torch.Tensor)
@@ -304,6 +243,86 @@ def retrieve(
         pred = pred.numpy()
         indices = indices.numpy() if indices is not None else None
     return (pred, indices) if return_indices else pred
+
+
+def _retrieve_inputs(query, keys, key_expr):
+    """The three inputs of :func:`retrieve` as tensors, checked: 2-D, matching widths
+    and rows, a non-empty bank, finite values."""
+    tensors = {
+        "query": rv.as_tensor(query, "query"),
+        "keys": rv.as_tensor(keys, "keys"),
+        "key_expr": rv.as_tensor(key_expr, "key_expr", allow_sparse=True),
+    }
+    for name, tensor in tensors.items():
+        if tensor.ndim != 2:
+            raise ValueError(
+                f"`{name}` must be 2-D, got shape {tuple(tensor.shape)}; "
+                + {
+                    "query": "pass one embedding per row, shape (Q, D).",
+                    "keys": "pass one embedding per row, shape (K, D).",
+                    "key_expr": "pass one spot per row, shape (K, G).",
+                }[name]
+            )
+    q_all, k_all, e_all = tensors["query"], tensors["keys"], tensors["key_expr"]
+    dim = q_all.shape[1]
+    n_keys = k_all.shape[0]
+    if k_all.shape[1] != dim:
+        raise ValueError(
+            f"`query` has embedding width {dim} but `keys` has {k_all.shape[1]}; "
+            "both must come from the same projection head."
+        )
+    if e_all.shape[0] != n_keys:
+        raise ValueError(
+            f"`keys` has {n_keys} rows but `key_expr` has {e_all.shape[0]}; "
+            "row j of `key_expr` must be the expression of key j."
+        )
+    if n_keys == 0:
+        raise ValueError("`keys` is empty; the reference bank needs at least one spot.")
+    for name, tensor in tensors.items():
+        rv.check_finite(tensor, name)
+    return q_all, k_all, e_all
+
+
+def _check_retrieve_settings(top_k, metric, chunk_size, n_keys: int) -> int:
+    """``top_k`` as an int in ``[1, n_keys]``; ``metric`` and ``chunk_size`` checked."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"`top_k` must be an integer, got {top_k!r}.")
+    top_k = int(top_k)
+    if top_k < 1:
+        raise ValueError(f"`top_k` must be at least 1, got {top_k}.")
+    if top_k > n_keys:
+        raise ValueError(
+            f"`top_k`={top_k} is larger than the number of keys K={n_keys}; "
+            f"lower `top_k` to at most {n_keys}."
+        )
+    if metric not in _METRICS:
+        raise ValueError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, numbers.Integral)
+        or chunk_size < 1
+    ):
+        raise ValueError(
+            f"`chunk_size` must be a positive integer or None, got {chunk_size!r}."
+        )
+    return top_k
+
+
+def _retrieve_device(device, query, keys, key_expr) -> torch.device:
+    """Where :func:`retrieve` computes: ``device`` resolved, or for ``None`` the device of
+    the first tensor input (else the CPU)."""
+    if device is None:
+        first = next((x for x in (query, keys, key_expr) if isinstance(x, torch.Tensor)), None)
+        device = first.device if first is not None else torch.device("cpu")
+    else:
+        try:
+            device = device if device == "auto" else torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"`device` {device!r} is not a torch device; use e.g. 'cpu' or 'cuda'."
+            ) from err
+        device = resolve_device(device)
+    return device
 
 
 def default_chunk_size(n_keys: int, n_genes: int, *, block_bytes: int | None = None) -> int:
