@@ -220,6 +220,44 @@ def _check_inputs(*, feature_norm, expr_norm, context, context_um, wide_view) ->
             "wide_view": None if wide_view is None else float(wide_view)}
 
 
+def _check_model_settings(n_genes, *, weights, spot_encoder, sentence, learn_temperature,
+                          normalize_embeddings, temperature, dropout):
+    """:class:`MclSTExp`'s architecture arguments checked; returns ``n_genes``, the
+    temperature (its default filled in) and the dropout as the model uses them."""
+    if weights is _REQUIRED:
+        raise TypeError(
+            "MclSTExp needs the image weights chosen explicitly: pass weights='imagenet' "
+            "(the paper: ImageNet-pretrained backbone) or weights=None (random "
+            "initialisation, for offline use and tests), or a path to a state-dict file."
+        )
+    n_genes = positive_int(n_genes, "n_genes")
+    if spot_encoder not in ("transformer", "none"):
+        raise ValueError(f"spot_encoder must be 'transformer' or 'none', got {spot_encoder!r}.")
+    if sentence not in ("batch", "section"):
+        raise ValueError(f"sentence must be 'batch' or 'section', got {sentence!r}.")
+    if spot_encoder == "none" and sentence != "batch":
+        raise ValueError(
+            "sentence='section' only applies to spot_encoder='transformer'; the "
+            "spot_encoder='none' baseline encodes each spot on its own."
+        )
+    if learn_temperature and not normalize_embeddings:
+        raise ValueError(
+            "learn_temperature=True needs normalize_embeddings=True (a learned CLIP-style "
+            "temperature on unnormalised embeddings saturates the softmax)."
+        )
+    if temperature is None:
+        temperature = _LEARNED_TEMPERATURE_INIT if learn_temperature else 1.0
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
+    if learn_temperature and 1.0 / temperature > _MAX_LOGIT_SCALE:
+        raise ValueError(
+            f"temperature must be at least {1 / _MAX_LOGIT_SCALE} when learned "
+            f"(logit scale is capped at {_MAX_LOGIT_SCALE}), got {temperature}."
+        )
+    dropout = check_dropout(dropout)
+    return n_genes, temperature, dropout
+
+
 class MclSTExp(nn.Module):
     """The mclSTExp model: image and spot encoders with projection heads.
 
@@ -315,37 +353,10 @@ class MclSTExp(nn.Module):
         wide_view: float | None = None,
     ) -> None:
         super().__init__()
-        if weights is _REQUIRED:
-            raise TypeError(
-                "MclSTExp needs the image weights chosen explicitly: pass weights='imagenet' "
-                "(the paper: ImageNet-pretrained backbone) or weights=None (random "
-                "initialisation, for offline use and tests), or a path to a state-dict file."
-            )
-        n_genes = positive_int(n_genes, "n_genes")
-        if spot_encoder not in ("transformer", "none"):
-            raise ValueError(f"spot_encoder must be 'transformer' or 'none', got {spot_encoder!r}.")
-        if sentence not in ("batch", "section"):
-            raise ValueError(f"sentence must be 'batch' or 'section', got {sentence!r}.")
-        if spot_encoder == "none" and sentence != "batch":
-            raise ValueError(
-                "sentence='section' only applies to spot_encoder='transformer'; the "
-                "spot_encoder='none' baseline encodes each spot on its own."
-            )
-        if learn_temperature and not normalize_embeddings:
-            raise ValueError(
-                "learn_temperature=True needs normalize_embeddings=True (a learned CLIP-style "
-                "temperature on unnormalised embeddings saturates the softmax)."
-            )
-        if temperature is None:
-            temperature = _LEARNED_TEMPERATURE_INIT if learn_temperature else 1.0
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
-        if learn_temperature and 1.0 / temperature > _MAX_LOGIT_SCALE:
-            raise ValueError(
-                f"temperature must be at least {1 / _MAX_LOGIT_SCALE} when learned "
-                f"(logit scale is capped at {_MAX_LOGIT_SCALE}), got {temperature}."
-            )
-        dropout = check_dropout(dropout)
+        n_genes, temperature, dropout = _check_model_settings(
+            n_genes, weights=weights, spot_encoder=spot_encoder, sentence=sentence,
+            learn_temperature=learn_temperature, normalize_embeddings=normalize_embeddings,
+            temperature=temperature, dropout=dropout)
         inputs = _check_inputs(feature_norm=feature_norm, expr_norm=expr_norm, context=context,
                                context_um=context_um, wide_view=wide_view)
 

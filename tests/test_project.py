@@ -299,3 +299,54 @@ def test_the_package_uses_only_public_anndata_api():
             if isinstance(node, ast.Attribute) and node.attr in private:
                 hits.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
     assert not hits, "AnnData private API:\n" + "\n".join(hits)
+
+
+# ------------------------------------------------------------------- function length
+#: The most lines of code a function may have (docstrings, comments and blank lines
+#: not counted); longer work is cut into named steps.
+MAX_FUNCTION_LINES = 100
+#: The one exception: the training loop, which reads top to bottom as one script
+#: (config, data, model, optimiser, loop), as nanoGPT's does.
+LONG_FUNCTIONS = {"mclstexp_lite/train.py::train"}
+
+
+def _code_lines(source_lines: list[str], node: ast.AST) -> int:
+    """Lines of ``node`` that hold code: not blank, not only a comment, not part of a
+    docstring (its own or a nested function's or class's)."""
+    import io
+    import tokenize
+
+    docs = set()
+    for n in ast.walk(node):
+        body = getattr(n, "body", None)
+        if (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            docs.update(range(body[0].lineno, body[0].end_lineno + 1))
+    text = "\n".join(source_lines[node.lineno - 1:node.end_lineno]) + "\n"
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+            tokenize.ENDMARKER}
+    lines = set()
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type not in skip:
+            lines.update(n + node.lineno - 1 for n in range(tok.start[0], tok.end[0] + 1))
+    return len(lines - docs)
+
+
+def test_no_function_is_longer_than_a_screenful_or_two():
+    """Every function of the package (methods and nested functions included) has at
+    most MAX_FUNCTION_LINES lines of code, the training loop excepted."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{path.relative_to(REPO)}::{node.name}"
+                n = _code_lines(lines, node)
+                if n > MAX_FUNCTION_LINES and name not in LONG_FUNCTIONS:
+                    long.append(f"{name} ({n} lines of code)")
+    assert not long, "functions to cut into named steps:\n" + "\n".join(long)
+    tree = ast.parse((PACKAGE / "train.py").read_text(encoding="utf-8"))
+    loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train")
+    assert _code_lines((PACKAGE / "train.py").read_text().splitlines(), loop) > 60  # counted
