@@ -12,6 +12,7 @@ published by GEO, so those columns stay empty and the notes say so.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import re
 import sys
@@ -118,7 +119,13 @@ def cscc_rows() -> list[dict]:
     return rows
 
 
-def main(sources_csv: str) -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(
+        description="Write data_manifest.csv (to standard output) from the pinned listing of "
+                    "the offline data (SOURCES.csv) and the GEO accessions of the cSCC data.")
+    ap.add_argument("sources_csv", nargs="?", default="../shared/data/SOURCES.csv",
+                    help="SOURCES.csv of the offline data folder (default: %(default)s)")
+    sources_csv = ap.parse_args(argv).sources_csv
     with open(sources_csv, newline="") as fh:
         src_rows = list(csv.DictReader(fh))
     rows = [r for r in (her2_row(s) for s in src_rows) if r is not None]
@@ -131,4 +138,4 @@ def main(sources_csv: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/SOURCES.csv")
+    main()

@@ -47,14 +47,14 @@ def recolour(src: Path, dst: Path, how: str) -> None:
     Image.fromarray(out).save(dst, quality=95)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     import mclstexp_lite as ml
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs/ood_calibration.csv")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--visium-spots", type=int, default=600)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / "ood_images"

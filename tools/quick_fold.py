@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="+", default=["B4", "C2", "C3", "C4", "C5", "C6"])
     ap.add_argument("--test", default="C3")
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="TrainConfig overrides of the profile, VALUE as JSON, e.g. "
                          "expr_norm='\"center\"' feature_views=4 epochs=40")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
