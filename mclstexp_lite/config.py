@@ -131,9 +131,6 @@ class TrainConfig:
         if self.feature_views > fx.N_VIEWS:
             raise ValueError(f"TrainConfig.feature_views must be at most {fx.N_VIEWS} (the "
                              f"dihedral views of a patch), got {self.feature_views}")
-        if self.mode == "lite":
-            raise ValueError("TrainConfig.mode='lite' was renamed 'frozen' (frozen encoder, "
-                             "features from the on-disk cache); use mode='frozen'")
         if self.mode == "full" and self.feature_views != 1:
             raise ValueError(f"TrainConfig.feature_views={self.feature_views} applies to "
                              "mode='frozen' only (cached views of the frozen features); "

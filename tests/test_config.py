@@ -26,7 +26,7 @@ def test_profiles_are_overrides_of_one_config():
     assert (dense.mode, dense.model["image_arch"], dense.model["weights"]) == (
         "frozen", "densenet121", "imagenet")
     assert tr.TrainConfig.profile("paper", optimizer="adamw").optimizer == "adamw"
-    with pytest.raises(ValueError, match="renamed 'frozen'"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('full', 'frozen'\), got 'lite'"):
         tr.TrainConfig(mode="lite").validate()
     with pytest.raises(ValueError, match="feature_views must be at most 8"):
         tr.TrainConfig(feature_views=9).validate()

@@ -413,7 +413,7 @@ def test_stain_under_the_spots_is_compared_with_the_rest_of_the_image(tmp_path):
                                          r"rest of the image .*he\.jpg.*pixel_scale \(now 1\)"):
         a = ds.from_files(c, s, i, section="S")
     md = a.uns["spatial"]["S"]["metadata"]
-    assert md["spots_on_tissue"] >= 0.5 and md["stain_contrast"] < ds._MIN_STAIN_CONTRAST
+    assert md["spots_on_tissue"] >= 0.5 and md["stain_contrast"] < ds.MIN_STAIN_CONTRAST
 
 
 def test_a_wholly_stained_image_is_not_a_stain_contrast_warning(tmp_path, recwarn):
@@ -421,14 +421,14 @@ def test_a_wholly_stained_image_is_not_a_stain_contrast_warning(tmp_path, recwar
     tissue): the comparison says nothing, so it does not warn."""
     c, s, i = _write_section(tmp_path)
     a = ds.from_files(c, s, i, section="S")
-    assert a.uns["spatial"]["S"]["metadata"]["stain_elsewhere"] > ds._MAX_STAINED_ELSEWHERE
+    assert a.uns["spatial"]["S"]["metadata"]["stain_elsewhere"] > ds.MAX_STAINED_ELSEWHERE
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
 
 
 @needs_data
 def test_her2st_sections_pass_the_stain_check(her2_c2, her2_a1):
     for a, s in ((her2_c2, "C2"), (her2_a1, "A1")):
-        assert a.uns["spatial"][s]["metadata"]["stain_contrast"] > ds._MIN_STAIN_CONTRAST
+        assert a.uns["spatial"][s]["metadata"]["stain_contrast"] > ds.MIN_STAIN_CONTRAST
 
 
 @needs_data
@@ -440,7 +440,7 @@ def test_another_sections_image_or_a_wrong_scale_is_warned_about(data_root):
     with pytest.warns(UserWarning, match=r"C5: little stain under the spots.*BT10737_D2_HE\.jpg"):
         a = ds.from_files(d / "ST-cnts" / "C5.tsv.gz", d / "ST-spotfiles" / "C5_selection.tsv",
                           b4_image, section="C5")
-    assert a.uns["spatial"]["C5"]["metadata"]["stain_contrast"] < ds._MIN_STAIN_CONTRAST
+    assert a.uns["spatial"]["C5"]["metadata"]["stain_contrast"] < ds.MIN_STAIN_CONTRAST
     c3_image = next((d / "ST-imgs" / "C" / "C3").glob("*.jpg"))
     with pytest.warns(UserWarning) as got:
         ds.from_files(d / "ST-cnts" / "C3.tsv.gz", d / "ST-spotfiles" / "C3_selection.tsv",

@@ -49,17 +49,12 @@ from .legacy_st import (
     her2st,
 )
 from .scanpy_layout import from_anndata
-from .visium_10x import visium, visium_fixture
-
-# the names these thresholds had when this package was one module (tests read them)
-_MIN_STAIN_CONTRAST = MIN_STAIN_CONTRAST
-_MAX_STAINED_ELSEWHERE = MAX_STAINED_ELSEWHERE
+from .visium_10x import visium
 
 __all__ = [
     "her2st",
     "cscc",
     "visium",
-    "visium_fixture",
     "from_files",
     "from_image",
     "from_anndata",
@@ -83,4 +78,6 @@ __all__ = [
     "MAX_VIRTUAL_SPOTS",
     "MAX_TISSUE_MM",
     "HEST_SPOT_LAYOUT",
+    "MIN_STAIN_CONTRAST",
+    "MAX_STAINED_ELSEWHERE",
 ]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import download as dl
 from ._io import HIRES_MAX_PX, downscaled_rgb
 from .geometry import (
     ARRAY_LAYOUTS,
@@ -179,11 +178,3 @@ def _visium_geometry_check(library_id, sf_path: Path, pos, xy, um_per_px):
             "check that the positions and scale factors belong to this image.",
             UserWarning, stacklevel=3)
     return geo_um
-
-
-def visium_fixture(*, data_dir: str | os.PathLike | None = None, download: bool | None = None):
-    """The small real Visium output from the manifest (mouse brain, 2,695 spots x 100 genes)."""
-    rows = dl.rows("visium_fixture")
-    paths = dl.fetch(rows, data_dir=data_dir, download=download)
-    h5 = next(p for k, p in paths.items() if k.endswith(".h5"))
-    return visium(h5.parent, library_id="mouse_brain_fixture")
