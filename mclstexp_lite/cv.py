@@ -14,10 +14,10 @@ Two fold schemes (:func:`make_folds`):
     patient. This measures what a new patient would get.
 
 :func:`run_cv` trains/fits a method on each fold and scores every held-out section
-with :func:`mclstexp_lite.metrics.summarize`. Methods: ``"mclstexp"`` (the model),
+with :func:`mclstexp_lite.metrics.section_metrics`. Methods: ``"mclstexp"`` (the model),
 ``"bleep"`` (the BLEEP-style model, ``spot_encoder="none"``), and the baselines of
 :mod:`mclstexp_lite.baselines` (``"mean"``, ``"ridge_features"``, ``"ridge_color"``).
-The result tables (:func:`load_results`, :func:`summarize_results`,
+The result tables (:func:`load_results`, :func:`method_summary`,
 :func:`summary_markdown`, :func:`compare`) live in :mod:`mclstexp_lite.results` and are
 re-exported here.
 
@@ -55,7 +55,7 @@ Results folder written by :func:`run_cv`
     All completed folds, one row per held-out section, columns :data:`ROW_COLUMNS`.
 ``summary.csv``, ``summary.md``
     Mean and sample sd over held-out sections per method and scheme
-    (:func:`summarize_results`); for retrieval methods ``summary.md`` adds where the
+    (:func:`method_summary`); for retrieval methods ``summary.md`` adds where the
     retrieved neighbours come from (:func:`neighbours_markdown`).
 ``neighbours.csv``
     Retrieval methods: per held-out section, the share of the top-k neighbours that
@@ -86,8 +86,9 @@ from ._patch_extract import DEFAULT_PATCH_UM
 from .folds import FOLDS_FILE as _FOLDS
 from .folds import (SCHEMES, Fold, check_folder_name, check_leakage, load_folds, make_folds,
                     patients_of, save_folds)
+from .results import summarize_results  # noqa: F401 - deprecated, warns once
 from .results import (NEIGHBOURS_FILE, compare, load_results, neighbour_shares,
-                      neighbours_markdown, summarize_results, summary_markdown)
+                      method_summary, neighbours_markdown, summary_markdown)
 from .run_folder import CONFIG_FILE as _CONFIG
 from .run_folder import METRICS_FILE as _METRICS
 from .run_folder import METHODS  # the methods run_cv runs: retrieval models, baselines
@@ -109,7 +110,7 @@ __all__ = [
     "run_cv",
     "rescore",
     "load_results",
-    "summarize_results",
+    "method_summary",
     "summary_markdown",
     "compare",
     "neighbour_shares",
@@ -485,7 +486,7 @@ def _run_fold(fold: Fold, adatas, *, method, scheme, config, fold_dir: Path, top
 def _score(pred_ad, truth, n_heg: int) -> tuple[dict, dict]:
     """Metrics of one predicted section: the metric columns of its ``metrics.csv`` row,
     and what ``metrics.json`` keeps per section (the HEG genes)."""
-    m = mt.summarize(pred_ad.X, _util.to_dense(truth.X, np.float32),
+    m = mt.section_metrics(pred_ad.X, _util.to_dense(truth.X, np.float32),
                      genes=list(truth.var_names), n_heg=n_heg)
     return ({c: m[c] for c in ROW_COLUMNS[4:11]},
             {k: m[k] for k in ("n_heg", "n_constant_heg", "heg_genes")})
@@ -502,7 +503,7 @@ def _aggregate(out: Path, all_folds: Sequence[Fold]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
     _util.atomic_write_text(out / "metrics.csv", df.to_csv(index=False))
     if len(df):
-        table = summarize_results(df)
+        table = method_summary(df)
         table = _with_top_k(table, out)
         md = summary_markdown(table)
         shares = neighbour_shares(out) if table["top_k"].notna().all() else None

@@ -15,7 +15,7 @@ mclSTExp evaluation scripts (``evel_her2st.py``, ``evel_cscc.py``,
 - **MSE** and **MAE** over all spots and genes (``sklearn.metrics`` in the published
   code, which averages the same numbers).
 
-Per-section results are averaged over folds with :func:`summary_table`;
+Per-section results are averaged over folds with :func:`mean_sd_table`;
 :func:`paired_bootstrap` gives paired bootstrap confidence intervals of the difference
 between two methods on the same held-out sections.
 """
@@ -28,20 +28,22 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from . import _util
+
 __all__ = [
     "gene_pearson",
     "pcc_acg",
     "pcc_heg",
     "mse",
     "mae",
-    "summarize",
+    "section_metrics",
     "paired_bootstrap",
-    "summary_table",
+    "mean_sd_table",
     "fmt",
     "METRIC_COLUMNS",
 ]
 
-#: Metric columns that :func:`summary_table` summarises by default.
+#: Metric columns that :func:`mean_sd_table` summarises by default.
 METRIC_COLUMNS = ("pcc_acg", "pcc_heg", "mse", "mae")
 
 _MIN_SPOTS = 3
@@ -412,7 +414,7 @@ def mae(pred, true) -> float:
     return float(np.mean(np.abs(p - t)))
 
 
-def summarize(pred, true, *, genes=None, n_heg: int = 50) -> dict:
+def section_metrics(pred, true, *, genes=None, n_heg: int = 50) -> dict:
     """All mclSTExp metrics of one held-out section as a JSON-serialisable dict.
 
     Parameters
@@ -546,7 +548,7 @@ def _resampled_metrics(a, t, top, metrics, counts) -> dict:
     """Each resample's metrics of one section, ``{metric: (n_rep,) array}``.
 
     ``counts`` ``(n_rep, n_spots)`` says how often each spot is drawn. PCC-ACG, PCC-HEG,
-    MSE and MAE follow :func:`summarize` applied to the drawn spots (a spot drawn twice
+    MSE and MAE follow :func:`section_metrics` applied to the drawn spots (a spot drawn twice
     counts twice); the HEG genes ``top`` stay those of the full section.
     """
     out = {}
@@ -583,7 +585,7 @@ def paired_bootstrap(
     """Paired bootstrap confidence intervals of a metric difference, method A minus B.
 
     Both methods predicted the same held-out sections; the metrics are those of
-    :func:`summarize` (PCC-ACG, PCC-HEG with ``n_heg`` genes, MSE, MAE), and a method's
+    :func:`section_metrics` (PCC-ACG, PCC-HEG with ``n_heg`` genes, MSE, MAE), and a method's
     score is the mean over sections of its per-section metric, as the results table
     averages held-out sections. Every replicate resamples both methods and the truth
     with the *same* draws (paired), so what the two methods share cancels.
@@ -688,13 +690,13 @@ def paired_bootstrap(
         n = _check_n(n_heg, t.shape[1], "n_heg")
         data.append((a, b, t, _top_mean_genes(t, n)))
 
-    # Point estimates: the full-section metrics, exactly as summarize computes them.
+    # Point estimates: the full-section metrics, exactly as section_metrics computes them.
     full = {k: np.empty((len(metrics), n_sec)) for k in "ab"}
     for j, (a, b, t, _) in enumerate(data):
         for k, pred in (("a", a), ("b", b)):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # every gene constant
-                res = summarize(pred, t, n_heg=n_heg)
+                res = section_metrics(pred, t, n_heg=n_heg)
             full[k][:, j] = [res[m] for m in metrics]
     score = {k: v.mean(axis=1) for k, v in full.items()}  # NaN if any section is NaN
 
@@ -757,7 +759,7 @@ def paired_bootstrap(
 # --------------------------------------------------------------------------- tables
 
 
-def summary_table(
+def mean_sd_table(
     per_fold: pd.DataFrame,
     *,
     by=("method", "scheme"),
@@ -769,7 +771,7 @@ def summary_table(
     ----------
     per_fold
         One row per fold (held-out section), with the grouping columns ``by`` and
-        numeric metric columns, e.g. rows built from :func:`summarize` plus
+        numeric metric columns, e.g. rows built from :func:`section_metrics` plus
         ``method``, ``scheme`` and ``fold``.
     by
         Grouping column name or names.
@@ -795,10 +797,10 @@ def summary_table(
     Examples
     --------
     >>> import pandas as pd
-    >>> from mclstexp_lite.metrics import summary_table, fmt
+    >>> from mclstexp_lite.metrics import mean_sd_table, fmt
     >>> folds = pd.DataFrame({"method": ["m"] * 3, "scheme": ["loso"] * 3,
     ...                       "pcc_acg": [0.1, 0.2, 0.3]})
-    >>> row = summary_table(folds).iloc[0]
+    >>> row = mean_sd_table(folds).iloc[0]
     >>> fmt(row["pcc_acg_mean"], row["pcc_acg_sd"])
     '0.200 ± 0.100'
     """
@@ -855,3 +857,12 @@ def fmt(mean, sd, *, digits: int = 3) -> str:
     if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
         raise ValueError(f"`digits` must be a non-negative integer, got {digits!r}.")
     return f"{float(mean):.{digits}f} ± {float(sd):.{digits}f}"
+
+
+# ====================================================================== deprecated
+#: Former names (warn once, then call the new function): ``summarize`` was one
+#: section's metrics, ``summary_table`` the mean and sd over sections.
+summarize = _util.deprecated_alias(section_metrics, "metrics.summarize",
+                                   "metrics.section_metrics")
+summary_table = _util.deprecated_alias(mean_sd_table, "metrics.summary_table",
+                                       "metrics.mean_sd_table")

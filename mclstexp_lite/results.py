@@ -2,7 +2,7 @@
 
 - :func:`load_results` - the per-section metrics (``metrics.csv``) of one folder;
 - :func:`load_predictions` - its held-out predictions (``AnnData`` per section);
-- :func:`summarize_results` - mean and sample sd over held-out sections, per method and
+- :func:`method_summary` - mean and sample sd over held-out sections, per method and
   scheme, on the sections every method has;
 - :func:`shared_sections` - that rule: the rows of the held-out sections every method
   has (the figures of :mod:`mclstexp_lite.pl` use it too; ``ml.pl.shared_sections``);
@@ -11,7 +11,7 @@
 - :func:`neighbour_shares` - where a retrieval run's top-k neighbours come from, per
   held-out section (the share from the held-out patient's other sections).
 
-:mod:`mclstexp_lite.cv` re-exports ``load_results``, ``summarize_results``,
+:mod:`mclstexp_lite.cv` re-exports ``load_results``, ``method_summary``,
 ``summary_markdown``, ``compare`` and ``neighbour_shares`` (``ml.cv.compare`` etc.); the results folder
 layout is described there.
 """
@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import _util
 from . import metrics as mt
 from .folds import load_folds
 from .run_folder import METHODS
 
-__all__ = ["load_results", "load_predictions", "summarize_results", "summary_markdown", "compare",
+__all__ = ["load_results", "load_predictions", "method_summary", "summary_markdown", "compare",
            "shared_sections", "neighbour_shares", "neighbours_markdown", "NEIGHBOURS_FILE"]
 
 #: Where :func:`mclstexp_lite.cv.run_cv` writes :func:`neighbour_shares` of a retrieval run.
@@ -81,7 +82,7 @@ def load_predictions(out_dir) -> dict:
     return out
 
 
-def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme"),
+def method_summary(per_section: pd.DataFrame, *, by=("method", "scheme"),
                       shared: bool = True) -> pd.DataFrame:
     """Mean and sample sd of the metrics over held-out sections.
 
@@ -105,7 +106,7 @@ def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme"),
         sections averaged over: under both schemes every section of the study is
         scored once, so both schemes average the same sections), and
         ``<metric>_mean``/``<metric>_sd`` for PCC-ACG, PCC-HEG, MSE and MAE
-        (:func:`mclstexp_lite.metrics.summary_table`). Only when sections were left
+        (:func:`mclstexp_lite.metrics.mean_sd_table`). Only when sections were left
         out, a ``left_out`` column (after ``n_sections``): per row, the sections it was
         scored on that are not in its mean, each with the methods that lack it, e.g.
         ``"C2 (not scored for: ridge_color)"``; ``""`` for rows that lost none. A group
@@ -115,7 +116,7 @@ def summarize_results(per_section: pd.DataFrame, *, by=("method", "scheme"),
     left_out = None
     if shared and "test_section" in per_section.columns:
         per_section, left_out = _shared_rows(per_section, by)
-    table = mt.summary_table(per_section, by=by).rename(columns={"n_folds": "n_sections"})
+    table = mt.mean_sd_table(per_section, by=by).rename(columns={"n_folds": "n_sections"})
     folds = per_section.groupby(by, sort=True, dropna=False)["fold"].nunique()
     table.insert(len(by), "n_folds", folds.to_numpy())
     if left_out:
@@ -169,7 +170,7 @@ def shared_sections(per_fold, *, hue: str = "method", col: str = "scheme",
     group has, and a note per ``col`` group that lost rows (empty when none did).
 
     Methods scored on different held-out sections cannot be averaged side by side. The
-    rule is shared by :func:`mclstexp_lite.pl.metric_bars` and :func:`summarize_results`
+    rule is shared by :func:`mclstexp_lite.pl.metric_bars` and :func:`method_summary`
     (so also :func:`compare` and the results tables); ``ml.pl.shared_sections`` is this
     function.
 
@@ -198,12 +199,12 @@ _LABELS = {"pcc_acg": "PCC-ACG", "pcc_heg": "PCC-HEG", "mse": "MSE", "mae": "MAE
 
 
 def summary_markdown(table: pd.DataFrame, *, digits: int = 3) -> str:
-    """Render a :func:`summarize_results` / :func:`compare` table as Markdown.
+    """Render a :func:`method_summary` / :func:`compare` table as Markdown.
 
     Each metric becomes one ``mean ± sd`` column (:func:`mclstexp_lite.metrics.fmt`); a
     metric with no value in any held-out section (a correlation of the constant ``mean``
     prediction) is shown as ``undefined*`` with a footnote saying why. A ``left_out``
-    column (sections not shared by every method, :func:`summarize_results`) gets a
+    column (sections not shared by every method, :func:`method_summary`) gets a
     footnote that says methods are compared on the sections they share.
     """
     lead = [c for c in table.columns if not c.endswith(("_mean", "_sd"))]
@@ -261,7 +262,7 @@ def compare(results_dirs, *, per_section: bool = False) -> pd.DataFrame:
         baselines), ``n_folds``, ``n_sections`` and mean/sd columns of PCC-ACG,
         PCC-HEG, MSE, MAE; one row per folder, sorted by scheme, then method, then
         ``top_k``. Within a scheme every row averages the same held-out sections, those
-        all folders have (:func:`summarize_results`); a ``left_out`` column names the
+        all folders have (:func:`method_summary`); a ``left_out`` column names the
         others when there are any.
     """
     if isinstance(results_dirs, (str, os.PathLike)):
@@ -281,7 +282,7 @@ def compare(results_dirs, *, per_section: bool = False) -> pd.DataFrame:
         return allrows
     key = allrows["top_k"].fillna(-1)
     allrows = allrows.assign(_k=key)
-    table = summarize_results(allrows, by=("scheme", "method", "_k"))
+    table = method_summary(allrows, by=("scheme", "method", "_k"))
     table = table.rename(columns={"_k": "top_k"})
     table["top_k"] = table["top_k"].where(table["top_k"] >= 0)
     order = {m: i for i, m in enumerate(METHODS)}
@@ -388,3 +389,8 @@ def neighbours_markdown(shares: pd.DataFrame, *, digits: int = 2) -> str:
               "above the bank share, the retrieval recognises the patient."]
     return "\n".join(lines)
 
+
+# ====================================================================== deprecated
+#: Former name of :func:`method_summary` (warns once, then calls it).
+summarize_results = _util.deprecated_alias(method_summary, "cv.summarize_results",
+                                           "cv.method_summary")

@@ -99,7 +99,7 @@ def test_results_folder_layout_and_metrics(patient_run, sections):
     for _, row in df.iterrows():
         pred = ad.read_h5ad(out / row["fold"] / f"pred_{row['test_section']}.h5ad")
         truth = sections[row["test_section"]]
-        m = metrics.summarize(pred.X, truth.X, n_heg=RUN["n_heg"])
+        m = metrics.section_metrics(pred.X, truth.X, n_heg=RUN["n_heg"])
         for c in ("pcc_acg", "pcc_heg", "mse", "mae"):
             assert row[c] == pytest.approx(m[c], rel=1e-12)
         assert row["n_spots"] == truth.n_obs and row["n_genes"] == GENES

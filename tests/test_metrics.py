@@ -144,7 +144,7 @@ def test_heg_ties_go_to_lower_index():
     pred = true + rng.normal(size=true.shape)
     means = true.mean(axis=0)
     expected = sorted(range(n_genes), key=lambda g: (-means[g], g))[:150]
-    out = metrics.summarize(pred, true, n_heg=150)
+    out = metrics.section_metrics(pred, true, n_heg=150)
     assert out["heg_genes"] == expected
 
 
@@ -157,7 +157,7 @@ def test_mse_mae_match_sklearn(data):
 
 def test_summarize(data):
     pred, true = data["pred"], data["true"]
-    out = metrics.summarize(pred, true, genes=data["genes"])
+    out = metrics.section_metrics(pred, true, genes=data["genes"])
     json.dumps(out)  # JSON-serialisable, plain Python values
     assert {
         "pcc_acg", "pcc_heg", "mse", "mae", "n_genes", "n_spots",
@@ -176,7 +176,7 @@ def test_summarize(data):
     for key in ("n_spots", "n_genes", "n_constant_genes", "n_heg", "n_constant_heg"):
         assert type(out[key]) is int
     # without names, positions as plain ints
-    plain = metrics.summarize(pred, true, n_heg=5)
+    plain = metrics.section_metrics(pred, true, n_heg=5)
     assert plain["heg_genes"] == data["top50"][:5].tolist()
     assert all(type(g) is int for g in plain["heg_genes"])
 
@@ -193,8 +193,8 @@ def test_summarize(data):
 )
 def test_input_types(data, convert):
     pred, true = data["pred"], data["true"]
-    ref = metrics.summarize(pred, true)
-    out = metrics.summarize(convert(pred), convert(true))
+    ref = metrics.section_metrics(pred, true)
+    out = metrics.section_metrics(convert(pred), convert(true))
     tol = 1e-6 if "float" in str(getattr(convert(pred), "dtype", "")) else 1e-12
     for key in ("pcc_acg", "pcc_heg", "mse", "mae"):
         assert out[key] == pytest.approx(ref[key], rel=tol, abs=tol)
@@ -207,7 +207,7 @@ def test_anndata_gene_names(data):
     pred = ad.AnnData(data["pred"])
     pred.var_names = data["genes"]
     assert list(metrics.gene_pearson(pred, true).index) == data["genes"]
-    assert metrics.summarize(pred, true)["heg_genes"][0] == data["genes"][data["top50"][0]]
+    assert metrics.section_metrics(pred, true)["heg_genes"][0] == data["genes"][data["top50"][0]]
     pred.var_names = data["genes"][::-1]
     with pytest.raises(ValueError, match=r"different var_names"):
         metrics.gene_pearson(pred, true)
@@ -216,7 +216,7 @@ def test_anndata_gene_names(data):
 def test_validation_errors(data):
     pred, true = data["pred"], data["true"]
     with pytest.raises(ValueError, match=r"`pred` has shape \(80, 119\) but `true` has shape"):
-        metrics.summarize(pred[:, 1:], true)
+        metrics.section_metrics(pred[:, 1:], true)
     with pytest.raises(ValueError, match=r"`true` must be 2-D"):
         metrics.mse(pred, true[:, 0])
     bad = true.copy()
@@ -230,7 +230,7 @@ def test_validation_errors(data):
     with pytest.raises(ValueError, match=r"at least 3 spots"):
         metrics.gene_pearson(pred[:2], true[:2])
     with pytest.raises(ValueError, match=r"`n_heg`=121 must be between 1 and .*120"):
-        metrics.summarize(pred, true, n_heg=121)
+        metrics.section_metrics(pred, true, n_heg=121)
     with pytest.raises(ValueError, match=r"`n`=0 must be between 1"):
         metrics.pcc_heg(pred, true, n=0)
     with pytest.raises(TypeError, match=r"`pred` must hold real numbers"):
@@ -262,8 +262,8 @@ def per_fold():
     return df
 
 
-def test_summary_table(per_fold):
-    table = metrics.summary_table(per_fold)
+def test_mean_sd_table(per_fold):
+    table = metrics.mean_sd_table(per_fold)
     assert list(table.columns) == [
         "method", "scheme", "n_folds",
         "pcc_acg_mean", "pcc_acg_sd", "pcc_heg_mean", "pcc_heg_sd",
@@ -281,20 +281,20 @@ def test_summary_table(per_fold):
             assert row[f"{m}_sd"] == pytest.approx(sd, rel=1e-12)
 
 
-def test_summary_table_options(per_fold):
-    one = metrics.summary_table(per_fold, by="method", metrics=["mse"])
+def test_mean_sd_table_options(per_fold):
+    one = metrics.mean_sd_table(per_fold, by="method", metrics=["mse"])
     assert list(one.columns) == ["method", "n_folds", "mse_mean", "mse_sd"]
     assert one["method"].tolist() == ["knn", "mclstexp"] and one["n_folds"].tolist() == [8, 8]
-    single = metrics.summary_table(per_fold[per_fold.fold == 0])
+    single = metrics.mean_sd_table(per_fold[per_fold.fold == 0])
     assert single["pcc_acg_sd"].isna().all()
     with pytest.raises(ValueError, match=r"grouping columns \['dataset'\]"):
-        metrics.summary_table(per_fold, by=("dataset",))
+        metrics.mean_sd_table(per_fold, by=("dataset",))
     with pytest.raises(ValueError, match=r"metric column 'note' is not numeric"):
-        metrics.summary_table(per_fold, metrics=["note"])
+        metrics.mean_sd_table(per_fold, metrics=["note"])
     with pytest.raises(ValueError, match=r"none of the metric columns"):
-        metrics.summary_table(per_fold[["method", "scheme", "fold"]])
+        metrics.mean_sd_table(per_fold[["method", "scheme", "fold"]])
     with pytest.raises(TypeError, match=r"must be a pandas.DataFrame"):
-        metrics.summary_table(per_fold.to_dict())
+        metrics.mean_sd_table(per_fold.to_dict())
 
 
 def test_fmt():
@@ -430,7 +430,7 @@ def test_paired_bootstrap_point_estimates_match_summarize():
     a, b, truth = make_sections(seed=3)
     res = metrics.paired_bootstrap(a, b, truth, n_heg=5, n_boot=5).set_index("metric")
     for col, pred in (("a", a), ("b", b)):
-        per = [metrics.summarize(pred[s], truth[s], n_heg=5) for s in truth]
+        per = [metrics.section_metrics(pred[s], truth[s], n_heg=5) for s in truth]
         for m in ("pcc_acg", "pcc_heg", "mse", "mae"):
             assert res.loc[m, col] == np.mean([x[m] for x in per])
     assert (res["diff"] == res["a"] - res["b"]).all()
@@ -666,4 +666,28 @@ def test_metrics_name_the_nan_input_and_accept_negative_values():
     assert metrics.pcc_acg(pred, true) == pytest.approx(np.mean(r), rel=1e-10)
     bad = ad.AnnData(X=np.where(np.arange(5) == 2, np.nan, true).astype(np.float32))
     with pytest.raises(ValueError, match=r"`true` contains 30 NaN"):
-        metrics.summarize(pred, bad)
+        metrics.section_metrics(pred, bad)
+
+
+def test_former_names_warn_once_and_give_the_same_numbers(per_fold):
+    """metrics.summarize / summary_table are the former names of section_metrics /
+    mean_sd_table: the first call warns (FutureWarning, naming the new name), later calls
+    are silent, and the numbers are the new functions'."""
+    rng = np.random.default_rng(3)
+    true = rng.random((30, 8))
+    pred = true + rng.normal(0, 0.1, true.shape)
+    for old, new, args, kw in ((metrics.summarize, metrics.section_metrics, (pred, true),
+                                {"n_heg": 5}),
+                               (metrics.summary_table, metrics.mean_sd_table, (per_fold,), {})):
+        old.warned = False
+        with pytest.warns(FutureWarning, match=f"use metrics.{new.__name__}"):
+            got = old(*args, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = old(*args, **kw)
+        want = new(*args, **kw)
+        if isinstance(want, dict):
+            assert got == want == again
+        else:
+            pd.testing.assert_frame_equal(got, want)
+            pd.testing.assert_frame_equal(again, want)

@@ -38,14 +38,14 @@ def test_methods_are_compared_on_the_sections_they_share():
 def test_undefined_correlations_are_explained_in_the_summary():
     df = _per_fold()
     df.loc[df.method == "ridge_color", ["pcc_acg", "pcc_heg"]] = float("nan")
-    md = cv.summary_markdown(cv.summarize_results(df))
+    md = cv.summary_markdown(cv.method_summary(df))
     assert "undefined*" in md and "nan ± nan" not in md
     assert "same at every spot" in md
 
 
 def test_summary_tables_use_the_same_shared_sections_rule():
-    """summarize_results drops what metric_bars drops, and says which rows lost what."""
-    table = cv.summarize_results(_per_fold()).set_index("method")
+    """method_summary drops what metric_bars drops, and says which rows lost what."""
+    table = cv.method_summary(_per_fold()).set_index("method")
     kept, _ = pl.shared_sections(_per_fold())
     assert (table["n_sections"] == 2).all()
     assert table.loc["mclstexp", "pcc_acg_mean"] == pytest.approx(
@@ -60,7 +60,7 @@ def test_a_method_with_no_section_in_common_keeps_an_empty_row():
     df = _per_fold()
     df = df[~((df.method == "ridge_color") & df.test_section.isin(["A1", "B4"]))]
     df = pd.concat([df, df.iloc[:1].assign(method="ridge_color", test_section="Z9", fold="Z9")])
-    table = cv.summarize_results(df).set_index("method")
+    table = cv.method_summary(df).set_index("method")
     assert table.loc["ridge_color", "n_sections"] == 0
     assert table.loc["mclstexp", "n_sections"] == 0
     md = cv.summary_markdown(table.reset_index())

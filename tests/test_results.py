@@ -9,6 +9,7 @@ Data here are SYNTHETIC (factories.synthetic_sections); the runs are the untrain
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -40,8 +41,12 @@ def test_compare_averages_only_the_sections_every_run_has(sections, tmp_path):
     assert table.loc["mean", "mse_mean"] == pytest.approx(mean_rows["mse"].mean())
     md = cv.summary_markdown(table.reset_index())
     assert "S3 (not scored for: ridge_color)" in md and "compared only on the held-out" in md
-    unshared = cv.summarize_results(per_section, shared=False).set_index("method")
+    unshared = cv.method_summary(per_section, shared=False).set_index("method")
     assert unshared.loc["mean", "n_sections"] == 3 and "left_out" not in unshared.columns
+    cv.summarize_results.warned = False  # the former name: warns once, same table
+    with pytest.warns(FutureWarning, match="use cv.method_summary"):
+        old = cv.summarize_results(per_section, shared=False)
+    pd.testing.assert_frame_equal(old, cv.method_summary(per_section, shared=False))
 
 
 def test_neighbour_shares_counts_where_the_neighbours_come_from(tmp_path):

@@ -3,7 +3,7 @@
 
 For every section, a "depth oracle" predicts every gene at a spot as the spot's log total
 count (``log1p`` of the raw counts over its whole transcriptome, the very number
-``pp.prepare`` divides by) and is scored like any method (``metrics.summarize``). Then,
+``pp.prepare`` divides by) and is scored like any method (``metrics.section_metrics``). Then,
 for every results folder given (``--runs``), the correlation across spots between a
 method's mean predicted expression (over the panel) and the spot's log total count, per
 held-out section: how much a method's predictions follow depth.
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     for s, a in prepared.items():
         X = rr._dense_f32(a.X)
         pred = np.repeat(depth[s][:, None], X.shape[1], axis=1).astype(np.float32)
-        m = metrics.summarize(pred, X)
+        m = metrics.section_metrics(pred, X)
         acg.append(m["pcc_acg"])
         heg.append(m["pcc_heg"])
         print(f"| {s} | {np.median(np.expm1(depth[s])):.0f} | {m['pcc_acg']:.3f} | "

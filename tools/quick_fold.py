@@ -56,9 +56,9 @@ def main(argv=None) -> None:
     q = train.embed_images(res.model, te_data, config=cfg, progress=False)
     bank = inputs.model_expression(res.model, tr_data)  # what retrieval averages
     pred = tl.retrieve(q, keys, bank, top_k=args.top_k)
-    got = metrics.summarize(pred, te_data.expr)
+    got = metrics.section_metrics(pred, te_data.expr)
     rng = np.random.default_rng(args.seed)
-    shuffled = [metrics.summarize(tl.retrieve(q, keys[rng.permutation(len(keys))], bank,
+    shuffled = [metrics.section_metrics(tl.retrieve(q, keys[rng.permutation(len(keys))], bank,
                                               top_k=args.top_k), te_data.expr)
                 for _ in range(20)]
     own = train.embed_spots(res.model, te_data)

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                 q = train.embed_images(model, single[test], progress=False)
                 pred = tl.retrieve(q, keys, inputs.model_expression(model, data),
                                    top_k=args.top_k)
-                m = metrics.summarize(pred, single[test].expr)
+                m = metrics.section_metrics(pred, single[test].expr)
                 rows.append({"lr": lr, "epochs": epoch, "test": test,
                              "pcc_acg": m["pcc_acg"], "pcc_heg": m["pcc_heg"], "mse": m["mse"],
                              "loss": history[-1]["loss"],
