@@ -1,16 +1,22 @@
 """Figures for the tutorials. Plotting only reads; nothing here computes results.
 
 Every function returns the matplotlib ``Figure`` so a notebook can show it and save it
-with :func:`mclstexp_lite.workflow.save_figure`.
+with :func:`mclstexp_lite.workflow.save_figure`. The rule :func:`metric_bars` applies
+(methods compared on the held-out sections they share) is a computation, in
+:func:`mclstexp_lite.results.shared_sections`.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
 
-from .results import shared_sections  # noqa: F401  (ml.pl.shared_sections, metric_bars)
+from .results import shared_sections as _shared_sections
+
+__all__ = ["spots_on_tissue", "pred_vs_true", "prediction_maps", "patch_gallery",
+           "loss_curve", "metric_bars", "model_diagram"]
 
 
 def _plt():
@@ -136,6 +142,32 @@ def pred_vs_true(pred, true, genes: Sequence[str], *, cmap: str = "magma"):
     return fig
 
 
+def prediction_maps(pred, genes: Sequence[str] | None = None, *, n_genes: int = 4,
+                    ncols: int = 4):
+    """Predicted maps of ``genes`` on the H&E (``scanpy.pl.spatial``); default the
+    ``n_genes`` genes whose prediction varies most across spots. ``pred`` is a
+    prediction (:meth:`mclstexp_lite.predict.Predictor.predict`,
+    :func:`mclstexp_lite.tl.predict_section`). Returns the figure."""
+    import scanpy as sc
+
+    if genes is None:
+        var = np.asarray(pred.X).var(axis=0)
+        genes = [pred.var_names[i] for i in np.argsort(-var)[:n_genes]]
+    unknown = [g for g in genes if g not in pred.var_names]
+    if unknown:
+        raise ValueError(f"genes {unknown} are not in the prediction's "
+                         f"{pred.n_vars} genes (e.g. {list(pred.var_names[:5])})")
+    lib = next(iter(pred.uns["spatial"]))
+    with warnings.catch_warnings():  # scanpy points to squidpy; sc.pl.spatial zooms to the spots
+        warnings.filterwarnings("ignore", message="Use `squidpy.pl.spatial_scatter` instead")
+        axes = sc.pl.spatial(pred, color=list(genes), library_id=lib, img_key="hires",
+                             ncols=min(ncols, len(genes)), show=False, cmap="magma",
+                             frameon=False)
+    fig = (axes[0] if isinstance(axes, list) else axes).figure
+    fig.suptitle(f"predicted expression, {lib} ({pred.n_obs} spots)")
+    return fig
+
+
 def patch_gallery(patches: np.ndarray, titles: Sequence[str] | None = None, *, ncols: int = 6):
     """A grid of uint8 patches ``(n, H, W, 3)`` with optional titles."""
     plt = _plt()
@@ -171,12 +203,12 @@ def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "ms
     """Mean over folds with one dot per fold, one panel per metric.
 
     Within each ``col`` group only the held-out sections that every method has are shown
-    (:func:`shared_sections`); the figure says which were left out.
+    (:func:`mclstexp_lite.results.shared_sections`); the figure says which were left out.
     """
     import seaborn as sns
 
     plt = _plt()
-    per_fold, notes = shared_sections(per_fold, hue=hue, col=col)
+    per_fold, notes = _shared_sections(per_fold, hue=hue, col=col)
     metrics = [m for m in metrics if m in per_fold.columns]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
     for ax, m in zip(axes[0], metrics):

@@ -45,11 +45,12 @@ from .checkpoint import load_model
 from .config import resolve_device
 from .embed import embed_images
 from .inputs import model_expression
+from .pl import prediction_maps
 from .slides import GRIDS
 from .spotdata import SpotData
 
 __all__ = ["Predictor", "build_predictor", "save_predictor", "load_predictor",
-           "predict_image", "plot_prediction", "nearest_spots", "FORMAT", "main"]
+           "predict_image", "nearest_spots", "FORMAT", "PREDICTOR_KEYS", "main"]
 
 #: Format tag stored in every predictor file.
 FORMAT = "mclstexp_lite.predictor/1"
@@ -487,33 +488,6 @@ def nearest_spots(pred, target, *, max_distance_um: float | None = None):
     return out
 
 
-def plot_prediction(pred, genes: Sequence[str] | None = None, *, n_genes: int = 4,
-                    ncols: int = 4):
-    """Predicted maps of ``genes`` on the H&E (``scanpy.pl.spatial``); default the
-    ``n_genes`` genes whose prediction varies most across spots. Returns the figure."""
-    import matplotlib.pyplot as plt
-    import scanpy as sc
-
-    if genes is None:
-        var = np.asarray(pred.X).var(axis=0)
-        genes = [pred.var_names[i] for i in np.argsort(-var)[:n_genes]]
-    unknown = [g for g in genes if g not in pred.var_names]
-    if unknown:
-        raise ValueError(f"genes {unknown} are not in the prediction's "
-                         f"{pred.n_vars} genes (e.g. {list(pred.var_names[:5])})")
-    import warnings
-
-    lib = next(iter(pred.uns["spatial"]))
-    with warnings.catch_warnings():  # scanpy points to squidpy; sc.pl.spatial zooms to the spots
-        warnings.filterwarnings("ignore", message="Use `squidpy.pl.spatial_scatter` instead")
-        axes = sc.pl.spatial(pred, color=list(genes), library_id=lib, img_key="hires",
-                             ncols=min(ncols, len(genes)), show=False, cmap="magma",
-                             frameon=False)
-    fig = (axes[0] if isinstance(axes, list) else axes).figure
-    fig.suptitle(f"predicted expression, {lib} ({pred.n_obs} spots)")
-    return fig
-
-
 def predict_image(predictor, image, *, um_per_px: float | None = None, out=None,
                   overwrite: bool = False, figure=None, genes: Sequence[str] | None = None,
                   tissue_mask=None, name: str | None = None, device="auto",
@@ -532,7 +506,7 @@ def predict_image(predictor, image, *, um_per_px: float | None = None, out=None,
         Optional ``.h5ad`` path for the prediction (written atomically; an existing file
         needs ``overwrite``).
     figure, genes
-        Optional ``.png`` path for :func:`plot_prediction` of ``genes``.
+        Optional ``.png`` path for :func:`mclstexp_lite.pl.prediction_maps` of ``genes``.
 
     Returns
     -------
@@ -565,7 +539,7 @@ def predict_image(predictor, image, *, um_per_px: float | None = None, out=None,
     if figure is not None:
         import matplotlib.pyplot as plt
 
-        fig = plot_prediction(pred, genes)
+        fig = prediction_maps(pred, genes)
         atomic_write(figure, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"),
                         suffix=Path(figure).suffix or ".png")
         plt.close(fig)
@@ -640,6 +614,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {_cli_message(str(w.message))}", file=sys.stderr)
     print(f"predicted {pred.n_vars} genes at {pred.n_obs} spots -> {args.out}; figure {figure}")
     return 0
+
+
+#: Former name of :func:`mclstexp_lite.pl.prediction_maps` (a figure: it lives in ``pl``;
+#: warns once, then calls it).
+plot_prediction = _util.deprecated_alias(prediction_maps, "predict.plot_prediction",
+                                         "pl.prediction_maps")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from mclstexp_lite import cv, pl  # noqa: E402
+from mclstexp_lite import cv, pl, results  # noqa: E402
 
 
 def _per_fold():
@@ -24,7 +24,7 @@ def _per_fold():
 
 
 def test_methods_are_compared_on_the_sections_they_share():
-    kept, notes = pl.shared_sections(_per_fold())
+    kept, notes = results.shared_sections(_per_fold())
     assert sorted(set(kept["test_section"])) == ["A1", "B4"] and len(kept) == 4
     assert notes == ["section: compared on the 2 held-out section(s) every method has; "
                      "left out ['C2'] (not scored for C2: ridge_color)"]
@@ -32,7 +32,7 @@ def test_methods_are_compared_on_the_sections_they_share():
     assert any("left out ['C2']" in t.get_text() for t in fig.texts)
     full = _per_fold()
     full = full[full.test_section != "C2"]
-    assert pl.shared_sections(full)[1] == []
+    assert results.shared_sections(full)[1] == []
 
 
 def test_undefined_correlations_are_explained_in_the_summary():
@@ -46,7 +46,7 @@ def test_undefined_correlations_are_explained_in_the_summary():
 def test_summary_tables_use_the_same_shared_sections_rule():
     """method_summary drops what metric_bars drops, and says which rows lost what."""
     table = cv.method_summary(_per_fold()).set_index("method")
-    kept, _ = pl.shared_sections(_per_fold())
+    kept, _ = results.shared_sections(_per_fold())
     assert (table["n_sections"] == 2).all()
     assert table.loc["mclstexp", "pcc_acg_mean"] == pytest.approx(
         kept[kept.method == "mclstexp"]["pcc_acg"].mean())

@@ -74,6 +74,31 @@ def test_predict_section_and_a_predictor_take_one_path(trained):
     assert ref["reference_sections"] == ["S1", "S2"] and ref["n_reference"] == 76
 
 
+def test_prediction_maps_live_in_pl_and_the_former_name_warns_once(trained):
+    """pl.prediction_maps draws a prediction's genes (a figure, so in pl); the former
+    predict.plot_prediction warns once and draws the same."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from mclstexp_lite import pl
+
+    pred = trained["predictor"].predict(trained["sections"]["S3"], device="cpu",
+                                        progress=False)
+    fig = pl.prediction_maps(pred, n_genes=2)
+    assert len([a for a in fig.axes if a.get_title()]) >= 2
+    with pytest.raises(ValueError, match="not in the prediction's"):
+        pl.prediction_maps(pred, ["NOPE"])
+    predict.plot_prediction.warned = False
+    with pytest.warns(FutureWarning, match="use pl.prediction_maps"):
+        old = predict.plot_prediction(pred, n_genes=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        plt.close(predict.plot_prediction(pred, n_genes=2))
+    assert [a.get_title() for a in old.axes] == [a.get_title() for a in fig.axes]
+    plt.close("all")
+
+
 def test_the_file_loads_without_unpickling_code(trained):
     obj = torch.load(trained["path"], weights_only=True)  # raises if anything needs pickle
     assert obj["format"] == predict.FORMAT
