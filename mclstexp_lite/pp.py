@@ -41,11 +41,14 @@ Slots written
 ``adata.uns['mclstexp_gene_map']``
     How :func:`subset_genes` matched panel genes through other names (ids <-> symbols).
 ``adata.uns['mclstexp_prepare']``
-    ``params`` of :func:`prepare` and the ``order`` of its two steps.
+    ``params`` of :func:`prepare`, the ``order`` of its two steps and the panel's
+    ``panel_sha256``: the one record of how a section was prepared
+    (:func:`prepared_with`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -87,6 +90,8 @@ __all__ = [
     "subset_genes",
     "read_gene_map",
     "prepare",
+    "prepared_with",
+    "panel_sha256",
     "NORMALIZE_KEY",
     "MISSING_KEY",
     "PREPARE_KEY",
@@ -95,8 +100,36 @@ __all__ = [
     "PUBLISHED_RESCALE",
 ]
 
-#: ``adata.uns`` key written by :func:`prepare`.
+#: ``adata.uns`` key written by :func:`prepare`: the one record of how a section was
+#: prepared.
 PREPARE_KEY = "mclstexp_prepare"
+#: The key the tutorials' cache of prepared sections wrote before (``panel``: the first
+#: 16 hex digits of :func:`panel_sha256`, ``method``, ``n_genes``); still read by
+#: :func:`prepared_with`, so files written then are reused.
+_FORMER_PREPARED_KEY = "mclstexp_prepared"
+
+
+def panel_sha256(genes: Sequence[str]) -> str:
+    """sha256 of a gene panel, its names in order, one per line (what
+    ``uns['mclstexp_prepare']['panel_sha256']`` records)."""
+    return hashlib.sha256("\n".join(map(str, genes)).encode()).hexdigest()
+
+
+def prepared_with(adata, genes: Sequence[str], *, method: str = "library_size") -> bool:
+    """Whether ``adata`` came out of :func:`prepare` with this panel (names in order) and
+    normalisation ``method``: read from ``uns['mclstexp_prepare']``, or from the key that
+    sections cached by the tutorials before carry (``uns['mclstexp_prepared']``)."""
+    genes = [str(g) for g in genes]
+    rec = adata.uns.get(PREPARE_KEY)
+    if isinstance(rec, Mapping) and "panel_sha256" in rec:
+        params = rec.get("params") or {}
+        return (rec["panel_sha256"] == panel_sha256(genes) and params.get("method") == method
+                and int(params.get("n_genes", -1)) == len(genes))
+    old = adata.uns.get(_FORMER_PREPARED_KEY)
+    if isinstance(old, Mapping):
+        return (old.get("panel") == panel_sha256(genes)[:16] and old.get("method") == method
+                and int(old.get("n_genes", -1)) == len(genes))
+    return False
 
 
 # ----------------------------------------------------------------------- prepare
@@ -123,7 +156,8 @@ def prepare(adata_or_dict, genes: Sequence[str], *, method: str = "library_size"
     anndata.AnnData, dict or list
         New object(s) of the same shape as the input: ``X`` normalised over the panel
         genes, ``layers['counts']`` the raw counts of the panel genes, and
-        ``uns['mclstexp_prepare']`` with ``params`` and ``order``.
+        ``uns['mclstexp_prepare']`` with ``params``, ``order`` and ``panel_sha256``
+        (:func:`panel_sha256`; :func:`prepared_with` reads it back).
     """
     import anndata as ad
 
@@ -145,7 +179,8 @@ def prepare(adata_or_dict, genes: Sequence[str], *, method: str = "library_size"
             normalize(out, method=method)
             order = "subset_then_normalize"
         out.uns[PREPARE_KEY] = {"params": {"method": method, "missing": missing,
-                                           "n_genes": len(genes)}, "order": order}
+                                           "n_genes": len(genes)}, "order": order,
+                                "panel_sha256": panel_sha256(genes)}
         return out
 
     if isinstance(adata_or_dict, ad.AnnData):

@@ -391,6 +391,16 @@ def test_prepare_orders_steps():
     assert pp.NORMALIZE_KEY not in a.uns and a.n_vars == C.shape[1]  # input untouched
     both = pp.prepare({"s1": a, "s2": a}, panel)
     assert list(both) == ["s1", "s2"] and both["s1"].n_vars == 4
+    # one record of how a section was prepared, read back by prepared_with
+    assert pp.prepared_with(lib, panel) and pp.prepared_with(pub, panel, method="published")
+    assert not pp.prepared_with(lib, panel, method="published")
+    assert not pp.prepared_with(lib, panel[::-1]) and not pp.prepared_with(a, panel)
+    import hashlib
+
+    former = a.copy()  # what the tutorials' cache wrote before: still recognised
+    former.uns["mclstexp_prepared"] = {"panel": hashlib.sha256(
+        "\n".join(panel).encode()).hexdigest()[:16], "method": "library_size", "n_genes": 4}
+    assert pp.prepared_with(former, panel) and not pp.prepared_with(former, panel[:3])
     with pytest.raises(TypeError, match="AnnData"):
         pp.prepare("C2", panel)
 
