@@ -159,47 +159,14 @@ def main(argv=None) -> int:
         pos = torch.from_numpy(data.pos[idx]).to(device)
         return x, expr, pos
 
-    torch.manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(ref_ds, batch_size=bs, shuffle=True, num_workers=0,
-                                         drop_last=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
-    ref_iter = iter(loader)
-
-    def ref_batch():
-        nonlocal ref_iter
-        try:
-            return next(ref_iter)
-        except StopIteration:
-            ref_iter = iter(loader)
-            return next(ref_iter)
-
+    ref_batch = reference_batches(ref_ds, bs, args.seed)
     # warm-up: first touches of the memory map, allocator, torchvision imports
     ours_batch(0, "any")
     ours_batch(0, "90")
     ref_batch()
 
-    timers = {"ours_any": C.Timer(sync), "ours_90": C.Timer(sync), "reference": C.Timer()}
-    per_round_ratio = []
-    k = 0
-    for r in range(rounds):
-        before = {name: t.seconds for name, t in timers.items()}
-        for _ in range(per_round):
-            with timers["ours_any"]:
-                x, _, _ = ours_batch(k, "any")
-            with timers["ours_90"]:
-                ours_batch(k, "90")
-            with timers["reference"]:
-                b = ref_batch()
-            k += 1
-        assert x.dtype == torch.float32 and tuple(x.shape[1:]) == (3, CROP, CROP)
-        assert b["image"].dtype == torch.float32 and tuple(b["image"].shape) == (bs, 3, CROP, CROP)
-        spent = {name: t.seconds - before[name] for name, t in timers.items()}
-        per_round_ratio.append(spent["reference"] / spent["ours_any"])
-        print(f"round {r + 1}/{rounds}: ours(any) {per_round * bs / spent['ours_any']:.0f}, "
-              f"ours(90) {per_round * bs / spent['ours_90']:.0f}, reference "
-              f"{per_round * bs / spent['reference']:.0f} items/s; load {C.load_average()}",
-              flush=True)
-
+    timers, per_round_ratio = time_rounds(ours_batch, ref_batch, rounds=rounds,
+                                          per_round=per_round, bs=bs, sync=sync)
     rate = {name: t.count * bs / t.seconds for name, t in timers.items()}
     ratio_any = rate["ours_any"] / rate["reference"]
     ratio_90 = rate["ours_90"] / rate["reference"]
@@ -242,6 +209,57 @@ def main(argv=None) -> int:
         "load_before": load_before, "load_after": load_after, "machine": C.machine(threads),
     })
     return 0
+
+
+def reference_batches(ref_ds, bs: int, seed: int):
+    """The reference side's next batch, endlessly: the published DataLoader (shuffled,
+    ``num_workers=0``), started again when it runs out."""
+    import torch
+
+    torch.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(ref_ds, batch_size=bs, shuffle=True, num_workers=0,
+                                         drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    ref_iter = iter(loader)
+
+    def ref_batch():
+        nonlocal ref_iter
+        try:
+            return next(ref_iter)
+        except StopIteration:
+            ref_iter = iter(loader)
+            return next(ref_iter)
+
+    return ref_batch
+
+
+def time_rounds(ours_batch, ref_batch, *, rounds: int, per_round: int, bs: int, sync):
+    """Both sides in alternating rounds (the same machine load for both): the timers
+    and the reference / ours ratio of every round."""
+    import torch
+
+    timers = {"ours_any": C.Timer(sync), "ours_90": C.Timer(sync), "reference": C.Timer()}
+    per_round_ratio = []
+    k = 0
+    for r in range(rounds):
+        before = {name: t.seconds for name, t in timers.items()}
+        for _ in range(per_round):
+            with timers["ours_any"]:
+                x, _, _ = ours_batch(k, "any")
+            with timers["ours_90"]:
+                ours_batch(k, "90")
+            with timers["reference"]:
+                b = ref_batch()
+            k += 1
+        assert x.dtype == torch.float32 and tuple(x.shape[1:]) == (3, CROP, CROP)
+        assert b["image"].dtype == torch.float32 and tuple(b["image"].shape) == (bs, 3, CROP, CROP)
+        spent = {name: t.seconds - before[name] for name, t in timers.items()}
+        per_round_ratio.append(spent["reference"] / spent["ours_any"])
+        print(f"round {r + 1}/{rounds}: ours(any) {per_round * bs / spent['ours_any']:.0f}, "
+              f"ours(90) {per_round * bs / spent['ours_90']:.0f}, reference "
+              f"{per_round * bs / spent['reference']:.0f} items/s; load {C.load_average()}",
+              flush=True)
+    return timers, per_round_ratio
 
 
 def profile(data, ref_ds, idx, device, sync, gen, reps: int = 3) -> dict:

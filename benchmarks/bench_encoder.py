@@ -63,6 +63,65 @@ def spots_of(section: str, n: int, cache_dir):
     return tr.SpotData.from_anndata(prepared, cache_dir=cache_dir, progress=False)
 
 
+def pipeline_stages(data, encoder, config, idx, size: int, reps: int) -> dict:
+    """Where the pipeline's extra time goes, as embed_images / the feature cache do it:
+    gather (and, when the model input is smaller than the cache, resize a few spots at a
+    time), then normalise; the full-size gather alone, and the resize alone three ways.
+    Median milliseconds per batch."""
+    import torch
+
+    from mclstexp_lite import embed
+    from mclstexp_lite import features as fx
+
+    gather_resize, normalise, gather = [], [], []
+    for _ in range(reps):
+        t = C.Timer()
+        with t:
+            x8 = fx.batch_images(data, idx, size, None, memory_format=torch.channels_last)
+        gather_resize.append(t.seconds)
+        t = C.Timer()
+        with t:
+            embed.prepare_images(x8, encoder, config, train=False, generator=None,
+                               channels_last=False)
+        normalise.append(t.seconds)
+        t = C.Timer()
+        with t:
+            u8 = data.images(idx, memory_format=torch.channels_last)
+        gather.append(t.seconds)
+    extra = {"gather_and_resize_ms_per_batch": statistics.median(gather_resize) * 1000,
+             "normalise_ms_per_batch": statistics.median(normalise) * 1000,
+             "full_size_gather_alone_ms_per_batch": statistics.median(gather) * 1000}
+    if size != u8.shape[-1]:
+        # the resize alone: as the pipeline does it (float32, a few images at a time),
+        # the whole batch at once in float32 (before 2026-11-24; same result) and, for
+        # comparison, PyTorch's uint8 resize (faster, but up to 1 grey level different)
+        import torch.nn.functional as F
+
+        resize = dict(size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        u8_cl = u8
+        u8 = u8.contiguous()
+        grouped, as_float, as_uint8 = [], [], []
+        for _ in range(reps):
+            t = C.Timer()
+            with t:
+                g = fx.resize_u8(u8_cl, size)
+            grouped.append(t.seconds)
+            t = C.Timer()
+            with t:
+                a = F.interpolate(u8.float(), **resize).round_().clamp_(0, 255).to(torch.uint8)
+            as_float.append(t.seconds)
+            assert torch.equal(a, g)
+            t = C.Timer()
+            with t:
+                b = F.interpolate(u8_cl, **resize)
+            as_uint8.append(t.seconds)
+        extra["resize_grouped_float32_ms_per_batch"] = statistics.median(grouped) * 1000
+        extra["old_resize_whole_batch_float32_ms_per_batch"] = statistics.median(as_float) * 1000
+        extra["alternative_resize_uint8_ms_per_batch"] = statistics.median(as_uint8) * 1000
+        extra["alternative_max_grey_level_diff"] = int((a.int() - b.int()).abs().max())
+    return extra
+
+
 def measure(label, profile, overrides, fields, n_spots, batch, args, timings_out):
     import torch
 
@@ -132,55 +191,9 @@ def measure(label, profile, overrides, fields, n_spots, batch, args, timings_out
     # where the pipeline's extra time goes, as embed_images / the feature cache do it:
     # gather (and, when the model input is smaller than the cache, resize a few spots
     # at a time), then normalise; and the full-size gather alone, for reference
-    idx = np.arange(min(batch, n_spots))
-    gather_resize, normalise, gather = [], [], []
-    for _ in range(args.reps):
-        t = C.Timer()
-        with t:
-            x8 = fx.batch_images(data, idx, size, None, memory_format=torch.channels_last)
-        gather_resize.append(t.seconds)
-        t = C.Timer()
-        with t:
-            embed.prepare_images(x8, encoder, config, train=False, generator=None,
-                               channels_last=False)
-        normalise.append(t.seconds)
-        t = C.Timer()
-        with t:
-            u8 = data.images(idx, memory_format=torch.channels_last)
-        gather.append(t.seconds)
-    n_batches = len(synthetic)
-    extra = {"gather_and_resize_ms_per_batch": statistics.median(gather_resize) * 1000,
-             "normalise_ms_per_batch": statistics.median(normalise) * 1000,
-             "model_ms_per_batch": med["embed_model"] / n_batches * 1000,
-             "full_size_gather_alone_ms_per_batch": statistics.median(gather) * 1000}
-    if size != u8.shape[-1]:
-        # the resize alone: as the pipeline does it (float32, a few images at a time),
-        # the whole batch at once in float32 (before 2026-11-24; same result) and, for
-        # comparison, PyTorch's uint8 resize (faster, but up to 1 grey level different)
-        import torch.nn.functional as F
-
-        resize = dict(size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        u8_cl = u8
-        u8 = u8.contiguous()
-        grouped, as_float, as_uint8 = [], [], []
-        for _ in range(args.reps):
-            t = C.Timer()
-            with t:
-                g = fx.resize_u8(u8_cl, size)
-            grouped.append(t.seconds)
-            t = C.Timer()
-            with t:
-                a = F.interpolate(u8.float(), **resize).round_().clamp_(0, 255).to(torch.uint8)
-            as_float.append(t.seconds)
-            assert torch.equal(a, g)
-            t = C.Timer()
-            with t:
-                b = F.interpolate(u8_cl, **resize)
-            as_uint8.append(t.seconds)
-        extra["resize_grouped_float32_ms_per_batch"] = statistics.median(grouped) * 1000
-        extra["old_resize_whole_batch_float32_ms_per_batch"] = statistics.median(as_float) * 1000
-        extra["alternative_resize_uint8_ms_per_batch"] = statistics.median(as_uint8) * 1000
-        extra["alternative_max_grey_level_diff"] = int((a.int() - b.int()).abs().max())
+    extra = pipeline_stages(data, encoder, config, np.arange(min(batch, n_spots)), size,
+                            args.reps)
+    extra["model_ms_per_batch"] = med["embed_model"] / len(synthetic) * 1000
     print(f"{label}: {n_spots} spots, batch {batch}, {size} px, model input "
           f"{'channels-last' if layout is torch.channels_last else 'NCHW'} (embed_images), "
           "channels-last (features)")

@@ -178,6 +178,33 @@ def big_stage(args) -> dict:
             "inputs_mib": (query.nbytes + keys.nbytes + expr.nbytes) / 2**20}
 
 
+def run_big_stage(args) -> dict:
+    """Stage 2: ours alone on the big sizes, in a fresh process (its peak memory is then
+    its own); the JSON line it prints, with the process's wall time."""
+    print(f"\nstage 2: ours alone, {args.big_queries} x {args.big_keys} x {args.big_genes} "
+          "genes, in a fresh process ...", flush=True)
+    cmd = [sys.executable, __file__, "--big-only", "--threads", str(args.threads),
+           "--big-queries", str(args.big_queries), "--big-keys", str(args.big_keys),
+           "--big-genes", str(args.big_genes), "--dim", str(args.dim),
+           "--top-k", str(args.top_k), "--seed", str(args.seed)]
+    if args.block_mib is not None:
+        cmd += ["--block-mib", str(args.block_mib)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(done.stdout, done.stderr, file=sys.stderr)
+        raise SystemExit(f"stage 2 failed with exit code {done.returncode}")
+    big = json.loads(done.stdout.strip().splitlines()[-1])
+    big["process_wall_s"] = time.perf_counter() - t0
+    print(f"ours: {big['seconds']:.0f} s ({big['per_query_ms']:.2f} ms/query), chunk "
+          f"{big['chunk_size']} queries; RSS {big['rss_after_inputs_mib']:.0f} MiB with the "
+          f"inputs ({big['inputs_mib']:.0f} MiB of arrays), peak {big['peak_rss_mib']:.0f} MiB "
+          f"(+{big['peak_rss_delta_mib']:.0f} MiB during the call, {big['rss_method']}); the "
+          f"full similarity matrix would be {big['full_similarity_matrix_gib']:.1f} GiB",
+          flush=True)
+    return big
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1k x 4k, and 5k x 20k alone")
@@ -253,29 +280,7 @@ def main(argv=None) -> int:
             f"{k[:-3]} {v:.0f}" for k, v in prof.items() if k.endswith("_ms")) +
             f" (alternative differs by {prof['alternative_max_abs_diff']:.1e})", flush=True)
 
-    big = None
-    if not args.skip_big:
-        print(f"\nstage 2: ours alone, {args.big_queries} x {args.big_keys} x {args.big_genes} "
-              "genes, in a fresh process ...", flush=True)
-        cmd = [sys.executable, __file__, "--big-only", "--threads", str(args.threads),
-               "--big-queries", str(args.big_queries), "--big-keys", str(args.big_keys),
-               "--big-genes", str(args.big_genes), "--dim", str(args.dim),
-               "--top-k", str(args.top_k), "--seed", str(args.seed)]
-        if args.block_mib is not None:
-            cmd += ["--block-mib", str(args.block_mib)]
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(done.stdout, done.stderr, file=sys.stderr)
-            raise SystemExit(f"stage 2 failed with exit code {done.returncode}")
-        big = json.loads(done.stdout.strip().splitlines()[-1])
-        big["process_wall_s"] = time.perf_counter() - t0
-        print(f"ours: {big['seconds']:.0f} s ({big['per_query_ms']:.2f} ms/query), chunk "
-              f"{big['chunk_size']} queries; RSS {big['rss_after_inputs_mib']:.0f} MiB with the "
-              f"inputs ({big['inputs_mib']:.0f} MiB of arrays), peak {big['peak_rss_mib']:.0f} MiB "
-              f"(+{big['peak_rss_delta_mib']:.0f} MiB during the call, {big['rss_method']}); the "
-              f"full similarity matrix would be {big['full_similarity_matrix_gib']:.1f} GiB",
-              flush=True)
+    big = None if args.skip_big else run_big_stage(args)
 
     load_after = C.load_average()
     C.emit({

@@ -129,40 +129,13 @@ def verdict(diff_quick: dict, sec_quick: dict) -> str:
     return "adopt" if not reasons else "no: " + "; ".join(reasons)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sections", nargs="+", default=["B4", "C2", "C3", "C4", "C5", "C6", "A1"])
-    ap.add_argument("--schemes", nargs="+", default=["patient", "section"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                    help="variant names of VARIANTS; join names with + for a combination")
-    ap.add_argument("--profile", default="quick")
-    ap.add_argument("--top-k", type=int, default=50)
-    ap.add_argument("--out", default="outputs/study")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-run", action="store_true", help="only tabulate finished folders")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    log = logging.getLogger("run_study")
-
-    import numpy as np
-    import pandas as pd
-    import torch
-
+def run_folders(args, variants, adatas, out: Path, log) -> None:
+    """Run (or read back) every variant's cross-validation folders; record the times of
+    the runs that ran in study_timings.json."""
     import run_results as rr
-    from mclstexp_lite import cv, datasets, metrics, pp
-    from mclstexp_lite.download import atomic_write_json, atomic_write_text
+    from mclstexp_lite import cv
+    from mclstexp_lite.download import atomic_write_json
     from mclstexp_lite.train import TrainConfig
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    variants = list(dict.fromkeys(["quick"] + args.variants))
-    for v in variants:
-        overrides(v)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    genes = pp.published_panel("her2st")
-    adatas = {s: pp.prepare(datasets.her2st(s, progress=False), genes) for s in args.sections}
 
     timings_path = out / "study_timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -184,10 +157,19 @@ def main(argv=None) -> int:
                 log.info("%s done in %.0f s", d, time.time() - t0)
                 atomic_write_json(timings_path, timings)
 
-    # ------------------------------------------------------------------ tables
+
+
+def collect(args, variants, adatas, out: Path, log):
+    """One summary row per finished folder (means, sds, training time, the share of
+    neighbours from patient C's other sections), the per-section rows, the neighbour
+    shares and the predictions."""
+    import numpy as np
+
+    import run_results as rr
+    from mclstexp_lite import cv
+
     rows, per_section, shares = [], [], []
     preds: dict = {}
-    truth = {s: rr._dense_f32(a.X) for s, a in adatas.items()}
     for v in variants:
         for scheme in args.schemes:
             for method in runs_of(v):
@@ -216,14 +198,14 @@ def main(argv=None) -> int:
                 rows.append(rec)
                 per_section.append(df.assign(variant=v))
                 preds[(scheme, method, v)] = rr.load_predictions(d, adatas)
-    table = pd.DataFrame(rows)
-    atomic_write_text(out / "study.csv", table.to_csv(index=False))
-    per = pd.concat(per_section, ignore_index=True)
-    atomic_write_text(out / "study_per_section.csv", per.to_csv(index=False))
-    nb_all = pd.concat(shares, ignore_index=True) if shares else pd.DataFrame()
-    atomic_write_text(out / "study_neighbours.csv", nb_all.to_csv(index=False))
+    return rows, per_section, shares, preds
 
-    # ------------------------------------------------------------- differences
+
+def differences(args, variants, preds, truth, log) -> list:
+    """Paired bootstrap differences of each variant's mclSTExp against the quick one and
+    the probes, per held-out section and per spot."""
+    from mclstexp_lite import metrics
+
     diffs = []
     for scheme in args.schemes:
         for v in variants:
@@ -249,6 +231,53 @@ def main(argv=None) -> int:
                                       "against_run": f"{b_key[1]}+{b_key[2]}", **r})
                     log.info("bootstrap %s %s - %s (%s): %.1f s", scheme, v, label, unit,
                              time.time() - t0)
+    return diffs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sections", nargs="+", default=["B4", "C2", "C3", "C4", "C5", "C6", "A1"])
+    ap.add_argument("--schemes", nargs="+", default=["patient", "section"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help="variant names of VARIANTS; join names with + for a combination")
+    ap.add_argument("--profile", default="quick")
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--out", default="outputs/study")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-run", action="store_true", help="only tabulate finished folders")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log = logging.getLogger("run_study")
+
+    import pandas as pd
+    import torch
+
+    import run_results as rr
+    from mclstexp_lite import datasets, pp
+    from mclstexp_lite.download import atomic_write_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = list(dict.fromkeys(["quick"] + args.variants))
+    for v in variants:
+        overrides(v)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    genes = pp.published_panel("her2st")
+    adatas = {s: pp.prepare(datasets.her2st(s, progress=False), genes) for s in args.sections}
+
+    run_folders(args, variants, adatas, out, log)
+    rows, per_section, shares, preds = collect(args, variants, adatas, out, log)
+    table = pd.DataFrame(rows)
+    atomic_write_text(out / "study.csv", table.to_csv(index=False))
+    per = pd.concat(per_section, ignore_index=True)
+    atomic_write_text(out / "study_per_section.csv", per.to_csv(index=False))
+    nb_all = pd.concat(shares, ignore_index=True) if shares else pd.DataFrame()
+    atomic_write_text(out / "study_neighbours.csv", nb_all.to_csv(index=False))
+
+    truth = {s: rr._dense_f32(a.X) for s, a in adatas.items()}
+    diffs = differences(args, variants, preds, truth, log)
     dt = pd.DataFrame(diffs)
     atomic_write_text(out / "study_differences.csv", dt.to_csv(index=False))
     md = study_markdown(table, dt, nb_all, variants, args)
