@@ -9,10 +9,17 @@ Modules without a file of that name are tested here:
 - ``image_encoder``, ``spot_encoder``: test_models.py (sections "Image side", "Spot side")
 - ``tl``: ``retrieve`` in test_retrieval.py, ``predict_section`` in test_cv.py
 - ``_util``: through its users (atomic writes in test_cv.py, test_checkpoint.py,
-  test_patch_cache.py; the PIL limit in test_patches.py)
+  test_patch_cache.py; the PIL limit in test_patches.py; ``deprecated_alias`` with each
+  former name it keeps)
+- the private modules below two public ones, through the public one: ``_device``
+  (test_config.py, test_train.py), ``_normalize`` (test_pp.py), ``_patch_extract``
+  (test_patches.py, test_patch_cache.py)
+- ``tools/``, ``benchmarks/``: test_scripts.py (``--help``, the package names they use)
 - ``workflow``, ``tutorials``: test_notebooks.py (and ``tutorials.load_profile`` in
   test_config.py)
-- package-wide rules (pins, unknown names, no unsafe unpickling): test_project.py
+- package-wide rules (pins, unknown names, no unsafe unpickling, no import cycles, lazy
+  imports only to keep light modules light, function length, public AnnData API only):
+  test_project.py
 
 Markers (declared in pyproject.toml, ``--strict-markers``): ``gpu`` needs CUDA (each also
 skips without it), ``slow`` takes more than ~20 s on 2 CPU cores (``make test-fast``
