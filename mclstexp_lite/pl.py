@@ -42,8 +42,11 @@ def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
     """
     import anndata as ad
     import pandas as pd
-    import squidpy as sq
     from matplotlib.colors import ListedColormap
+
+    from ._util import import_squidpy
+
+    sq = import_squidpy()
 
     plt = _plt()
     library = _lib(adata)
@@ -167,11 +170,16 @@ def loss_curve(history: Sequence[dict], *, title: str = "training loss"):
 
 
 def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "mse", "mae"),
-                hue: str = "method", col: str = "scheme"):
+                hue: str = "method", col: str = "scheme", clip: float = 3.0):
     """Mean over folds with one dot per fold, one panel per metric.
 
     Within each ``col`` group only the held-out sections that every method has are shown
     (:func:`shared_sections`); the figure says which were left out.
+
+    ``clip``: an error panel (MSE, MAE) whose largest value is more than ``clip`` times
+    the median of the bar heights is cut at that height, so that one method that
+    extrapolates wildly does not flatten the others; each bar or dot beyond the cut is
+    marked with its value at the top of the panel. ``None`` never cuts.
     """
     import seaborn as sns
 
@@ -181,10 +189,12 @@ def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "ms
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         sns.barplot(per_fold, x=col, y=m, hue=hue, ax=ax, errorbar=None, alpha=0.8)
-        sns.stripplot(per_fold, x=col, y=m, hue=hue, ax=ax, dodge=True, color="k", size=3,
-                      legend=False)
+        sns.stripplot(per_fold, x=col, y=m, hue=hue, ax=ax, dodge=True, palette="dark:k",
+                      size=3, legend=False)
         ax.set_title(m)
         ax.set_xlabel("")
+        if m in ("mse", "mae") and clip is not None:
+            _clip_errors(ax, per_fold[m].to_numpy(dtype=float), clip)
         if ax is not axes[0][-1] and ax.get_legend() is not None:
             ax.get_legend().remove()
     if axes[0][-1].get_legend() is not None:
@@ -195,37 +205,102 @@ def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "ms
     return fig
 
 
-def model_diagram(parameter_table=None):
-    """A block diagram of mclSTExp: two encoders, two heads, one loss."""
+def _clip_errors(ax, values, clip: float) -> None:
+    """Cut a non-negative error panel at ``clip`` x the median bar height, marking what
+    lies beyond (bars with their mean, dots with their value) at the top."""
+    from matplotlib.patches import Rectangle
+
+    bars = [b for b in ax.patches if isinstance(b, Rectangle) and np.isfinite(b.get_height())
+            and b.get_height() > 0 and b.get_width() > 0]
+    heights = np.array([b.get_height() for b in bars])
+    finite = values[np.isfinite(values)]
+    if not len(heights) or not len(finite):
+        return
+    top = clip * float(np.median(heights))
+    if finite.max() <= top:
+        return
+    ax.set_ylim(0, top)
+    marked = []
+    for b in bars:
+        if b.get_height() > top:
+            x = b.get_x() + b.get_width() / 2
+            marked.append((b.get_x(), b.get_x() + b.get_width()))
+            ax.annotate(f"{b.get_height():.2g}\u2191", (x, top), xytext=(0, -2),
+                        textcoords="offset points", ha="center", va="top", fontsize=7,
+                        color="#b00", fontweight="bold")
+    for coll in ax.collections:  # the dots of the strip plot
+        for x, y in np.asarray(coll.get_offsets(), dtype=float).reshape(-1, 2):
+            if y > top and not any(x0 <= x <= x1 for x0, x1 in marked):
+                ax.annotate(f"{y:.2g}\u2191", (x, top), xytext=(0, -2),
+                            textcoords="offset points", ha="center", va="top", fontsize=7,
+                            color="#b00")
+    ax.set_title(f"{ax.get_title()} (cut at {top:.2g})")
+
+
+def model_diagram(parameter_table=None, *, model=None):
+    """A block diagram of mclSTExp: two encoders, two heads, one loss.
+
+    ``model``: draw this :class:`~mclstexp_lite.models.MclSTExp` (its image encoder and
+    feature size, its Transformer depth and projection size, whether the encoder is
+    frozen, and its parameters per part, ``parameter_table(trainable=True)``). Without
+    it, the paper's architecture is drawn: DenseNet-121, fine-tuned.
+    ``parameter_table``: counts to print in the boxes (``parameters``, and ``trainable``
+    when the table has it); default the model's.
+    """
     plt = _plt()
     from matplotlib.patches import FancyBboxPatch
 
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    ax.set_xlim(0, 10)
-    ax.set_ylim(0, 4)
+    if model is not None:
+        c = model.config
+        encoder = f"{c['image_arch']} -> {model.image_encoder.out_dim}"
+        frozen = bool(c.get("freeze_image"))
+        depth = c["depth"] if c.get("spot_encoder", "transformer") == "transformer" else 0
+        proj = c["proj_dim"]
+        size = model.image_encoder.image_size
+        if parameter_table is None:
+            parameter_table = model.parameter_table(trainable=True)
+    else:
+        encoder, frozen, depth, proj, size = "DenseNet-121 -> 1024", False, 2, 256, 224
+
+    fig, ax = plt.subplots(figsize=(9.4, 3.8))
+    ax.set_xlim(-0.2, 10.0)
+    ax.set_ylim(-0.1, 4.0)
     ax.axis("off")
 
     def n(row):
         if parameter_table is None or row not in parameter_table.index:
             return ""
-        return f"\n{int(parameter_table.loc[row, 'parameters']):,} params"
+        total = int(parameter_table.loc[row, "parameters"])
+        text = f"\n{total:,} params"
+        if "trainable" in parameter_table.columns:
+            trainable = int(parameter_table.loc[row, "trainable"])
+            if trainable == 0 and total:
+                text += "\n(all frozen)"
+            elif trainable < total:
+                text += f"\n({trainable:,} trainable)"
+        return text
 
+    spot_box = (f"Transformer x{depth}\n(spots of a batch = a sentence)" if depth
+                else "no spot Transformer\n(BLEEP-style)")
+    image_box = f"image encoder, {'FROZEN' if frozen else 'fine-tuned'}\n{encoder}"
     boxes = [
-        (0.0, 2.4, "H&E patch\n224 px, ~155 um", "#f4d6e4", ""),
-        (2.45, 2.4, "image encoder\nDenseNet-121 -> 1024", "#d9e7f5", n("image_encoder")),
-        (5.0, 2.4, "projection head\n-> 256", "#e3f1dc", n("image_projection")),
-        (0.0, 0.3, "spot expression\n+ x/y position embeddings", "#f9ecd2", n("position_embeddings")),
-        (2.45, 0.3, "Transformer x2\n(spots of a batch = a sentence)", "#d9e7f5", n("spot_encoder")),
-        (5.0, 0.3, "projection head\n-> 256", "#e3f1dc", n("spot_projection")),
-        (7.6, 1.35, "symmetric CLIP loss\nspot . image / T", "#eeeeee", ""),
+        (0.0, 2.4, f"H&E patch\n{size} px, ~155 um", "#f4d6e4", "", False),
+        (2.45, 2.4, image_box, "#e6e6e6" if frozen else "#d9e7f5", n("image_encoder"), frozen),
+        (5.0, 2.4, f"projection head\n-> {proj}", "#e3f1dc", n("image_projection"), False),
+        (0.0, 0.3, "spot expression\n+ x/y position embeddings", "#f9ecd2",
+         n("position_embeddings"), False),
+        (2.45, 0.3, spot_box, "#d9e7f5", n("spot_encoder"), False),
+        (5.0, 0.3, f"projection head\n-> {proj}", "#e3f1dc", n("spot_projection"), False),
+        (7.6, 1.35, "symmetric CLIP loss\nspot . image / T", "#eeeeee", "", False),
     ]
-    for x, y, text, color, extra in boxes:
-        ax.add_patch(FancyBboxPatch((x, y), 2.1, 1.2, boxstyle="round,pad=0.05", fc=color,
-                                    ec="0.3"))
-        ax.text(x + 1.05, y + 0.6, text + extra, ha="center", va="center", fontsize=8)
-    for (x0, y0), (x1, y1) in [((2.15, 3.0), (2.45, 3.0)), ((4.6, 3.0), (5.0, 3.0)),
-                               ((2.15, 0.9), (2.45, 0.9)), ((4.6, 0.9), (5.0, 0.9)),
-                               ((7.1, 3.0), (7.6, 2.3)), ((7.1, 0.9), (7.6, 1.6))]:
+    for x, y, text, color, extra, hatch in boxes:
+        ax.add_patch(FancyBboxPatch((x, y), 2.1, 1.3, boxstyle="round,pad=0.05", fc=color,
+                                    ec="0.3", hatch="//" if hatch else None, lw=1.0))
+        ax.text(x + 1.05, y + 0.65, text + extra, ha="center", va="center", fontsize=7.5,
+                bbox=dict(fc=color, ec="none", pad=0.5) if hatch else None)
+    for (x0, y0), (x1, y1) in [((2.15, 3.05), (2.45, 3.05)), ((4.6, 3.05), (5.0, 3.05)),
+                               ((2.15, 0.95), (2.45, 0.95)), ((4.6, 0.95), (5.0, 0.95)),
+                               ((7.15, 3.05), (7.6, 2.35)), ((7.15, 0.95), (7.6, 1.65))]:
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", lw=1.2))
     fig.tight_layout()
     return fig

@@ -394,9 +394,9 @@ class StainNormalizer:
         stats = {"n": int(len(patches)), "normalised": 0, "low_tissue": 0, "failed": 0}
         starts = range(0, len(patches), max(1, int(batch_size)))
         if progress:
-            from tqdm.auto import tqdm
+            from ._progress import progress_bar
 
-            starts = tqdm(starts, desc=f"stain ({self.method})", unit="batch")
+            starts = progress_bar(starts, desc=f"stain ({self.method})", unit="batch")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             for start in starts:

@@ -177,7 +177,7 @@ def retrieve(
     >>> retrieve(query, keys, key_expr, top_k=50).shape
     (20, 100)
     """
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     tensors = {
         "query": rv.as_tensor(query, "query"),
@@ -274,7 +274,7 @@ def retrieve(
         # One similarity buffer for all chunks: a fresh block per chunk would be
         # zero-filled by the kernel every time (about 3x the matrix product's cost).
         sims_buffer = torch.empty((chunk_size, n_keys), dtype=torch.float32, device=device)
-        for start in tqdm(starts, desc="retrieve", unit="chunk", disable=not progress):
+        for start in progress_bar(starts, desc="retrieve", unit="chunk", disable=not progress):
             stop = min(start + chunk_size, n_query)
             q = q_all[start:stop].detach().to(device)
             sims = rv.similarity_block(

@@ -153,12 +153,18 @@ def _execute(nb: str, tmp: str, params: dict, kernel_name: str, progress: bool,
     """Run one notebook with papermill (in a worker process); '' or the error's last line.
 
     ``threads``: CPU threads for the kernel's numerical libraries (``OMP_NUM_THREADS``,
-    ``MKL_NUM_THREADS``), or ``None`` for their own default (all cores)."""
+    ``MKL_NUM_THREADS``), or ``None`` for their own default (all cores). The kernel runs
+    with ``MCLSTEXP_PROGRESS=0``: nobody watches its progress bars, and every redraw of
+    one would be an output line in the executed notebook."""
     import papermill as pm
 
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    from ._progress import PROGRESS_ENV
+
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                            PROGRESS_ENV)}
+    os.environ[PROGRESS_ENV] = "0"
     if threads is not None:
-        for k in saved:
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[k] = str(threads)
     try:
         pm.execute_notebook(nb, tmp, parameters=params, kernel_name=kernel_name,
@@ -188,7 +194,7 @@ def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
     With one job, papermill shows a progress bar of each notebook's cells; with more,
     one bar counts finished notebooks.
     """
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     from ._util import positive_int
 
@@ -211,7 +217,7 @@ def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
     records: dict = {}
     running: dict = {}  # future -> (notebook, start time, threads)
     failed = False
-    bar = tqdm(total=len(nbs), desc="notebooks", unit="nb", disable=not progress or jobs == 1)
+    bar = progress_bar(total=len(nbs), desc="notebooks", unit="nb", disable=not progress or jobs == 1)
     say = bar.write if not bar.disable else (lambda m: print(m, flush=True))
     # spawn: a clean worker process (no copy of this one's threads or state) per job
     with ProcessPoolExecutor(max_workers=jobs,

@@ -58,9 +58,9 @@ def load(dataset: str, section: str, **kw):
 
 def load_sections(dataset: str, sections: Sequence[str], **kw) -> dict:
     """Load several sections; returns ``{section: AnnData}`` in the given order."""
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     out = {}
-    for s in tqdm(list(sections), desc=f"loading {dataset}", disable=len(sections) < 3):
+    for s in progress_bar(list(sections), desc=f"loading {dataset}", disable=len(sections) < 3):
         out[s] = load(dataset, s, **kw)
     return out
