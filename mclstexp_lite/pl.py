@@ -205,6 +205,61 @@ def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "ms
     return fig
 
 
+def neighbour_shares(shares, *, ax=None, title: str | None = None):
+    """Same patient or new patient? Where each held-out section's retrieved neighbours
+    come from.
+
+    ``shares``: rows of :func:`mclstexp_lite.results.neighbour_shares` (one or several
+    folders concatenated). Per held-out section (and scheme, and method when there are
+    several), a bar for the share of its reference bank that belongs to other sections
+    of its own patient, and one for the share of its retrieved top-k neighbours that do;
+    a neighbour bar well above its bank bar means the retrieval recognises the patient.
+    Under the patient scheme both are 0 by construction: the bank holds no spot of the
+    held-out patient, as on a new patient's slide.
+    """
+    import pandas as pd
+
+    plt = _plt()
+    shares = shares.reset_index(drop=True)
+    several = shares["method"].nunique() > 1
+    # sections whose bank holds nothing of their patient: one row per scheme and method
+    new = shares["bank_same_patient"] == 0
+    records = shares[~new].to_dict("records")
+    labels = [f"{r['test_section']} ({r['scheme']}" + (f", {r['method']}" if several else "")
+              + ")" for r in records]
+    for (scheme, method), grp in shares[new].groupby(["scheme", "method"], sort=False):
+        records.append({**grp.iloc[0].to_dict(),
+                        "test_section": ", ".join(grp["test_section"].astype(str))})
+        labels.append(f"{len(grp)} section{'s' * (len(grp) > 1)} ({scheme}"
+                      + (f", {method}" if several else "") + ")")
+    rows = pd.DataFrame(records)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.0, 1.7 + 0.42 * len(rows)))
+    y = np.arange(len(rows))[::-1]
+    h = 0.38
+    ax.barh(y + h / 2, rows["bank_same_patient"], height=h, color="#c7d6e8",
+            label="reference bank: share from the same patient")
+    ax.barh(y - h / 2, rows["neighbours_same_patient"], height=h, color="#2b5d8a",
+            label=f"top-{int(rows['top_k'].max())} neighbours: share from it")
+    for yi, r in zip(y, rows.itertuples()):
+        if r.bank_same_patient == 0:
+            ax.text(0.01, yi, f"{r.test_section}: none of their patient in the bank, as for "
+                    "a new patient", va="center", fontsize=7, color="0.35")
+        else:
+            ax.text(r.neighbours_same_patient + 0.01, yi - h / 2,
+                    f"{r.neighbours_same_patient:.0%}", va="center", fontsize=7)
+            ax.text(r.bank_same_patient + 0.01, yi + h / 2, f"{r.bank_same_patient:.0%}",
+                    va="center", fontsize=7, color="0.35")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel("share from other sections of the held-out section's patient")
+    ax.set_title(title or "Same patient or new patient?", pad=28)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False, ncol=2)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
 def _clip_errors(ax, values, clip: float) -> None:
     """Cut a non-negative error panel at ``clip`` x the median bar height, marking what
     lies beyond (bars with their mean, dots with their value) at the top."""
