@@ -293,3 +293,20 @@ def test_morans_i_matches_its_formula():
     assert I[0] > 0.3 and I[1] < -0.3 and np.isnan(I[2])
     with pytest.raises(ValueError, match="n_neighbors"):
         interpret.spatial_weights(xy, 10)
+
+
+# ------------------------------------- notebook 05's parameter: the labelled section
+@pytest.mark.parametrize("section, match", [
+    ("C3", "LABELLED_SECTION='C3' has no pathologist labels; her2st sections with labels: "
+           "A1, B1, C1"),
+    ("B1", r"LABELLED_SECTION='B1' must be one of SECTIONS \['A1', 'C3'\]"),
+])
+def test_check_params_stops_a_labelled_section_without_labels(section, match, monkeypatch):
+    """The labels are looked up in the data manifest (data_manifest.csv), not on disk."""
+    from mclstexp_lite import workflow
+
+    monkeypatch.delenv("MCLSTEXP_OFFLINE", raising=False)  # no file checks: names only
+    args = dict(dataset="her2st", sections=["A1", "C3"])
+    workflow.check_params(**args, labelled_section="A1")  # A1 has labels
+    with pytest.raises(ValueError, match=match):
+        workflow.check_params(**args, labelled_section=section)
