@@ -26,19 +26,48 @@ def _lib(adata) -> str:
     return libs[0]
 
 
+#: Class colours that stand out on H&E (no pinks or purples, which vanish on eosin and
+#: haematoxylin), in the order classes get them; ``spots_on_tissue(..., palette=ON_HE)``.
+ON_HE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#e6c200", "#17becf", "#d62728", "#111111",
+         "#8c564b", "#bcbd22", "#7fdbff", "#a6d854", "#ffffff")
+
+
+def he_grey(image, *, lighten: float = 0.45):
+    """The H&E image as light grey (``uint8``, 3 channels): its luminance, pulled
+    ``lighten`` of the way towards white, so coloured spots on it read whatever their
+    colour map. Accepts ``uint8`` or float images in 0..1 (RGB or RGBA)."""
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise ValueError(f"expected an (H, W, 3) or (H, W, 4) image, got shape {img.shape}")
+    rgb = img[..., :3].astype(np.float32)
+    if img.dtype.kind == "f":
+        rgb = rgb * 255.0
+    if not 0 <= lighten <= 1:
+        raise ValueError(f"lighten must be between 0 and 1, got {lighten}")
+    lum = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = np.clip((1 - lighten) * lum + lighten * 255.0, 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
 def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
                     cmap: str = "viridis", size: float | None = None, vmin=None, vmax=None,
-                    legend: bool = True, colorbar: bool = True, alpha: float = 0.9):
+                    legend: bool = True, colorbar: bool = True, alpha: float = 0.9,
+                    image: str | None = "he", palette=None):
     """Draw the section's H&E with spots coloured by ``values``.
 
     ``values``: None (spots outlined only), an ``obs`` column name, or an array with
     one value per spot (numbers: colour map, ``vmin``/``vmax`` default to the finite
     range; strings/categories: one colour per class, classes in sorted order, ``tab10``
-    or ``tab20``). Spots are drawn as circles of their true diameter
+    or ``tab20``, or ``palette``: a list of colours such as :data:`ON_HE`). Spots are
+    drawn as circles of their true diameter
     (``spot_diameter_fullres``, default 10 px) times ``size`` (default 1) on the
     ``hires`` image of ``adata.uns['spatial']`` (the one library the loaders fill), by
     :func:`squidpy.pl.spatial_scatter`; the view is the spots' extent. ``adata`` is
     not changed.
+
+    ``image``: ``"he"`` (the H&E in colour), ``"grey"`` (the H&E as light grey,
+    :func:`he_grey`: every colour map and class colour reads on it, where dark or purple
+    spots vanish on purple H&E) or ``None`` (no image).
     """
     import anndata as ad
     import pandas as pd
@@ -49,15 +78,20 @@ def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
     sq = import_squidpy()
 
     plt = _plt()
+    if image not in ("he", "grey", None):
+        raise ValueError(f"image must be 'he', 'grey' or None, got {image!r}")
     library = _lib(adata)
     lib = adata.uns["spatial"][library]
     scale = lib["scalefactors"]["tissue_hires_scalef"]
+    images = dict(lib.get("images", {})) if image else {}
+    if image == "grey" and "hires" in images:
+        images["hires"] = he_grey(images["hires"])
     diameter = lib["scalefactors"].get("spot_diameter_fullres", 10)
     xy = np.asarray(adata.obsm["spatial"], dtype=float)
     # what squidpy reads, beside the values to colour by; the caller's AnnData stays as is
     view = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={"spatial": xy},
                       uns={"spatial": {library: {
-                          "images": dict(lib.get("images", {})),
+                          "images": images,
                           "scalefactors": {**lib["scalefactors"],
                                            "spot_diameter_fullres": diameter}}}})
     style: dict = {}
@@ -78,10 +112,19 @@ def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
         else:
             labels = values.astype(str)
             cats = sorted(set(labels))
-            colors = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+            if palette is None:
+                colors = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+                chosen = [colors(i % colors.N) for i in range(len(cats))]
+            else:
+                palette = list(palette)
+                if len(palette) < len(cats):
+                    raise ValueError(f"palette has {len(palette)} colours for {len(cats)} "
+                                     "classes")
+                chosen = palette[:len(cats)]
             view.obs["value"] = pd.Categorical(labels, categories=cats)
-            style = dict(color="value", linewidth=0.4, edgecolor="white",
-                         palette=ListedColormap([colors(i % colors.N) for i in range(len(cats))]),
+            style = dict(color="value", linewidth=0.4,
+                         edgecolor="white" if image != "grey" else "0.2",
+                         palette=ListedColormap(chosen),
                          legend_loc="right margin" if legend else None, legend_fontsize=7,
                          legend_fontweight="normal")
     if ax is None:
@@ -110,8 +153,10 @@ def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
     return ax.figure
 
 
-def pred_vs_true(pred, true, genes: Sequence[str], *, cmap: str = "magma"):
-    """For each gene: true expression and prediction side by side on the H&E.
+def pred_vs_true(pred, true, genes: Sequence[str], *, cmap: str = "magma",
+                 image: str | None = "he"):
+    """For each gene: true expression and prediction side by side on the H&E
+    (``image``: as in :func:`spots_on_tissue`; ``"grey"`` keeps dark spots readable).
 
     Both panels of a gene share one colour scale (1st-99th percentile of the truth), and
     the title gives the Pearson r over the section's spots ("r undefined" when the
@@ -131,10 +176,11 @@ def pred_vs_true(pred, true, genes: Sequence[str], *, cmap: str = "magma"):
         p = np.asarray(p.toarray() if sparse.issparse(p) else p).ravel()
         lo, hi = np.percentile(t, [1, 99])
         r = stats.pearsonr(p, t)[0] if np.ptp(p) > 0 and np.ptp(t) > 0 else float("nan")
-        spots_on_tissue(true, t, ax=axes[i, 0], title=f"{g}: measured", cmap=cmap, vmin=lo, vmax=hi)
+        spots_on_tissue(true, t, ax=axes[i, 0], title=f"{g}: measured", cmap=cmap, vmin=lo,
+                        vmax=hi, image=image)
         r_text = ("r undefined: constant" if np.isnan(r) else f"r = {r:.2f}")
         spots_on_tissue(true, p, ax=axes[i, 1], title=f"{g}: predicted ({r_text})",
-                        cmap=cmap, vmin=lo, vmax=hi)
+                        cmap=cmap, vmin=lo, vmax=hi, image=image)
     fig.tight_layout()
     return fig
 

@@ -147,7 +147,7 @@ class Predictor:
         anndata.AnnData
             Predicted expression (float32, the predictor's genes), the section's spots,
             ``obsm['spatial']`` and ``uns['spatial']`` (plots on the H&E with
-            ``sc.pl.spatial``), ``uns['mclstexp_prediction']`` (how it was made, with
+            ``ml.pl.spots_on_tissue``), ``uns['mclstexp_prediction']`` (how it was made, with
             ``ood_score``: the slide's patches' distance to the reference images over
             the reference's own; above ``ood_threshold`` a warning says that the slide is
             unlike the training data, e.g. another tissue, species or stain, and the
@@ -486,29 +486,41 @@ def nearest_spots(pred, target, *, max_distance_um: float | None = None):
 
 
 def plot_prediction(pred, genes: Sequence[str] | None = None, *, n_genes: int = 4,
-                    ncols: int = 4):
-    """Predicted maps of ``genes`` on the H&E (``scanpy.pl.spatial``); default the
-    ``n_genes`` genes whose prediction varies most across spots. Returns the figure."""
+                    ncols: int = 4, cmap: str = "viridis", image: str | None = "grey"):
+    """Predicted maps of ``genes`` on the slide's image, one panel per gene; default the
+    ``n_genes`` genes whose prediction varies most across spots. Returns the figure.
+
+    Drawn with :func:`mclstexp_lite.pl.spots_on_tissue` (squidpy): each gene's colour
+    scale spans the 2nd-98th percentile of its prediction; ``image="grey"`` (default)
+    shows the H&E as light grey so the colour map reads on it (``"he"`` in colour,
+    ``None`` without)."""
     import matplotlib.pyplot as plt
-    import scanpy as sc
+
+    from . import pl
 
     if genes is None:
         var = np.asarray(pred.X).var(axis=0)
         genes = [pred.var_names[i] for i in np.argsort(-var)[:n_genes]]
+    genes = list(genes)
+    if not genes:
+        raise ValueError("no genes to draw: pass genes= or n_genes >= 1")
     unknown = [g for g in genes if g not in pred.var_names]
     if unknown:
         raise ValueError(f"genes {unknown} are not in the prediction's "
                          f"{pred.n_vars} genes (e.g. {list(pred.var_names[:5])})")
-    import warnings
-
     lib = next(iter(pred.uns["spatial"]))
-    with warnings.catch_warnings():  # scanpy points to squidpy; sc.pl.spatial zooms to the spots
-        warnings.filterwarnings("ignore", message="Use `squidpy.pl.spatial_scatter` instead")
-        axes = sc.pl.spatial(pred, color=list(genes), library_id=lib, img_key="hires",
-                             ncols=min(ncols, len(genes)), show=False, cmap="magma",
-                             frameon=False)
-    fig = (axes[0] if isinstance(axes, list) else axes).figure
+    ncols = max(1, min(int(ncols), len(genes)))
+    nrows = int(np.ceil(len(genes) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.0 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(genes):]:
+        ax.axis("off")
+    for ax, g in zip(axes.ravel(), genes):
+        v = np.asarray(pred[:, g].X, dtype=float).ravel()
+        lo, hi = np.percentile(v, [2, 98])
+        pl.spots_on_tissue(pred, v, ax=ax, title=g, cmap=cmap, vmin=lo, vmax=hi, image=image)
+        ax.axis("off")
     fig.suptitle(f"predicted expression, {lib} ({pred.n_obs} spots)")
+    fig.tight_layout()
     return fig
 
 

@@ -42,7 +42,7 @@ NEEDS = {
     "03_evaluation": ("02_training",),  # its model and held-out prediction
     "04_interpretation_immune_genes": ("03_evaluation",),  # 03's predictions
     "05_spatial_clustering": ("03_evaluation",),
-    "06_predict_your_own_slide": ("02_training",),  # 02's model as the predictor
+    "06_predict_your_own_slide": ("03_evaluation",),  # 02's model; 03's new-patient numbers
 }
 
 

@@ -37,14 +37,15 @@ def __getattr__(name: str):
 def check_params(*, dataset: str, sections: Sequence[str], profile: str | None = None,
                  epochs: int | None = None, batch_size: int | None = None, methods=None, top_k=None,
                  test_section: str | None = None, data_dir=None, need_images: bool = True,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, labelled_section: str | None = None) -> None:
     """Stop early, with a message that says the fix, on bad notebook parameters.
     ``methods`` (notebook 03's ``METHODS``) must be a non-empty list of
     :data:`mclstexp_lite.cv.METHODS` and ``top_k`` a positive integer, when given.
 
     Checks the dataset and section names, the profile, positive epochs and batch size,
-    that ``test_section`` is one of ``sections``, and that every section's files are
-    present locally or downloadable (offline: lists the missing files).
+    that ``test_section`` is one of ``sections``, that ``labelled_section`` is one of
+    ``sections`` with pathologist labels in the data manifest, and that every section's
+    files are present locally or downloadable (offline: lists the missing files).
     """
     valid = {"her2st": ds.HER2ST_SECTIONS, "cscc": ds.CSCC_SECTIONS}
     if dataset not in valid:
@@ -75,6 +76,15 @@ def check_params(*, dataset: str, sections: Sequence[str], profile: str | None =
         raise ValueError(f"SEED must be an integer, got {seed!r}")
     if test_section is not None and test_section not in sections:
         raise ValueError(f"TEST_SECTION={test_section!r} must be one of SECTIONS {list(sections)}")
+    if labelled_section is not None:
+        if labelled_section not in sections:
+            raise ValueError(f"LABELLED_SECTION={labelled_section!r} must be one of SECTIONS "
+                             f"{list(sections)}")
+        st = dl.status(dataset, data_dir=data_dir)
+        labelled = list(dict.fromkeys(st.loc[st["kind"] == "labels", "section"].astype(str)))
+        if labelled_section not in labelled:
+            raise ValueError(f"LABELLED_SECTION={labelled_section!r} has no pathologist labels; "
+                             f"{dataset} sections with labels: {', '.join(labelled) or 'none'}")
     offline = os.environ.get(dl.ENV_OFFLINE, "") in ("1", "true", "yes")
     if offline:
         table = ds.list_sections(dataset, data_dir=data_dir).set_index("section")
