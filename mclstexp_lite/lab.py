@@ -17,7 +17,6 @@ ask for runs this environment.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -123,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         print("  kernel:  " + p, flush=True)
     cmd = lab_command(args)
     print("  command: " + " ".join(cmd), flush=True)
-    try:
-        return subprocess.run(cmd, env=env, cwd=str(NOTEBOOKS)).returncode
-    except KeyboardInterrupt:
-        return 0
+    # become JupyterLab (no wrapper process left in between): Ctrl+C and signals reach
+    # the server itself, and nothing outlives it
+    os.chdir(NOTEBOOKS)
+    os.execve(cmd[0], cmd, env)
 
 
 if __name__ == "__main__":
