@@ -9,7 +9,7 @@ Each notebook in ``notebooks/`` named ``NN_*.ipynb`` runs with the parameters of
 folder, so later notebooks reuse what earlier ones wrote. A notebook starts when the
 notebooks it reads from (:data:`NEEDS`) have finished; with ``--jobs 2`` (the default on
 a machine with two or more cores) two independent ones run at once, e.g. 04 beside 05,
-and 04 beside 05, each with its share of the CPU threads. Executed notebooks, their HTML
+each with its share of the CPU threads. Executed notebooks, their HTML
 renderings and ``index.html`` go to ``<out>/<profile>/``.
 """
 
