@@ -3,6 +3,10 @@
 #                    runs them one at a time, default 2 side by side where independent)
 #   make test        run the test suite (the full suite, as CI runs it)
 #   make test-fast   the suite without the tests marked slow
+#   make book        the course book (a static site) from the notebooks `make tutorials`
+#                    executed: outputs/book/index.html (BOOK_OUT to change)
+#   make lab         JupyterLab on notebooks/ to run the tutorials cell by cell
+#                    (LAB_ARGS="--no-browser --port 8890" on a remote machine)
 # Both create ./.venv on first use with the pinned versions of requirements.txt.
 
 PYTHON  ?= python3
@@ -12,8 +16,11 @@ PROFILE ?= quick
 OUT     ?= outputs/tutorials
 JOBS    ?=
 PYTEST_ARGS ?=
+BOOK_OUT ?= outputs/book
+BOOK_ARGS ?=
+LAB_ARGS ?=
 
-.PHONY: tutorials test test-fast env clean-venv
+.PHONY: tutorials test test-fast book lab env clean-venv
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +34,12 @@ env: $(VENV)/.installed
 
 tutorials: $(VENV)/.installed
 	$(PY) -m mclstexp_lite.tutorials --profile $(PROFILE) --out $(OUT) $(if $(JOBS),--jobs $(JOBS))
+
+book: $(VENV)/.installed
+	$(PY) -m mclstexp_lite.book --tutorials $(OUT) --profile $(PROFILE) --out $(BOOK_OUT) $(BOOK_ARGS)
+
+lab: $(VENV)/.installed
+	$(PY) -m mclstexp_lite.lab $(LAB_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import slides
+from ._progress import progress_bar
 from ._util import pil_pixel_limit, positive_float, positive_int
 
 __all__ = ["DEFAULT_PATCH_UM", "center_pixels", "crop_size_px", "extract_patches"]
@@ -358,9 +359,7 @@ def extract_patches(
 
     iterator = range(n)
     if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="patches", unit="spot")
+        iterator = progress_bar(iterator, desc="patches", unit="spot")
 
     for i in iterator:
         x0, y0 = int(lefts[i]), int(tops[i])
@@ -405,9 +404,7 @@ def _extract_from_slide(path: Path, centers, *, crop_px, out_size, fill, ids, ou
         order = np.lexsort((rounded[:, 0], rounded[:, 1]))  # row by row: sequential reads
         iterator = order
         if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(order, desc="patches", unit="spot")
+            iterator = progress_bar(order, desc="patches", unit="spot")
         for i in iterator:
             crop = slide.read_region(int(rounded[i, 0]) - crop_px // 2,
                                      int(rounded[i, 1]) - crop_px // 2, crop_px, crop_px,

@@ -291,3 +291,24 @@ def deprecated_alias(func, old: str, new: str):
     alias.__name__ = alias.__qualname__ = old.rpartition(".")[2]
     alias.__doc__ = f"Deprecated alias of :func:`{new}`.\n\n{func.__doc__ or ''}"
     return alias
+def import_squidpy():
+    """``import squidpy``, without the two ``SyntaxWarning: '...' is not a valid key!``
+    lines that squidpy 1.8 prints on every first import.
+
+    Their cause is squidpy's own docstring of ``squidpy.gr.sepal``, which names the
+    docrep templates ``%(n_jobs)s`` and ``%(show_progress_bar)s`` where its template
+    table has them under ``parallelize``; docrep then warns (``warnings.warn`` with
+    ``SyntaxWarning``, at import, compiled bytecode or not). Nothing in squidpy's code
+    is affected. Only these two messages and only during this import are silenced; any
+    other warning passes. Import squidpy through here, so a notebook never shows them.
+    """
+    import sys
+    import warnings
+
+    if "squidpy" in sys.modules:
+        return sys.modules["squidpy"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"'(n_jobs|show_progress_bar)' is not a "
+                                r"valid key!", category=SyntaxWarning)
+        import squidpy
+    return squidpy

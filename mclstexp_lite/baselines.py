@@ -340,7 +340,14 @@ def fit_ridge(features, expr, *, groups=None, alphas=DEFAULT_ALPHAS):
         model = make_pipeline(StandardScaler(), Ridge(alpha=chosen))
         model.fit(X, Y)
         model[-1].alpha_ = chosen
-    if alphas.size > 1 and chosen in (alphas.min(), alphas.max()):
+    if alphas.size > 1 and chosen == alphas.max() and _flat(model, X, Y):
+        # beyond this penalty the fit can only get flatter: it already predicts the
+        # training mean, so the grid is wide enough; the features carry nothing that
+        # holds across the training sections
+        log.info("ridge: the largest penalty (alpha=%g) was chosen and the fit is the training "
+                 "mean: these features predict nothing that holds across the training sections",
+                 chosen)
+    elif alphas.size > 1 and chosen in (alphas.min(), alphas.max()):
         side = "largest" if chosen == alphas.max() else "smallest"
         log.warning(
             "ridge: the chosen penalty alpha=%g is the %s of the %d searched; "
@@ -442,6 +449,14 @@ def ridge_fold(method: str, adatas, *, train, test, config, patch_um: float,
         predict_seconds[s] = time.time() - t0
     return {"predictions": preds, "alpha": float(ridge[-1].alpha_), "fit_seconds": fit_seconds,
             "feature_seconds": float(feats["seconds"]), "predict_seconds": predict_seconds}
+
+
+def _flat(model, X, Y, tol: float = 0.01) -> bool:
+    """Whether a fitted ridge predicts (almost) a constant: the spread of its predictions
+    is below ``tol`` of the spread of the targets, for every target."""
+    spread = np.asarray(model.predict(X)).reshape(len(X), -1).std(axis=0)
+    target = np.asarray(Y, dtype=np.float64).reshape(len(X), -1).std(axis=0)
+    return bool(np.all(spread <= tol * np.maximum(target, 1e-12)))
 
 
 def _split_mse(Z, Y, splits, alphas) -> np.ndarray:

@@ -597,7 +597,10 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
     for fold in all_folds:
         npz = src / fold.name / _EMB
         if not (src / fold.name / _METRICS).exists() or not npz.exists():
-            log.warning("%s: fold %s is not complete there; skipped", src, fold.name)
+            # a fold the run never started (it ran a subset, folds=) is no news; one
+            # started and left incomplete is
+            (log.warning if (src / fold.name).exists() else log.info)(
+                "%s: fold %s is not complete there; skipped", src, fold.name)
             continue
         fold_dir = out / fold.name
         if (fold_dir / _METRICS).exists():

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from . import _util
+from ._progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +333,6 @@ def _download(row: ManifestRow, target: Path, *, progress: bool = True,
               timeout: float = 60.0) -> None:
     """Stream ``row.url`` into a temp file beside ``target``; verify; rename into place."""
     import requests
-    from tqdm.auto import tqdm
-
     received = 0
 
     def fetch(tmp):
@@ -342,7 +341,7 @@ def _download(row: ManifestRow, target: Path, *, progress: bool = True,
                                                   timeout=timeout) as resp:
             resp.raise_for_status()
             expected = int(resp.headers.get("Content-Length", 0)) or row.size
-            bar = tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+            bar = progress_bar(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=target.name, disable=not progress, leave=False)
             with bar:
                 for chunk in resp.iter_content(chunk_size=_CHUNK):

@@ -16,6 +16,7 @@ import torch
 from . import features as fx
 from . import inputs
 from . import models as mdl
+from ._progress import progress_bar
 from .augment import gpu_augment
 from .config import TrainConfig, autocast_dtype, resolve_device
 from .spotdata import SpotData
@@ -108,14 +109,12 @@ def embed_spots(model: mdl.MclSTExp, data: SpotData, *, device="auto",
 @torch.no_grad()
 def _batched(model: mdl.MclSTExp, data: SpotData, config: TrainConfig, device, batch_size,
              progress, desc):
-    from tqdm.auto import tqdm
-
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     amp_dtype = autocast_dtype(config.amp, device)
     encoder = model.image_encoder
     outs = []
     idx = np.arange(len(data))
-    for i in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(idx), batch_size), desc=desc, disable=not progress, leave=False):
         b = idx[i:i + batch_size]
         x = prepare_images(fx.batch_images(data, b, encoder.image_size, device,
                                            memory_format=torch.channels_last),

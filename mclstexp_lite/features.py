@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from . import __version__, download
 from ._device import autocast_dtype, resolve_device
+from ._progress import progress_bar
 from ._util import atomic_write, atomic_write_json, safe_name
 from .image_encoder import normalize_uint8
 
@@ -187,12 +188,10 @@ def patch_identity(patches) -> str:
 @torch.inference_mode()
 def _compute(encoder, patches, view: int, device: torch.device, batch_size: int, amp_dtype,
              progress: bool, desc: str) -> np.ndarray:
-    from tqdm.auto import tqdm
-
     n = len(patches)
     size = encoder.image_size
     out = np.empty((n, encoder.out_dim), dtype=np.float32)
-    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+    for i in progress_bar(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         u8 = torch.from_numpy(np.array(patches[i:i + batch_size]))  # a writable copy
         u8 = u8.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW (channels-last)
         if u8.shape[-1] != size or u8.shape[-2] != size:

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from . import _util
+from ._progress import progress_bar
 
 __all__ = [
     "gene_pearson",
@@ -715,9 +716,7 @@ def paired_bootstrap(
         rep = {k: np.zeros((n_boot, len(metrics))) for k in "ab"}
         iterator = range(n_sec)
         if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc=f"bootstrap ({unit})", unit="section")
+            iterator = progress_bar(iterator, desc=f"bootstrap ({unit})", unit="section")
         for j in iterator:
             a, b, t, top = data[j]
             n = sizes[j]
@@ -846,7 +845,8 @@ def fmt(mean, sd, *, digits: int = 3) -> str:
     Parameters
     ----------
     mean, sd
-        Numbers (NaN is rendered as ``nan``).
+        Numbers. A NaN ``sd`` (one value has no sample sd) renders the mean alone,
+        ``"0.123"``: "±" only where an sd exists. A NaN mean is rendered as ``nan``.
     digits
         Decimal places of both numbers.
 
@@ -856,6 +856,8 @@ def fmt(mean, sd, *, digits: int = 3) -> str:
     """
     if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
         raise ValueError(f"`digits` must be a non-negative integer, got {digits!r}.")
+    if sd is None or not np.isfinite(float(sd)):
+        return f"{float(mean):.{digits}f}"
     return f"{float(mean):.{digits}f} ± {float(sd):.{digits}f}"
 
 

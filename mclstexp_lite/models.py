@@ -573,37 +573,46 @@ class MclSTExp(nn.Module):
             and (c["depth"], c["heads"], c["dim_head"], c["proj_dim"]) == (2, 8, 64, 256)
         )
 
-    def parameter_table(self) -> pd.DataFrame:
+    def parameter_table(self, *, trainable: bool = False) -> pd.DataFrame:
         """Parameters per part, next to the published implementation's.
+
+        Parameters
+        ----------
+        trainable
+            Also count, per part, the parameters that training updates (``trainable``:
+            ``requires_grad``) and those it leaves as they are (``frozen``; e.g. the
+            whole image encoder with ``freeze_image=True``).
 
         Returns
         -------
         pandas.DataFrame
             Index ``image_encoder``, ``spot_encoder`` (Transformer blocks only),
             ``position_embeddings``, ``image_projection``, ``spot_projection``, ``total``
-            (includes a learned temperature if any); columns ``parameters`` (int) and
-            ``published`` (the published code's counts, filled only when this model has
-            the published architecture: 785 genes, DenseNet-121, Transformer of depth 2
-            with 8 x 64 heads, 256-d projections; NaN otherwise).
+            (includes a learned temperature if any); columns ``parameters`` (int), with
+            ``trainable=True`` then ``trainable`` and ``frozen`` (int), and ``published``
+            (the published code's counts, filled only when this model has the published
+            architecture: 785 genes, DenseNet-121, Transformer of depth 2 with 8 x 64
+            heads, 256-d projections; NaN otherwise).
         """
         enc = self.spot_encoder
-        counts = {
-            "image_encoder": count_parameters(self.image_encoder),
-            "spot_encoder": 0 if enc is None else count_parameters(enc.blocks),
-            "position_embeddings": 0
-            if enc is None
-            else count_parameters(enc.x_embed) + count_parameters(enc.y_embed),
-            "image_projection": count_parameters(self.image_projection),
-            "spot_projection": count_parameters(self.spot_projection),
-            "total": count_parameters(self),
+        parts = {
+            "image_encoder": [self.image_encoder],
+            "spot_encoder": [] if enc is None else [enc.blocks],
+            "position_embeddings": [] if enc is None else [enc.x_embed, enc.y_embed],
+            "image_projection": [self.image_projection],
+            "spot_projection": [self.spot_projection],
+            "total": [self],
         }
+        counts = {k: sum(count_parameters(m) for m in v) for k, v in parts.items()}
+        columns = {"parameters": pd.Series(counts, dtype="int64")}
+        if trainable:
+            train = {k: sum(count_parameters(m, trainable_only=True) for m in v)
+                     for k, v in parts.items()}
+            columns["trainable"] = pd.Series(train, dtype="int64")
+            columns["frozen"] = pd.Series({k: counts[k] - train[k] for k in counts},
+                                          dtype="int64")
         published = self._is_published_architecture()
-        return pd.DataFrame(
-            {
-                "parameters": pd.Series(counts, dtype="int64"),
-                "published": pd.Series(
-                    {k: float(PUBLISHED_PARAMETERS[k]) if published else np.nan for k in counts},
-                    dtype="float64",
-                ),
-            }
-        )
+        columns["published"] = pd.Series(
+            {k: float(PUBLISHED_PARAMETERS[k]) if published else np.nan for k in counts},
+            dtype="float64")
+        return pd.DataFrame(columns)

@@ -153,10 +153,11 @@ class Predictor:
         anndata.AnnData
             Predicted expression (float32, the predictor's genes), the section's spots,
             ``obsm['spatial']`` and ``uns['spatial']`` (plots on the H&E with
-            ``sc.pl.spatial``), ``uns['mclstexp_prediction']`` (how it was made: the keys
-            :func:`mclstexp_lite.tl.predict_section` records, through the same path
+            ``ml.pl.spots_on_tissue``), ``uns['mclstexp_prediction']`` (how it was made: the
+            keys :func:`mclstexp_lite.tl.predict_section` records, through the same path
             :func:`mclstexp_lite.tl.predict_spots`, plus :data:`PREDICTOR_KEYS`:
-            ``predictor_created`` and ``ood_score``: the slide's patches' distance to the reference images over
+            ``predictor_created`` and ``ood_score``: the slide's patches' distance to the
+            reference images over
             the reference's own; above ``ood_threshold`` a warning says that the slide is
             unlike the training data, e.g. another tissue, species or stain, and the
             prediction is not to be trusted).

@@ -5,7 +5,7 @@
 - :func:`method_summary` - mean and sample sd over held-out sections, per method and
   scheme, on the sections every method has;
 - :func:`shared_sections` - that rule: the rows of the held-out sections every method
-  has (the figures of :mod:`mclstexp_lite.pl` use it too; ``ml.pl.shared_sections``);
+  has (the figures of :mod:`mclstexp_lite.pl` use it too);
 - :func:`summary_markdown` - such a table as Markdown (``summary.md``);
 - :func:`compare` - one table across results folders (methods, schemes, ``top_k``);
 - :func:`neighbour_shares` - where a retrieval run's top-k neighbours come from, per
@@ -171,8 +171,7 @@ def shared_sections(per_fold, *, hue: str = "method", col: str = "scheme",
 
     Methods scored on different held-out sections cannot be averaged side by side. The
     rule is shared by :func:`mclstexp_lite.pl.metric_bars` and :func:`method_summary`
-    (so also :func:`compare` and the results tables); ``ml.pl.shared_sections`` is this
-    function.
+    (so also :func:`compare` and the results tables).
 
     With ``with_missing=True`` a third value is returned: ``{col value: {section: [hue
     groups without it]}}`` for every section left out.

@@ -51,6 +51,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ._progress import progress_bar
 from .patch_cache import patch_cache
 
 __all__ = [
@@ -396,9 +397,7 @@ class StainNormalizer:
         stats = {"n": int(len(patches)), "normalised": 0, "low_tissue": 0, "failed": 0}
         starts = range(0, len(patches), max(1, int(batch_size)))
         if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=f"stain ({self.method})", unit="batch")
+            starts = progress_bar(starts, desc=f"stain ({self.method})", unit="batch")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             for start in starts:

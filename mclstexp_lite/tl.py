@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import retrieval as rv
+from ._progress import progress_bar
 from ._util import h5ad_value
 from .config import resolve_device
 from .embed import embed_images, embed_spots
@@ -221,7 +221,7 @@ def retrieve(
         # One similarity buffer for all chunks: a fresh block per chunk would be
         # zero-filled by the kernel every time (about 3x the matrix product's cost).
         sims_buffer = torch.empty((chunk_size, n_keys), dtype=torch.float32, device=device)
-        for start in tqdm(starts, desc="retrieve", unit="chunk", disable=not progress):
+        for start in progress_bar(starts, desc="retrieve", unit="chunk", disable=not progress):
             stop = min(start + chunk_size, n_query)
             q = q_all[start:stop].detach().to(device)
             sims = rv.similarity_block(

@@ -43,6 +43,7 @@ from . import features as fx
 from . import inputs, pp
 from . import tl
 from . import models as mdl
+from ._progress import progress_bar
 from ._util import atomic_write_json
 from .checkpoint import (CHECKPOINT, build_model, load_checkpoint, load_model, run_identity,
                          run_mismatch, same_run, save_checkpoint)
@@ -109,6 +110,10 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
         Start afresh even though ``out_dir`` holds a checkpoint (it is replaced after the
         first epoch). Without ``resume`` or ``overwrite`` an existing checkpoint is an
         error: earlier results are never silently replaced.
+    progress
+        One progress bar over the whole run (every batch of every epoch, with the epoch
+        and its running loss), and a log line per epoch; the bar is off where
+        ``MCLSTEXP_PROGRESS=0`` (unattended notebook runs).
     callback
         Called as ``callback(epoch, history)`` after each epoch (1-based), e.g. to plot.
     model
@@ -193,12 +198,13 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
                                    amp=config.amp, progress=progress and rank == 0)
     size = model.image_encoder.image_size
 
-    from tqdm.auto import tqdm
-
     expr_all = torch.from_numpy(inputs.model_expression(model, data))
     pos_all = torch.from_numpy(data.pos)
     groups_all = torch.from_numpy(data.groups)
     pin = device.type == "cuda"
+    per_epoch = len(_epoch_batches(len(data), config, start_epoch, rank, world))
+    bar = progress_bar(total=per_epoch * max(config.epochs - start_epoch, 0), desc="training",
+                       unit="batch", leave=False, progress=progress and rank == 0)
     for epoch in range(start_epoch, config.epochs):
         torch.manual_seed(config.seed * 100_003 + epoch)  # dropout etc.: resumable
         aug_gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
@@ -207,9 +213,7 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
         batches = _epoch_batches(len(data), config, epoch, rank, world)
         net.train()
         t0, seen, total = time.time(), 0, 0.0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not progress or rank != 0)
-        for b in bar:
+        for b in batches:
             bt = torch.from_numpy(b)
             expr = expr_all[bt]
             pos = pos_all[bt]
@@ -241,7 +245,9 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
                     "check the expression values for outliers")
             total += lv * len(b)
             seen += len(b)
-            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+            bar.update(1)
+            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs}, loss "
+                                f"{total / max(seen, 1):.4f}", refresh=False)
         secs = time.time() - t0
         rec = {"epoch": epoch + 1, "loss": total / max(seen, 1), "seconds": secs,
                "spots_per_s": seen * world / secs if secs > 0 else float("nan"),
@@ -256,6 +262,7 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
             atomic_write_json(out / "history.json", history)
         if callback is not None:
             callback(epoch + 1, history)
+    bar.close()
     if world > 1:
         # gradients are all-reduced every step, but batch-norm running statistics are
         # updated from each rank's own last batch: take rank 0's so all ranks agree

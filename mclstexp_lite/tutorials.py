@@ -8,8 +8,8 @@ Each notebook in ``notebooks/`` named ``NN_*.ipynb`` runs with the parameters of
 ``notebooks/profiles/<profile>.yaml`` plus ``OUTPUT_DIR`` pointing at one shared results
 folder, so later notebooks reuse what earlier ones wrote. A notebook starts when the
 notebooks it reads from (:data:`NEEDS`) have finished; with ``--jobs 2`` (the default on
-a machine with two or more cores) two independent ones run at once, e.g. 03 beside 06,
-and 04 beside 05, each with its share of the CPU threads. Executed notebooks, their HTML
+a machine with two or more cores) two independent ones run at once, e.g. 04 beside 05,
+each with its share of the CPU threads. Executed notebooks, their HTML
 renderings and ``index.html`` go to ``<out>/<profile>/``.
 """
 
@@ -42,7 +42,7 @@ NEEDS = {
     "03_evaluation": ("02_training",),  # its model and held-out prediction
     "04_interpretation_immune_genes": ("03_evaluation",),  # 03's predictions
     "05_spatial_clustering": ("03_evaluation",),
-    "06_predict_your_own_slide": ("02_training",),  # 02's model as the predictor
+    "06_predict_your_own_slide": ("03_evaluation",),  # 02's model; 03's new-patient numbers
 }
 
 
@@ -153,12 +153,18 @@ def _execute(nb: str, tmp: str, params: dict, kernel_name: str, progress: bool,
     """Run one notebook with papermill (in a worker process); '' or the error's last line.
 
     ``threads``: CPU threads for the kernel's numerical libraries (``OMP_NUM_THREADS``,
-    ``MKL_NUM_THREADS``), or ``None`` for their own default (all cores)."""
+    ``MKL_NUM_THREADS``), or ``None`` for their own default (all cores). The kernel runs
+    with ``MCLSTEXP_PROGRESS=0``: nobody watches its progress bars, and every redraw of
+    one would be an output line in the executed notebook."""
     import papermill as pm
 
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    from ._progress import PROGRESS_ENV
+
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                            PROGRESS_ENV)}
+    os.environ[PROGRESS_ENV] = "0"
     if threads is not None:
-        for k in saved:
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[k] = str(threads)
     try:
         pm.execute_notebook(nb, tmp, parameters=params, kernel_name=kernel_name,
@@ -188,7 +194,7 @@ def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
     With one job, papermill shows a progress bar of each notebook's cells; with more,
     one bar counts finished notebooks.
     """
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     from ._util import positive_int
 
@@ -211,7 +217,7 @@ def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
     records: dict = {}
     running: dict = {}  # future -> (notebook, start time, threads)
     failed = False
-    bar = tqdm(total=len(nbs), desc="notebooks", unit="nb", disable=not progress or jobs == 1)
+    bar = progress_bar(total=len(nbs), desc="notebooks", unit="nb", disable=not progress or jobs == 1)
     say = bar.write if not bar.disable else (lambda m: print(m, flush=True))
     # spawn: a clean worker process (no copy of this one's threads or state) per job
     with ProcessPoolExecutor(max_workers=jobs,

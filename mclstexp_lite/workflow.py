@@ -35,14 +35,17 @@ def __getattr__(name: str):
 
 # ------------------------------------------------------------------ parameters
 def check_params(*, dataset: str, sections: Sequence[str], profile: str | None = None,
-                 epochs: int | None = None, batch_size: int | None = None,
+                 epochs: int | None = None, batch_size: int | None = None, methods=None, top_k=None,
                  test_section: str | None = None, data_dir=None, need_images: bool = True,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, labelled_section: str | None = None) -> None:
     """Stop early, with a message that says the fix, on bad notebook parameters.
+    ``methods`` (notebook 03's ``METHODS``) must be a non-empty list of
+    :data:`mclstexp_lite.cv.METHODS` and ``top_k`` a positive integer, when given.
 
     Checks the dataset and section names, the profile, positive epochs and batch size,
-    that ``test_section`` is one of ``sections``, and that every section's files are
-    present locally or downloadable (offline: lists the missing files).
+    that ``test_section`` is one of ``sections``, that ``labelled_section`` is one of
+    ``sections`` with pathologist labels in the data manifest, and that every section's
+    files are present locally or downloadable (offline: lists the missing files).
     """
     valid = {"her2st": ds.HER2ST_SECTIONS, "cscc": ds.CSCC_SECTIONS}
     if dataset not in valid:
@@ -60,13 +63,28 @@ def check_params(*, dataset: str, sections: Sequence[str], profile: str | None =
 
         if profile not in PROFILES:
             raise ValueError(f"PROFILE={profile!r} is not known; use one of {tuple(PROFILES)}")
-    for name, value in (("EPOCHS", epochs), ("BATCH_SIZE", batch_size)):
+    for name, value in (("EPOCHS", epochs), ("BATCH_SIZE", batch_size), ("TOP_K", top_k)):
         if value is not None:
             positive_int(value, name)
+    if methods is not None:
+        from .cv import METHODS
+
+        if isinstance(methods, str) or not methods or set(methods) - set(METHODS):
+            raise ValueError(f"METHODS must be a non-empty list from {list(METHODS)}, got "
+                             f"{methods!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"SEED must be an integer, got {seed!r}")
     if test_section is not None and test_section not in sections:
         raise ValueError(f"TEST_SECTION={test_section!r} must be one of SECTIONS {list(sections)}")
+    if labelled_section is not None:
+        if labelled_section not in sections:
+            raise ValueError(f"LABELLED_SECTION={labelled_section!r} must be one of SECTIONS "
+                             f"{list(sections)}")
+        st = dl.status(dataset, data_dir=data_dir)
+        labelled = list(dict.fromkeys(st.loc[st["kind"] == "labels", "section"].astype(str)))
+        if labelled_section not in labelled:
+            raise ValueError(f"LABELLED_SECTION={labelled_section!r} has no pathologist labels; "
+                             f"{dataset} sections with labels: {', '.join(labelled) or 'none'}")
     offline = os.environ.get(dl.ENV_OFFLINE, "") in ("1", "true", "yes")
     if offline:
         table = ds.list_sections(dataset, data_dir=data_dir).set_index("section")
@@ -81,7 +99,7 @@ def check_params(*, dataset: str, sections: Sequence[str], profile: str | None =
 
 
 def check_own_files(counts, spots, image, *, section, um_per_px=None,
-                    spot_pitch_um=ds.LEGACY_ST_PITCH_UM, pixel_scale=1.0, gene_map=None) -> None:
+                    spot_pitch_um=None, pixel_scale=1.0, gene_map=None) -> None:
     """Stop early, with a message that says the fix, on bad own-file parameters of
     notebook 01 (``COUNTS_PATH``, ``SPOTS_PATH``, ``IMAGE_PATH``, ``SECTION``,
     ``UM_PER_PX``, ``SPOT_PITCH_UM``, ``PIXEL_SCALE``, ``GENE_MAP_PATH``).
@@ -104,13 +122,15 @@ def check_own_files(counts, spots, image, *, section, um_per_px=None,
     if not isinstance(section, str) or not section.strip():
         raise ValueError(f"SECTION must be a non-empty name for your section, got {section!r}")
     for name, value, allow_none in (("UM_PER_PX", um_per_px, True),
-                                    ("SPOT_PITCH_UM", spot_pitch_um, False),
+                                    ("SPOT_PITCH_UM", spot_pitch_um, True),
                                     ("PIXEL_SCALE", pixel_scale, False)):
         if value is None and allow_none:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}"
-                             + (" (or None to estimate it from the spots)" if allow_none else ""))
+            raise ValueError(f"{name} must be a positive number, got {value!r}" + (
+                "" if not allow_none else " (or None to estimate it from the spots)"
+                if name == "UM_PER_PX" else " (or None: the spot array's own, told from the "
+                "layout of the spots)"))
 
 
 def train_config(profile: str, *, epochs: int | None = None, batch_size: int | None = None,
@@ -122,6 +142,47 @@ def train_config(profile: str, *, epochs: int | None = None, batch_size: int | N
     over = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("seed", seed))
             if v is not None}
     return tr.TrainConfig.profile(profile, device=device, **over)
+
+
+def untrained_model(config, n_genes: int):
+    """The :class:`~mclstexp_lite.models.MclSTExp` that ``config`` trains (its encoder,
+    frozen or not, its spot encoder and heads), without pretrained weights: enough to
+    count and draw its parts, and nothing is downloaded."""
+    from . import train as tr
+
+    cfg = tr.TrainConfig.from_dict({**config.to_dict(),
+                                    "model": {**config.model, "weights": None}})
+    return tr.build_model(cfg, n_genes)
+
+
+def parameter_comparison(models: Mapping):
+    """Parameters per part of several models side by side, trainable and frozen.
+
+    Parameters
+    ----------
+    models
+        ``{label: MclSTExp}``, e.g. ``{"paper": ..., "quick": ...}``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The parts of :meth:`~mclstexp_lite.models.MclSTExp.parameter_table` as rows;
+        per label the columns ``<label>: parameters`` and ``<label>: trainable``; last,
+        ``published code`` (the published implementation's counts, from the first
+        model that has its architecture; left out when none has).
+    """
+    import pandas as pd
+
+    cols, published = {}, None
+    for label, model in models.items():
+        t = model.parameter_table(trainable=True)
+        cols[f"{label}: parameters"] = t["parameters"]
+        cols[f"{label}: trainable"] = t["trainable"]
+        if published is None and t["published"].notna().all():
+            published = t["published"].astype("int64")
+    if published is not None:
+        cols["published code"] = published
+    return pd.DataFrame(cols)
 
 
 # ---------------------------------------------------------------- preparation
@@ -147,7 +208,7 @@ def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
         ``{section: AnnData}`` in the order of ``sections``.
     """
     import anndata as ad
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     from . import pp
 
@@ -160,7 +221,7 @@ def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
     folder.mkdir(parents=True, exist_ok=True)
     key = {"panel": _panel_hash(genes), "method": method, "n_genes": len(genes)}
     out = {}
-    for s in tqdm(list(sections), desc="preparing sections", disable=not progress):
+    for s in progress_bar(list(sections), desc="preparing sections", disable=not progress):
         path = folder / f"{dataset}_{s}.h5ad"
         if path.exists():
             a = ad.read_h5ad(path)

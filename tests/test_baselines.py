@@ -138,6 +138,21 @@ def test_ridge_penalty_at_the_grid_edge_is_logged(caplog):
     assert caplog.text == ""
 
 
+def test_ridge_at_the_largest_penalty_that_predicts_the_mean_is_no_warning(caplog):
+    """SYNTHETIC pure noise with the default grid: the largest penalty wins and already
+    flattens the fit to the training mean, so a wider grid could change nothing; an
+    info line says so instead of a warning (notebook 03's ridge_color on two sections)."""
+    rng = np.random.default_rng(5)
+    X, Y = rng.normal(size=(90, 20)), rng.normal(size=(90, 3))
+    groups = np.repeat([0, 1, 2], 30)
+    with caplog.at_level("INFO", logger="mclstexp_lite.baselines"):
+        model = bl.fit_ridge(X, Y, groups=groups)
+    assert model[-1].alpha_ == max(bl.DEFAULT_ALPHAS)
+    assert np.ptp(model.predict(X), axis=0).max() < 0.01 * Y.std(axis=0).min()
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "the fit is the training mean" in caplog.text
+
+
 def test_default_alphas_extend_the_old_grid_exactly():
     old = np.logspace(-2, 5, 15)
     assert set(old.tolist()) <= set(bl.DEFAULT_ALPHAS)  # the same floats, not just close

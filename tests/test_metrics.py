@@ -300,7 +300,8 @@ def test_mean_sd_table_options(per_fold):
 def test_fmt():
     assert metrics.fmt(0.12345, 0.0449) == "0.123 ± 0.045"
     assert metrics.fmt(np.float64(1.5), 0.25, digits=1) == "1.5 ± 0.2"
-    assert metrics.fmt(0.5, float("nan")) == "0.500 ± nan"
+    assert metrics.fmt(0.5, float("nan")) == "0.500"  # one value: no sd, no "±"
+    assert metrics.fmt(0.5, None) == "0.500"
     with pytest.raises(ValueError, match="digits"):
         metrics.fmt(1, 1, digits=-1)
 

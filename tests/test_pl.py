@@ -213,3 +213,39 @@ def test_patch_gallery_loss_curve_and_model_diagram_draw_what_they_are_given():
     assert any("1,234,567 params" in t for t in texts)
     assert not any("params" in t for t in (x.get_text() for x in pl.model_diagram().axes[0].texts))
     plt.close("all")
+
+
+def test_spots_on_tissue_grey_image_and_a_palette_that_reads_on_he():
+    """SYNTHETIC section whose H&E is purple: image='grey' draws it as light grey (the
+    luminance pulled towards white), palette= gives the classes its colours in order."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import to_rgba
+
+    a = _section()
+    a.uns["spatial"]["S0"]["images"]["hires"] = np.tile(np.array([120, 60, 140], np.uint8),
+                                                         (100, 100, 1))
+    fig = pl.spots_on_tissue(a, "label", image="grey", palette=pl.ON_HE)
+    shown = fig.axes[0].images[0].get_array()
+    lum = 0.299 * 120 + 0.587 * 60 + 0.114 * 140
+    assert np.ptp(np.asarray(shown)[..., :3], axis=-1).max() == 0  # grey: R = G = B
+    assert abs(int(np.asarray(shown)[0, 0, 0]) - (0.55 * lum + 0.45 * 255)) <= 1
+    # the section's own image is untouched
+    assert tuple(a.uns["spatial"]["S0"]["images"]["hires"][0, 0]) == (120, 60, 140)
+    faces = _spots(fig).get_facecolor()
+    labels = a.obs["label"].to_numpy()
+    # classes in sorted order take the palette's first colours: stroma, tumour
+    np.testing.assert_allclose(faces[labels == "stroma"][0][:3], to_rgba(pl.ON_HE[0])[:3])
+    np.testing.assert_allclose(faces[labels == "tumour"][0][:3], to_rgba(pl.ON_HE[1])[:3])
+    fig2 = pl.spots_on_tissue(a, np.arange(a.n_obs, dtype=float), image=None)
+    assert not fig2.axes[0].images  # no image at all
+    with pytest.raises(ValueError, match="image must be"):
+        pl.spots_on_tissue(a, image="gray")
+    with pytest.raises(ValueError, match="palette has 1 colours for 2 classes"):
+        pl.spots_on_tissue(a, "label", palette=["red"])
+    # float images in 0..1 work the same as uint8
+    np.testing.assert_allclose(pl.he_grey(np.full((2, 2, 3), 0.5)).astype(int),
+                               pl.he_grey(np.full((2, 2, 3), 128, np.uint8)).astype(int), atol=1)
+    with pytest.raises(ValueError, match="image"):
+        pl.he_grey(np.zeros((4, 4)))
+    plt.close("all")

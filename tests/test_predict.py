@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mclstexp_lite import predict, tl
+from mclstexp_lite import pl, predict, tl
 from mclstexp_lite import train as tr
 
 from .factories import RUN, synthetic_sections, tiny_config
@@ -80,8 +80,6 @@ def test_prediction_maps_live_in_pl_and_the_former_name_warns_once(trained):
     import warnings
 
     import matplotlib.pyplot as plt
-
-    from mclstexp_lite import pl
 
     pred = trained["predictor"].predict(trained["sections"]["S3"], device="cpu",
                                         progress=False)
@@ -326,3 +324,31 @@ def test_weak_messages_fixed(trained, tmp_path, capsys):
         predict.main(["--help"])
     assert "unlike the training data" in capsys.readouterr().out
     del help_text
+
+
+def test_prediction_maps_draw_one_panel_per_gene_without_warnings(trained):
+    """The maps are squidpy's (through ml.pl.spots_on_tissue): no scanpy FutureWarning to
+    filter; each gene's colour scale is its own 2nd-98th percentile."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    pred = trained["predictor"].predict(trained["sections"]["S3"], device="cpu", progress=False)
+    genes = list(pred.var_names[:3])
+    with warnings.catch_warnings():
+        # what a notebook would show (Pending/DeprecationWarnings from inside libraries
+        # are hidden there by Python's default filters)
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", UserWarning)
+        fig = pl.prediction_maps(pred, genes, ncols=2)
+    drawn = [ax for ax in fig.axes if ax.get_title() in genes]
+    assert [ax.get_title() for ax in drawn] == genes
+    for ax, g in zip(drawn, genes):
+        spots = [c for c in ax.collections if c.get_array() is not None][0]
+        lo, hi = np.percentile(np.asarray(pred[:, g].X, float).ravel(), [2, 98])
+        assert spots.get_clim() == pytest.approx((lo, hi))
+        assert len(spots.get_paths()) == pred.n_obs
+    assert fig._suptitle.get_text().endswith(f"({pred.n_obs} spots)")
+    with pytest.raises(ValueError, match="NOPE"):
+        pl.prediction_maps(pred, ["NOPE"])
+    plt.close("all")

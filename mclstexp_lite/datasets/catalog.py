@@ -10,6 +10,7 @@ import os
 from typing import Sequence
 
 from .. import download as dl
+from .._progress import progress_bar
 from .legacy_st import PAPER_HER2ST_SECTIONS, cscc, her2st
 
 
@@ -58,9 +59,7 @@ def load(dataset: str, section: str, **kw):
 
 def load_sections(dataset: str, sections: Sequence[str], **kw) -> dict:
     """Load several sections; returns ``{section: AnnData}`` in the given order."""
-    from tqdm.auto import tqdm
-
     out = {}
-    for s in tqdm(list(sections), desc=f"loading {dataset}", disable=len(sections) < 3):
+    for s in progress_bar(list(sections), desc=f"loading {dataset}", disable=len(sections) < 3):
         out[s] = load(dataset, s, **kw)
     return out
