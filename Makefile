@@ -36,10 +36,10 @@ tutorials: $(VENV)/.installed
 	$(PY) -m mclstexp_lite.tutorials --profile $(PROFILE) --out $(OUT) $(if $(JOBS),--jobs $(JOBS))
 
 book: $(VENV)/.installed
-	$(PY) -m mclstexp_lite.book --tutorials $(OUT) --profile $(PROFILE) --out $(BOOK_OUT) $(BOOK_ARGS)
+	$(PY) -m mclstexp_lite._book --tutorials $(OUT) --profile $(PROFILE) --out $(BOOK_OUT) $(BOOK_ARGS)
 
 lab: $(VENV)/.installed
-	$(PY) -m mclstexp_lite.lab $(LAB_ARGS)
+	$(PY) -m mclstexp_lite._lab $(LAB_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

@@ -266,7 +266,7 @@ def profile(data, ref_ds, idx, device, sync, gen, reps: int = 3) -> dict:
     """Median milliseconds per batch of each stage, both sides (stages timed alone)."""
     import torch
 
-    from mclstexp_lite import augment
+    from mclstexp_lite import _augment as augment
     from mclstexp_lite import patches as pt
 
     def ms(fn):

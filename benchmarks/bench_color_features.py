@@ -1,7 +1,7 @@
 """Colour and stain statistics (the ``ridge_color`` baseline's input): ours vs per patch.
 
 Ours
-    :func:`mclstexp_lite.baselines.color_features`: R, G, B statistics from each
+    :func:`mclstexp_lite._baselines.color_features`: R, G, B statistics from each
     channel's 256-bin histogram, H, E, D from a tabulated ``rgb2hed``, patches spread over
     a few threads.
 Reference
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     reps = 1 if args.quick else args.reps
     C.need_data([s for s in sections if s != "A1"])  # A1: the reduced image is enough
 
-    from mclstexp_lite import baselines as bl
+    from mclstexp_lite import _baselines as bl
     from mclstexp_lite import datasets as dsets
     from mclstexp_lite import patches as pt
 

@@ -70,7 +70,7 @@ def pipeline_stages(data, encoder, config, idx, size: int, reps: int) -> dict:
     Median milliseconds per batch."""
     import torch
 
-    from mclstexp_lite import embed
+    from mclstexp_lite import _embed as embed
     from mclstexp_lite import features as fx
 
     gather_resize, normalise, gather = [], [], []
@@ -125,7 +125,7 @@ def pipeline_stages(data, encoder, config, idx, size: int, reps: int) -> dict:
 def measure(label, profile, overrides, fields, n_spots, batch, args, timings_out):
     import torch
 
-    from mclstexp_lite import embed
+    from mclstexp_lite import _embed as embed
     from mclstexp_lite import features as fx
     from mclstexp_lite import train as tr
 

@@ -100,7 +100,7 @@ def run_ours(query, keys, expr, top_k):
 def profile_chunk(query, keys, expr, top_k) -> dict | None:
     """Milliseconds per stage of ours on its first chunk of queries.
 
-    Calls the kernels of :mod:`mclstexp_lite.retrieval` in the order ``retrieve`` does;
+    Calls the kernels of :mod:`mclstexp_lite._retrieval` in the order ``retrieve`` does;
     returns None if they have changed. Also times the alternative for the last stage (the
     blocked gather used for banks too large to copy to float64), with its largest
     difference.
@@ -108,7 +108,7 @@ def profile_chunk(query, keys, expr, top_k) -> dict | None:
     import torch
     import torch.nn.functional as F
 
-    from mclstexp_lite import retrieval as rv
+    from mclstexp_lite import _retrieval as rv
     from mclstexp_lite import tl
 
     try:

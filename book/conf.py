@@ -1,4 +1,4 @@
-"""Sphinx configuration of the course book (``make book``; see mclstexp_lite/book.py).
+"""Sphinx configuration of the course book (``make book``; see mclstexp_lite/_book.py).
 
 The builder copies this folder, adds the executed notebooks under ``notebooks/`` and the
 generated parts under ``_generated/``, and builds it offline. Notebooks are never run
@@ -9,8 +9,8 @@ project = "mclstexp_lite"
 author = "the mclstexp_lite authors"
 html_title = "mclstexp_lite: a hands-on course"
 
-# mclstexp_lite.book: exercise titles as the notebooks write them ("Exercise 02.1 · ...")
-extensions = ["myst_nb", "sphinx_exercise", "sphinx_togglebutton", "mclstexp_lite.book"]
+# mclstexp_lite._book: exercise titles as the notebooks write them ("Exercise 02.1 · ...")
+extensions = ["myst_nb", "sphinx_exercise", "sphinx_togglebutton", "mclstexp_lite._book"]
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 

@@ -1,6 +1,6 @@
 """Normalisation of raw counts (private; public as :func:`mclstexp_lite.pp.normalize`).
 
-A module of its own, below the gene panels (:mod:`mclstexp_lite.panels` normalises
+A module of its own, below the gene panels (:mod:`mclstexp_lite._panels` normalises
 sections to pick highly variable genes) and the preprocessing namespace
 (:mod:`mclstexp_lite.pp`, which re-exports everything here); the two methods are
 described in ``pp``'s docstring and ``docs/preprocessing.md``.

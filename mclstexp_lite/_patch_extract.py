@@ -2,7 +2,7 @@
 
 Public through :mod:`mclstexp_lite.patches` (the patch stage's namespace, whose
 docstring states the conventions). A module of its own, below the patch cache
-(:mod:`mclstexp_lite.patch_cache`), which cuts its patches with :func:`extract_patches`,
+(:mod:`mclstexp_lite._patch_cache`), which cuts its patches with :func:`extract_patches`,
 and below ``patches``, which re-exports both.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import slides
+from . import _slides as slides
 from ._progress import progress_bar
 from ._util import pil_pixel_limit, positive_float, positive_int
 

@@ -16,9 +16,9 @@ Two fold schemes (:func:`make_folds`):
 :func:`run_cv` trains/fits a method on each fold and scores every held-out section
 with :func:`mclstexp_lite.metrics.section_metrics`. Methods: ``"mclstexp"`` (the model),
 ``"bleep"`` (the BLEEP-style model, ``spot_encoder="none"``), and the baselines of
-:mod:`mclstexp_lite.baselines` (``"mean"``, ``"ridge_features"``, ``"ridge_color"``).
+:mod:`mclstexp_lite._baselines` (``"mean"``, ``"ridge_features"``, ``"ridge_color"``).
 The result tables (:func:`load_results`, :func:`method_summary`,
-:func:`summary_markdown`, :func:`compare`) live in :mod:`mclstexp_lite.results` and are
+:func:`summary_markdown`, :func:`compare`) live in :mod:`mclstexp_lite._results` and are
 re-exported here.
 
 Results folder written by :func:`run_cv`
@@ -79,21 +79,24 @@ import numpy as np
 import pandas as pd
 
 from . import _util
-from . import baselines as bl
+from . import _baselines as bl
+from ._baselines import (color_features, encoder_features, fit_ridge, mean_expression,
+                         ridge_fold, section_color_features)
 from . import metrics as mt
-from . import stain as st
+from . import _stain as st
 from ._patch_extract import DEFAULT_PATCH_UM
-from .folds import FOLDS_FILE as _FOLDS
-from .folds import (SCHEMES, Fold, check_folder_name, check_leakage, load_folds, make_folds,
+from ._folds import FOLDS_FILE as _FOLDS
+from ._folds import (SCHEMES, Fold, check_folder_name, check_leakage, load_folds, make_folds,
                     patients_of, save_folds)
-from .results import summarize_results  # noqa: F401 - deprecated, warns once
-from .results import (NEIGHBOURS_FILE, compare, load_results, neighbour_shares,
-                      method_summary, neighbours_markdown, summary_markdown)
-from .run_folder import CONFIG_FILE as _CONFIG
-from .run_folder import METRICS_FILE as _METRICS
-from .run_folder import METHODS  # the methods run_cv runs: retrieval models, baselines
-from .run_folder import RETRIEVAL_METHODS as _NEURAL
-from .run_folder import fingerprint, prepare_out_dir, run_config, stain_config
+from ._results import summarize_results  # noqa: F401 - deprecated, warns once
+from ._results import (NEIGHBOURS_FILE, compare, load_predictions, load_results,
+                       method_summary, neighbour_shares, neighbours_markdown, shared_sections,
+                       summary_markdown)
+from ._run_folder import CONFIG_FILE as _CONFIG
+from ._run_folder import METRICS_FILE as _METRICS
+from ._run_folder import METHODS  # the methods run_cv runs: retrieval models, baselines
+from ._run_folder import RETRIEVAL_METHODS as _NEURAL
+from ._run_folder import fingerprint, prepare_out_dir, run_config, stain_config
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,15 @@ __all__ = [
     "compare",
     "neighbour_shares",
     "neighbours_markdown",
+    "load_predictions",
+    "shared_sections",
+    "check_leakage",
+    "mean_expression",
+    "fit_ridge",
+    "ridge_fold",
+    "encoder_features",
+    "color_features",
+    "section_color_features",
 ]
 
 #: Columns of the per-section metrics table (``metrics.csv``), in order.
@@ -221,7 +233,7 @@ def run_cv(
         ``"section"`` or ``"patient"`` (:func:`make_folds`).
     method
         ``"mclstexp"``, ``"bleep"``, ``"mean"``, ``"ridge_features"`` or
-        ``"ridge_color"`` (see :mod:`mclstexp_lite.baselines`).
+        ``"ridge_color"`` (see :mod:`mclstexp_lite._baselines`).
     config
         :class:`mclstexp_lite.train.TrainConfig`, e.g. ``TrainConfig.profile("quick")``;
         ``"bleep"`` trains it with ``spot_encoder="none"`` (:func:`method_config`).
@@ -249,11 +261,11 @@ def run_cv(
         (default: the package default tissue width, cached at 224 px and resized to
         the image encoder's input size on the fly).
     stain
-        Stain normalisation of every patch (:mod:`mclstexp_lite.stain`): ``None`` (off),
+        Stain normalisation of every patch (:mod:`mclstexp_lite._stain`): ``None`` (off),
         ``"macenko"`` or ``"reinhard"`` (fitted anew in every fold on the patches of
-        that fold's *training* sections, :func:`mclstexp_lite.stain.fit_on_sections`
+        that fold's *training* sections, :func:`mclstexp_lite._stain.fit_on_sections`
         with its defaults, and applied to training, reference and held-out patches), or
-        a fitted :class:`mclstexp_lite.stain.StainNormalizer` used in every fold. It is
+        a fitted :class:`mclstexp_lite._stain.StainNormalizer` used in every fold. It is
         part of ``config.json`` (a folder with another setting is refused); each fold's
         ``metrics.json`` keeps its fitted normaliser under ``stain``.
     reuse
@@ -611,7 +623,7 @@ def rescore(adatas: Mapping, results_dir, *, top_k: int, metric: str | None = No
             emb = {k: z[k] for k in z.files}
         ref_names = [str(x) for x in emb["reference_obs_names"]]
         # expression + groups of the reference, without touching patches (as the model
-        # reads it: per-section centred for expr_norm="center", mclstexp_lite.inputs)
+        # reads it: per-section centred for expr_norm="center", mclstexp_lite._inputs)
         ref = _expression_only(adatas, fold.reference, src_cfg.get("train_config") or {})
         if ref.obs_names != ref_names:
             raise ValueError(f"{npz}: reference spots differ from the folds' sections.")
@@ -652,7 +664,7 @@ class _ExprBank:
 
 
 def _expression_only(adatas, names, train_config=None) -> _ExprBank:
-    from .inputs import center_expression
+    from ._inputs import center_expression
 
     expr = np.concatenate([_util.to_dense(adatas[s].X, np.float32) for s in names])
     groups = np.concatenate([np.full(adatas[s].n_obs, i) for i, s in enumerate(names)])

@@ -31,6 +31,27 @@ from typing import Iterable, Sequence
 from . import _util
 from ._progress import progress_bar
 
+__all__ = [
+    "MANIFEST_NAME",
+    "ENV_DATA",
+    "ENV_CACHE",
+    "ENV_OFFLINE",
+    "ENV_MANIFEST",
+    "DataMissingError",
+    "ChecksumError",
+    "ManifestRow",
+    "data_dir",
+    "cache_dir",
+    "manifest_path",
+    "manifest",
+    "rows",
+    "git_blob_sha1_file",
+    "verify",
+    "locate",
+    "fetch",
+    "status",
+]
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "data_manifest.csv"
@@ -352,18 +373,10 @@ def _download(row: ManifestRow, target: Path, *, progress: bool = True,
             raise OSError(f"connection closed after {received} of {expected} bytes")
         digest = verify(tmp, row)
         if not row.has_checksum:
-            atomic_write_text(_sidecar(target), f"{digest}  {target.name}\n")
+            _util.atomic_write_text(_sidecar(target), f"{digest}  {target.name}\n")
 
-    atomic_write(target, fetch)  # temp file beside target, fsync, rename; none left on error
+    _util.atomic_write(target, fetch)  # temp file beside target, fsync, rename; none left on error
     log.info("downloaded %s (%d bytes)", target, received)
-
-
-# ------------------------------------------------------------------- atomic writes
-# Public here (notebooks call ml.download.atomic_write_h5ad); one implementation, in _util.
-atomic_write = _util.atomic_write
-atomic_write_text = _util.atomic_write_text
-atomic_write_json = _util.atomic_write_json
-atomic_write_h5ad = _util.atomic_write_h5ad
 
 
 def status(dataset: str | None = None, *, data_dir: str | os.PathLike | None = None):

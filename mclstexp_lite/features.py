@@ -55,7 +55,8 @@ from . import __version__, download
 from ._device import autocast_dtype, resolve_device
 from ._progress import progress_bar
 from ._util import atomic_write, atomic_write_json, safe_name
-from .image_encoder import normalize_uint8
+from ._image_encoder import normalize_uint8
+from ._encoders import EncoderSpec, get_spec, lite_weights_path, registry_table
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ __all__ = [
     "cached_array",
     "safe_name",
     "default_cache_dir",
+    "EncoderSpec",
+    "get_spec",
+    "registry_table",
+    "lite_weights_path",
 ]
 
 #: Number of dihedral views (4 quarter turns x optional flip).

@@ -24,7 +24,22 @@ from typing import Sequence
 import numpy as np
 
 from . import _util, metrics
-from .panels import check_gene_list
+from ._panels import check_gene_list
+
+__all__ = [
+    "IMMUNE_GENES",
+    "CANCER_GENES",
+    "rank_genes",
+    "panel_coverage",
+    "gene_table",
+    "spatial_weights",
+    "morans_i",
+    "spatial_pearson",
+    "cluster",
+    "coordinate_clusters",
+    "random_regions",
+    "cluster_scores",
+]
 
 log = logging.getLogger(__name__)
 

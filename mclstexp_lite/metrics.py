@@ -862,9 +862,7 @@ def fmt(mean, sd, *, digits: int = 3) -> str:
 
 
 # ====================================================================== deprecated
-#: Former names (warn once, then call the new function): ``summarize`` was one
-#: section's metrics, ``summary_table`` the mean and sd over sections.
+#: Former name (warn once, then call the new function), kept because the tutorials used
+#: it: ``summarize`` was one section's metrics.
 summarize = _util.deprecated_alias(section_metrics, "metrics.summarize",
                                    "metrics.section_metrics")
-summary_table = _util.deprecated_alias(mean_sd_table, "metrics.summary_table",
-                                       "metrics.mean_sd_table")

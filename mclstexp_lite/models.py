@@ -15,8 +15,8 @@ similarity matrix (:func:`contrastive_loss`). :class:`MclSTExp` ties the parts
 together; ``MclSTExp(..., spot_encoder="none")`` gives the BLEEP-style baseline whose
 spot view is only the projection head on the expression.
 
-The two encoders live in :mod:`mclstexp_lite.image_encoder` and
-:mod:`mclstexp_lite.spot_encoder` and are re-exported here with everything else, so
+The two encoders live in :mod:`mclstexp_lite._image_encoder` and
+:mod:`mclstexp_lite._spot_encoder` and are re-exported here with everything else, so
 ``from mclstexp_lite.models import ...`` is the one import.
 
 The defaults follow the published mclSTExp code except where ``docs/architecture.md``
@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._util import check_dropout, positive_int
-from .encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD
-from .image_encoder import ImageEncoder, normalize_uint8
-from .spot_encoder import Attention, FeedForward, SpotEncoder, TransformerBlock
+from ._encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD
+from ._image_encoder import ImageEncoder, normalize_uint8
+from ._spot_encoder import Attention, FeedForward, SpotEncoder, TransformerBlock
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 #: Built-in image backbones and their pooled feature sizes (the full registry, with
-#: weights and preprocessing, is :data:`mclstexp_lite.encoders.ENCODERS`; any timm model
+#: weights and preprocessing, is :data:`mclstexp_lite._encoders.ENCODERS`; any timm model
 #: is available as ``"timm:<name>"``).
 IMAGE_ARCHS = {name: spec.feature_dim for name, spec in ENCODERS.items()}
 
@@ -192,7 +192,7 @@ _LEARNED_TEMPERATURE_INIT = 0.07
 
 
 #: The input options a model records in its ``config`` (set through
-#: :class:`mclstexp_lite.train.TrainConfig`, built by :mod:`mclstexp_lite.inputs`), with
+#: :class:`mclstexp_lite.train.TrainConfig`, built by :mod:`mclstexp_lite._inputs`), with
 #: their allowed values; ``context_um`` and ``wide_view`` are numbers.
 INPUT_OPTIONS: dict[str, tuple] = {
     "feature_norm": (None, "section"),
@@ -266,7 +266,7 @@ class MclSTExp(nn.Module):
     n_genes
         Genes per spot (785 for the published HER2+ panel).
     image_arch
-        Image backbone: a name of :data:`mclstexp_lite.encoders.ENCODERS` (paper:
+        Image backbone: a name of :data:`mclstexp_lite._encoders.ENCODERS` (paper:
         ``"densenet121"``; offline with ImageNet weights: ``"efficientnet_lite0"``) or
         ``"timm:<model>"``.
     weights
@@ -308,7 +308,7 @@ class MclSTExp(nn.Module):
         What the model reads (default: the paper's inputs), set through
         :class:`mclstexp_lite.train.TrainConfig` and recorded here so that a checkpoint
         or predictor embeds new data the way it was trained; the inputs themselves are
-        built by :mod:`mclstexp_lite.inputs`. With ``context="mean"`` and/or a
+        built by :mod:`mclstexp_lite._inputs`. With ``context="mean"`` and/or a
         ``wide_view`` factor the image projection reads 2 or 3 blocks of backbone
         features (the patch, its neighbourhood, the wide crop), ``image_input_dim``
         numbers; only cached features (:meth:`encode_features`) can provide them.
@@ -463,7 +463,7 @@ class MclSTExp(nn.Module):
             raise ValueError(
                 "this model reads the patch together with its neighbourhood or a wide crop "
                 f"(context={self.config['context']!r}, wide_view={self.config['wide_view']!r}); "
-                "build its input with mclstexp_lite.inputs.image_inputs and call "
+                "build its input with mclstexp_lite._inputs.image_inputs and call "
                 "encode_features (embed.embed_images does both).")
         return self.encode_features(self.image_encoder(images))
 
@@ -477,7 +477,7 @@ class MclSTExp(nn.Module):
         if features.ndim != 2 or features.shape[1] != self.image_input_dim:
             what = (f"pooled {self.config['image_arch']} features" if self.image_blocks == 1 else
                     f"{self.image_blocks} blocks of {self.image_encoder.out_dim} pooled "
-                    f"{self.config['image_arch']} features, mclstexp_lite.inputs.image_inputs")
+                    f"{self.config['image_arch']} features, mclstexp_lite._inputs.image_inputs")
             raise ValueError(
                 f"features must have shape (B, {self.image_input_dim}) ({what}), got "
                 f"{tuple(features.shape)}."

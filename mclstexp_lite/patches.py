@@ -12,10 +12,10 @@ and re-exported here:
 
 - :func:`crop_size_px`, :func:`center_pixels`, :func:`extract_patches` (the private
   ``_patch_extract``): the crop geometry and the cutting;
-- :func:`patch_cache` (:mod:`mclstexp_lite.patch_cache`): decodes each source image
+- :func:`patch_cache` (:mod:`mclstexp_lite._patch_cache`): decodes each source image
   once, stores all patches of a section as one ``uint8`` array
   ``(n_spots, out_size, out_size, 3)`` in a ``.npy`` file and returns it memory-mapped;
-- :func:`to_torch_batch`, :func:`gpu_augment` (:mod:`mclstexp_lite.augment`): a
+- :func:`to_torch_batch`, :func:`gpu_augment` (:mod:`mclstexp_lite._augment`): a
   training batch is a gather of cached rows, augmented on the device.
 
 Conventions
@@ -28,15 +28,17 @@ Conventions
   the background of an H&E slide is white, so padding looks like empty glass).
 - Resizing uses PIL's bilinear filter, which widens its support when shrinking (an
   area-like, antialiased reduction) and is a plain bilinear interpolation when enlarging.
-- A TIFF is read region by region through :func:`mclstexp_lite.slides.open_slide`; a
+- A TIFF is read region by region through :func:`mclstexp_lite._slides.open_slide`; a
   JPEG/PNG is decoded once, as a PIL image (see :func:`extract_patches`).
 """
 
 from __future__ import annotations
 
 from ._patch_extract import DEFAULT_PATCH_UM, center_pixels, crop_size_px, extract_patches
-from .augment import gpu_augment, to_torch_batch
-from .patch_cache import patch_cache
+from ._augment import gpu_augment, to_torch_batch
+from ._patch_cache import patch_cache
+from ._slides import Slide, lay_spots, open_slide, tissue_mask
+from ._stain import StainNormalizer, fit_on_sections, reference_patches, tissue_fraction
 
 __all__ = [
     "DEFAULT_PATCH_UM",
@@ -46,4 +48,12 @@ __all__ = [
     "gpu_augment",
     "patch_cache",
     "to_torch_batch",
+    "Slide",
+    "open_slide",
+    "tissue_mask",
+    "lay_spots",
+    "StainNormalizer",
+    "fit_on_sections",
+    "reference_patches",
+    "tissue_fraction",
 ]

@@ -10,7 +10,7 @@ Two normalisations are offered (``docs/preprocessing.md`` compares them):
   defaults, so every *gene* (not every spot) is scaled to a total of 10,000 over the
   section's spots, then ``scprep.transform.log`` (``log10(x + 1)``).
 
-Gene panels (:mod:`mclstexp_lite.panels`, :mod:`mclstexp_lite.gene_names`; re-exported
+Gene panels (:mod:`mclstexp_lite._panels`, :mod:`mclstexp_lite._gene_names`; re-exported
 here, so ``ml.pp.published_panel`` etc. work as before):
 
 - :func:`published_panel` - the 785-gene HER2+ and 171-gene cSCC panels published with
@@ -59,7 +59,7 @@ from ._normalize import (  # noqa: F401 - re-exported: ml.pp.normalize, ...
     PUBLISHED_RESCALE,
     normalize,
 )
-from .gene_names import (  # noqa: F401 - re-exported: ml.pp.subset_genes, ...
+from ._gene_names import (  # noqa: F401 - re-exported: ml.pp.subset_genes, ...
     GENE_MAP_KEY,
     GENE_NAME_COLUMNS,
     MISSING_KEY,
@@ -68,7 +68,7 @@ from .gene_names import (  # noqa: F401 - re-exported: ml.pp.subset_genes, ...
     read_gene_map,
     subset_genes,
 )
-from .panels import (  # noqa: F401 - re-exported: ml.pp.published_panel, ...
+from ._panels import (  # noqa: F401 - re-exported: ml.pp.published_panel, ...
     PANEL_DATASETS,
     check_gene_list,
     compare_panels,
@@ -92,6 +92,7 @@ __all__ = [
     "prepare",
     "prepared_with",
     "panel_sha256",
+    "check_gene_list",
     "NORMALIZE_KEY",
     "MISSING_KEY",
     "PREPARE_KEY",

@@ -41,13 +41,13 @@ from . import datasets as ds
 from . import patches as pt
 from . import tl
 from ._util import atomic_write, atomic_write_h5ad
-from .checkpoint import load_model
-from .config import resolve_device
-from .embed import embed_images
-from .inputs import model_expression
+from ._checkpoint import load_model
+from ._config import resolve_device
+from ._embed import embed_images
+from ._inputs import model_expression
 from .pl import prediction_maps
-from .slides import GRIDS
-from .spotdata import SpotData
+from ._slides import GRIDS
+from ._spotdata import SpotData
 
 __all__ = ["Predictor", "build_predictor", "save_predictor", "load_predictor",
            "predict_image", "nearest_spots", "FORMAT", "PREDICTOR_KEYS", "main"]
@@ -85,7 +85,7 @@ class Predictor:
     reference_expr
         ``(N, G)`` float32 normalised expression of the same spots, as the model reads it
         (centred per section for ``expr_norm="center"``,
-        :func:`mclstexp_lite.inputs.model_expression`): what retrieval averages.
+        :func:`mclstexp_lite._inputs.model_expression`): what retrieval averages.
     genes
         The ``G`` gene names, in column order.
     info
@@ -143,7 +143,7 @@ class Predictor:
         cache_dir
             Patch cache directory (default: the package's).
 
-        A model trained with input options (:mod:`mclstexp_lite.inputs`) gets them here
+        A model trained with input options (:mod:`mclstexp_lite._inputs`) gets them here
         too: per-section feature statistics and neighbourhoods come from the spots of
         ``section`` (all of them, so predict a whole slide at once), a wide view is cut
         from its image.
@@ -311,7 +311,7 @@ def build_predictor(model, reference, *, top_k: int = 50, metric: str = "l1",
         computed with :func:`mclstexp_lite.tl.embed_reference`.
     reference_image_emb
         Precomputed image embeddings of the reference spots (for the out-of-distribution
-        check); default computed with :func:`mclstexp_lite.embed.embed_images` (the
+        check); default computed with :func:`mclstexp_lite._embed.embed_images` (the
         frozen encoder's cached features, or the pixels). ``False`` leaves the check out.
 
     Raises
@@ -375,7 +375,7 @@ def build_predictor(model, reference, *, top_k: int = 50, metric: str = "l1",
     }
     model = model.cpu().eval()
     # what retrieval averages: the expression the model reads (per-section centred for
-    # expr_norm="center", mclstexp_lite.inputs), so the file needs nothing else
+    # expr_norm="center", mclstexp_lite._inputs), so the file needs nothing else
     bank = model_expression(model, reference)
     return Predictor(model=model, reference_emb=np.asarray(reference_emb, dtype=np.float32),
                      reference_expr=np.asarray(bank, dtype=np.float32),

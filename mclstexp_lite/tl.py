@@ -3,8 +3,8 @@
 :func:`retrieve` is the mclSTExp prediction step: the image embedding of every
 held-out spot looks up its nearest reference-spot embeddings and the prediction is
 the inverse-squared-distance weighted mean of their measured expression (its kernels:
-:mod:`mclstexp_lite.retrieval`). :func:`predict_section` does it for a held-out section:
-embed its patches and the reference spots (:mod:`mclstexp_lite.embed`), retrieve, and
+:mod:`mclstexp_lite._retrieval`). :func:`predict_section` does it for a held-out section:
+embed its patches and the reference spots (:mod:`mclstexp_lite._embed`), retrieve, and
 wrap the result in an AnnData laid out like the truth (:func:`prediction_anndata`).
 Those steps are one function, :func:`predict_spots`, over a :class:`ReferenceBank`; a
 saved predictor (:meth:`mclstexp_lite.predict.Predictor.predict`) takes the same path.
@@ -26,13 +26,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import retrieval as rv
+from . import _retrieval as rv
 from ._progress import progress_bar
 from ._util import h5ad_value
-from .config import resolve_device
-from .embed import embed_images, embed_spots
-from .inputs import model_expression
-from .spotdata import SpotData
+from ._config import resolve_device
+from ._embed import embed_images, embed_spots
+from ._inputs import model_expression
+from ._spotdata import SpotData
 
 __all__ = ["retrieve", "default_chunk_size"]
 
@@ -391,7 +391,7 @@ class ReferenceBank:
         ``(N, D)`` float32 spot embeddings of the reference spots.
     expr
         ``(N, G)`` expression of the same spots as the model reads it (per-section centred
-        for ``expr_norm="center"``, :func:`mclstexp_lite.inputs.model_expression`): what
+        for ``expr_norm="center"``, :func:`mclstexp_lite._inputs.model_expression`): what
         retrieval averages.
     genes
         The ``G`` gene names, in column order.
@@ -545,7 +545,7 @@ def predict_section(
     gets the weighted mean expression of its ``top_k`` nearest reference spots
     (:func:`retrieve`, with ``key_expr=reference.expr``, or the per-section centred
     expression of a model trained with ``expr_norm="center"``,
-    :func:`mclstexp_lite.inputs.model_expression`; ``reference.expr`` when ``model`` is
+    :func:`mclstexp_lite._inputs.model_expression`; ``reference.expr`` when ``model`` is
     ``None``). The steps are :func:`predict_spots`, which a saved predictor uses too.
 
     Parameters
@@ -627,7 +627,7 @@ def check_model_reference(model, reference) -> None:
     expression where the model learned another gene's, so predictions would land under
     the wrong names. The count is always compared; the names and their order when the
     model knows them (``model.genes``: set when it is read from a checkpoint or a
-    predictor, :func:`mclstexp_lite.checkpoint.load_model`, and when a training
+    predictor, :func:`mclstexp_lite._checkpoint.load_model`, and when a training
     run saves a checkpoint).
     """
     n = (getattr(model, "config", None) or {}).get("n_genes")

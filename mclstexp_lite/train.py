@@ -17,12 +17,12 @@ notices the process group (``WORLD_SIZE`` > 1), wraps the model in
 ``DistributedDataParallel`` and gives each rank its share of every epoch's batches.
 
 The pieces live in their own modules and are re-exported here, so ``ml.train.<name>``
-keeps working: :mod:`~mclstexp_lite.config` (:class:`TrainConfig`, :data:`PROFILES`,
+keeps working: :mod:`~mclstexp_lite._config` (:class:`TrainConfig`, :data:`PROFILES`,
 :func:`resolve_device`, :func:`autocast_dtype`, :func:`input_size_of`),
-:mod:`~mclstexp_lite.spotdata` (:class:`SpotData`), :mod:`~mclstexp_lite.checkpoint`
+:mod:`~mclstexp_lite._spotdata` (:class:`SpotData`), :mod:`~mclstexp_lite._checkpoint`
 (:data:`CHECKPOINT`, :func:`load_checkpoint`, :func:`load_model`, :func:`build_model`,
 :func:`run_mismatch`, :func:`same_run`...) and
-:mod:`~mclstexp_lite.embed` (:func:`embed_images`, :func:`embed_spots`).
+:mod:`~mclstexp_lite._embed` (:func:`embed_images`, :func:`embed_spots`).
 """
 
 from __future__ import annotations
@@ -40,22 +40,22 @@ import torch
 
 from . import datasets as ds
 from . import features as fx
-from . import inputs, pp
+from . import _inputs as inputs, pp
 from . import tl
 from . import models as mdl
 from ._progress import progress_bar
 from ._util import atomic_write_json
-from .checkpoint import (CHECKPOINT, build_model, load_checkpoint, load_model, run_identity,
+from ._checkpoint import (CHECKPOINT, build_model, load_checkpoint, load_model, run_identity,
                          run_mismatch, same_run, save_checkpoint)
-from .checkpoint import model_from_checkpoint, model_from_state  # noqa: F401 - deprecated
-from .config import PROFILES, TrainConfig, autocast_dtype, input_size_of, resolve_device
-from .embed import embed_images, embed_spots, prepare_images
-from .spotdata import SpotData
+from ._config import PROFILES, TrainConfig, autocast_dtype, input_size_of, resolve_device
+from ._embed import embed_images, embed_spots, prepare_images
+from ._spotdata import SpotData
+from ._checkpoint import save_checkpoint
 
 __all__ = ["TrainConfig", "PROFILES", "SpotData", "TrainResult", "train", "main",
            "resolve_device", "autocast_dtype", "input_size_of", "CHECKPOINT",
            "load_checkpoint", "load_model", "build_model", "same_run", "run_identity",
-           "run_mismatch", "embed_images", "embed_spots"]
+           "run_mismatch", "embed_images", "embed_spots", "save_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
             raise ValueError("mode='frozen' needs a model whose image encoder is frozen "
                              "(MclSTExp(..., freeze_image=True)); build it with build_model")
         # the frozen encoder's cached features, with the model's input options
-        # (per-section standardisation, neighbourhood, wide crop: mclstexp_lite.inputs)
+        # (per-section standardisation, neighbourhood, wide crop: mclstexp_lite._inputs)
         bank = inputs.image_inputs(model, data, views=config.feature_views, device=device,
                                    amp=config.amp, progress=progress and rank == 0)
     size = model.image_encoder.image_size

@@ -26,7 +26,22 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from . import download as dl
-from ._util import atomic_write_text
+from ._progress import PROGRESS_ENV, progress_bar
+from ._util import atomic_write_text, positive_int
+
+__all__ = [
+    "NOTEBOOKS",
+    "PROFILE_DIR",
+    "NEEDS",
+    "available_profiles",
+    "load_profile",
+    "notebooks",
+    "absolute_path_variables",
+    "default_jobs",
+    "needs",
+    "run",
+    "main",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -158,8 +173,6 @@ def _execute(nb: str, tmp: str, params: dict, kernel_name: str, progress: bool,
     one would be an output line in the executed notebook."""
     import papermill as pm
 
-    from ._progress import PROGRESS_ENV
-
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                             PROGRESS_ENV)}
     os.environ[PROGRESS_ENV] = "0"
@@ -194,9 +207,7 @@ def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
     With one job, papermill shows a progress bar of each notebook's cells; with more,
     one bar counts finished notebooks.
     """
-    from ._progress import progress_bar
 
-    from ._util import positive_int
 
     jobs = default_jobs() if jobs is None else positive_int(jobs, "jobs")
     params = load_profile(profile)

@@ -16,8 +16,30 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import datasets as ds
+from . import cv, pp
 from . import download as dl
+from ._progress import progress_bar
 from ._util import atomic_write, atomic_write_h5ad, atomic_write_json, positive_int
+
+__all__ = [
+    "check_params",
+    "check_own_files",
+    "train_config",
+    "untrained_model",
+    "parameter_comparison",
+    "prepared_sections",
+    "train_or_load",
+    "notebook_dir",
+    "training_run_dir",
+    "cv_dir",
+    "checkpoint",
+    "write_metrics",
+    "save_figure",
+    "cv_or_load",
+    "atomic_write",
+    "atomic_write_h5ad",
+    "atomic_write_json",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +49,7 @@ def __getattr__(name: str):
     # ``workflow.PROFILES`` is the one profile table, :data:`mclstexp_lite.train.PROFILES`
     # (looked up on first use, so importing this module does not import torch)
     if name == "PROFILES":
-        from .config import PROFILES
+        from ._config import PROFILES
 
         return PROFILES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -59,7 +81,7 @@ def check_params(*, dataset: str, sections: Sequence[str], profile: str | None =
     if len(set(sections)) != len(sections):
         raise ValueError(f"SECTIONS lists a section twice: {list(sections)}")
     if profile is not None:
-        from .config import PROFILES
+        from ._config import PROFILES
 
         if profile not in PROFILES:
             raise ValueError(f"PROFILE={profile!r} is not known; use one of {tuple(PROFILES)}")
@@ -67,10 +89,9 @@ def check_params(*, dataset: str, sections: Sequence[str], profile: str | None =
         if value is not None:
             positive_int(value, name)
     if methods is not None:
-        from .cv import METHODS
 
-        if isinstance(methods, str) or not methods or set(methods) - set(METHODS):
-            raise ValueError(f"METHODS must be a non-empty list from {list(METHODS)}, got "
+        if isinstance(methods, str) or not methods or set(methods) - set(cv.METHODS):
+            raise ValueError(f"METHODS must be a non-empty list from {list(cv.METHODS)}, got "
                              f"{methods!r}")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"SEED must be an integer, got {seed!r}")
@@ -208,9 +229,7 @@ def prepared_sections(dataset: str, sections: Sequence[str], *, output_dir,
         ``{section: AnnData}`` in the order of ``sections``.
     """
     import anndata as ad
-    from ._progress import progress_bar
 
-    from . import pp
 
     if isinstance(genes, str):
         if genes != "published":
@@ -247,7 +266,7 @@ def train_or_load(train_adatas: Mapping, config, *, out_dir, progress: bool = Tr
     """Train on ``train_adatas`` into ``out_dir`` or reuse a finished run there.
 
     A finished run of this training (same config, sections in order, genes and epochs:
-    :func:`mclstexp_lite.checkpoint.run_mismatch`) is loaded as it is; an interrupted one
+    :func:`mclstexp_lite._checkpoint.run_mismatch`) is loaded as it is; an interrupted one
     resumes; a checkpoint of another config or data (e.g. another gene panel) is an error
     (use another folder). Returns ``(model, history, data)``.
     """
@@ -356,7 +375,6 @@ def cv_or_load(adatas: Mapping, *, scheme: str, method: str, config, out_dir, fo
     results of another configuration is an error (choose another ``OUTPUT_DIR``); an
     incomplete one is resumed.
     """
-    from . import cv
 
     table = cv.run_cv(adatas, scheme=scheme, method=method, config=config, out_dir=out_dir,
                       folds=folds, top_k=top_k, reuse=reuse, progress=progress)

@@ -1,12 +1,13 @@
 """Shared fixtures; the shared factories are plain functions in ``tests/factories.py``.
 
-Layout: the tests mirror the package, ``mclstexp_lite/<module>.py`` -> ``tests/test_<module>.py``.
-Modules without a file of that name are tested here:
+Layout: the tests mirror the package, ``mclstexp_lite/<module>.py`` and the private
+``mclstexp_lite/_<module>.py`` -> ``tests/test_<module>.py`` (``_stain.py`` ->
+``test_stain.py``). Modules without a file of that name are tested here:
 
-- ``datasets/`` (subpackage): test_datasets.py; ``datasets.hest_1k``: test_hest.py
-- ``panels``, ``gene_names``: test_pp.py (sections "panel files", "subset_genes",
-  "ids <-> symbols", "real data"), through ``pp``, which re-exports them
-- ``image_encoder``, ``spot_encoder``: test_models.py (sections "Image side", "Spot side")
+- ``datasets/`` (subpackage): test_datasets.py; ``datasets/_hest_1k``: test_hest.py
+- ``_panels``, ``_gene_names``: test_pp.py (sections "panel files", "subset_genes",
+  "ids <-> symbols", "real data"), through ``pp``, which exports their names
+- ``_image_encoder``, ``_spot_encoder``: test_models.py (sections "Image side", "Spot side")
 - ``tl``: ``retrieve`` in test_retrieval.py, ``predict_section`` in test_cv.py
 - ``_util``: through its users (atomic writes in test_cv.py, test_checkpoint.py,
   test_patch_cache.py; the PIL limit in test_patches.py; ``deprecated_alias`` with each
@@ -17,8 +18,10 @@ Modules without a file of that name are tested here:
 - ``tools/``, ``benchmarks/``: test_scripts.py (``--help``, the package names they use)
 - ``workflow``, ``tutorials``: test_notebooks.py (and ``tutorials.load_profile`` in
   test_config.py)
+- ``_book``, ``_lab``: test_book.py, test_lab.py
 - package-wide rules (pins, unknown names, no unsafe unpickling, no import cycles, lazy
-  imports only to keep light modules light, function length, public AnnData API only):
+  imports only to keep light modules light, function length, public AnnData API only,
+  the namespaces and their ``__all__``, one export per name, public addresses in docs):
   test_project.py
 
 Markers (declared in pyproject.toml, ``--strict-markers``): ``gpu`` needs CUDA (each also

@@ -1,4 +1,4 @@
-"""Tests for mclstexp_lite.augment: gathering cached patches into uint8 batches
+"""Tests for mclstexp_lite._augment: gathering cached patches into uint8 batches
 (``to_torch_batch``) and the on-device augmentation (``gpu_augment``), checked against
 torchvision.
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-import mclstexp_lite.augment as A
+import mclstexp_lite._augment as A
 from mclstexp_lite import patches as P
 
 torch.set_num_threads(2)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from mclstexp_lite import baselines as bl
+from mclstexp_lite import _baselines as bl
 from mclstexp_lite import cv
 from mclstexp_lite import train as tr
-from mclstexp_lite import embed
+from mclstexp_lite import _embed as embed
 
 from .factories import PATIENTS, RUN, SPOTS, synthetic_sections, tiny_config
 
@@ -126,13 +126,13 @@ def test_ridge_penalty_at_the_grid_edge_is_logged(caplog):
     rng = np.random.default_rng(4)
     X, Y = rng.normal(size=(90, 20)), rng.normal(size=(90, 3))
     groups = np.repeat([0, 1, 2], 30)
-    with caplog.at_level("WARNING", logger="mclstexp_lite.baselines"):
+    with caplog.at_level("WARNING", logger="mclstexp_lite._baselines"):
         model = bl.fit_ridge(X, Y, groups=groups, alphas=[0.1, 1.0, 10.0])
     assert model[-1].alpha_ == 10.0
     assert "alpha=10 is the largest of the 3 searched" in caplog.text
     caplog.clear()
     Y = X[:, :2] @ rng.normal(size=(2, 3)) + rng.normal(size=(90, 3))  # signal + noise
-    with caplog.at_level("WARNING", logger="mclstexp_lite.baselines"):
+    with caplog.at_level("WARNING", logger="mclstexp_lite._baselines"):
         model = bl.fit_ridge(X, Y, groups=groups)
     assert min(bl.DEFAULT_ALPHAS) < model[-1].alpha_ < max(bl.DEFAULT_ALPHAS)
     assert caplog.text == ""
@@ -145,7 +145,7 @@ def test_ridge_at_the_largest_penalty_that_predicts_the_mean_is_no_warning(caplo
     rng = np.random.default_rng(5)
     X, Y = rng.normal(size=(90, 20)), rng.normal(size=(90, 3))
     groups = np.repeat([0, 1, 2], 30)
-    with caplog.at_level("INFO", logger="mclstexp_lite.baselines"):
+    with caplog.at_level("INFO", logger="mclstexp_lite._baselines"):
         model = bl.fit_ridge(X, Y, groups=groups)
     assert model[-1].alpha_ == max(bl.DEFAULT_ALPHAS)
     assert np.ptp(model.predict(X), axis=0).max() < 0.01 * Y.std(axis=0).min()

@@ -1,4 +1,4 @@
-"""The course book (mclstexp_lite.book, ``make book``): exercise cells become exercise
+"""The course book (mclstexp_lite._book, ``make book``): exercise cells become exercise
 blocks with their solutions folded under them, the time lines feed the index and the
 teacher's plan, bad notebooks are refused with the fix, and the site builds offline
 without a single Sphinx warning, both from SYNTHETIC executed notebooks (with outputs:
@@ -13,7 +13,7 @@ import re
 import nbformat
 import pytest
 
-from mclstexp_lite import book
+from mclstexp_lite import _book as book
 
 from .conftest import REPO
 

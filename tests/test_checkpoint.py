@@ -1,4 +1,4 @@
-"""Tests for mclstexp_lite.checkpoint: save / load / rebuild, atomic writes, exact resume,
+"""Tests for mclstexp_lite._checkpoint: save / load / rebuild, atomic writes, exact resume,
 the "same run?" rule (a checkpoint of another config, other sections or other genes is
 never continued or replaced), and damaged or foreign checkpoint files.
 
@@ -208,19 +208,7 @@ def test_load_model_takes_a_path_a_folder_or_a_loaded_checkpoint(trained_run):
         tr.build_model(tiny_config())
 
 
-def test_former_model_loaders_warn_once_and_still_work(trained_run):
-    from mclstexp_lite import checkpoint
-
-    for old in (checkpoint.model_from_checkpoint, checkpoint.model_from_state):
-        old.warned = False
-        arg = trained_run if old is checkpoint.model_from_checkpoint else tr.load_checkpoint(
-            trained_run)
-        with pytest.warns(FutureWarning, match=r"deprecated.*checkpoint\.load_model"):
-            model = old(arg)
-        assert model.genes == tr.load_model(trained_run).genes
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            old(arg)  # the second call is silent
-    assert tr.model_from_checkpoint is checkpoint.model_from_checkpoint
+def test_the_former_model_loaders_are_gone():
+    """model_from_checkpoint / model_from_state had no user outside the package (README
+    and notebooks never named them): no alias is kept, load_model is the one way back."""
+    assert not hasattr(tr, "model_from_checkpoint") and not hasattr(tr, "model_from_state")

@@ -1,4 +1,4 @@
-"""Tests for mclstexp_lite.config: ``TrainConfig`` (profiles, field checks) and the device
+"""Tests for mclstexp_lite._config: ``TrainConfig`` (profiles, field checks) and the device
 setting. No data; no training.
 """
 

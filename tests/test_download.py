@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mclstexp_lite import download as dl
+from mclstexp_lite import _util
 
 from .conftest import needs_data, SHARED_DATA
 
@@ -222,7 +223,7 @@ def test_manifest_agrees_with_offline_sources_and_files_verify():
 def test_atomic_writes_get_normal_permissions(tmp_path):
     import os
 
-    dl.atomic_write_text(tmp_path / "a.txt", "x")
+    _util.atomic_write_text(tmp_path / "a.txt", "x")
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask

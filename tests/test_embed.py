@@ -1,4 +1,4 @@
-"""Tests for mclstexp_lite.embed: the model input that inference prepares.
+"""Tests for mclstexp_lite._embed: the model input that inference prepares.
 
 SYNTHETIC patches (random numbers); no training. Embedding a trained model is tested
 with checkpoints (test_checkpoint.py), frozen features (test_features.py) and
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mclstexp_lite import embed
+from mclstexp_lite import _embed as embed
 from mclstexp_lite import models as mdl
 from mclstexp_lite import train as tr
 

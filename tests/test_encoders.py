@@ -1,4 +1,4 @@
-"""Tests for mclstexp_lite.encoders: the registry, the offline EfficientNet-Lite0 ImageNet
+"""Tests for mclstexp_lite._encoders: the registry, the offline EfficientNet-Lite0 ImageNet
 weights, timm encoders, preprocessing stored with the model, and clear errors."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mclstexp_lite import encoders as enc
+from mclstexp_lite import _encoders as enc
 from mclstexp_lite import models as mdl
 from mclstexp_lite import train as tr
 

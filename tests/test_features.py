@@ -15,7 +15,7 @@ import torch
 from mclstexp_lite import features as fx
 from mclstexp_lite import models as mdl
 from mclstexp_lite import train as tr
-from mclstexp_lite import embed
+from mclstexp_lite import _embed as embed
 
 from .factories import synthetic_spotdata, tiny_config
 
@@ -175,7 +175,7 @@ def test_frozen_mode_needs_a_frozen_encoder():
 def test_color_features_are_cached_per_section(cache):
     """SYNTHETIC patches: the colour/stain statistics of a section are computed once,
     kept as float64, and equal the direct computation."""
-    from mclstexp_lite import baselines as bl
+    from mclstexp_lite import _baselines as bl
 
     p = _patches(n=5)
     first = bl.section_color_features(p, name="S1")

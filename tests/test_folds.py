@@ -1,4 +1,4 @@
-"""Tests for mclstexp_lite.folds: section and patient folds, the fold file, and the
+"""Tests for mclstexp_lite._folds: section and patient folds, the fold file, and the
 leakage guard. A made-up study of six section names (no data)."""
 
 from __future__ import annotations

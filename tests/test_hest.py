@@ -36,7 +36,7 @@ import pytest
 from scipy import sparse
 
 from mclstexp_lite import datasets as ds
-from mclstexp_lite import patches, slides
+from mclstexp_lite import patches, _slides as slides
 
 from .conftest import needs_data
 

@@ -1,4 +1,4 @@
-"""What a model reads (mclstexp_lite.inputs): per-section standardisation, neighbourhood
+"""What a model reads (mclstexp_lite._inputs): per-section standardisation, neighbourhood
 context, the wide view, centred expression; and that training, retrieval, the linear probe
 and a saved predictor all build the same inputs. SYNTHETIC data (tests/factories.py):
 plumbing and arithmetic, not prediction quality (docs/results.md measures that)."""
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mclstexp_lite import baselines as bl
-from mclstexp_lite import inputs, predict, tl
+from mclstexp_lite import _baselines as bl
+from mclstexp_lite import _inputs as inputs, predict, tl
 from mclstexp_lite import train as tr
 
 from .factories import RUN, synthetic_sections, synthetic_spotdata, tiny_config

@@ -1,4 +1,4 @@
-"""``make lab`` (mclstexp_lite.lab): the JupyterLab command and environment it builds,
+"""``make lab`` (mclstexp_lite._lab): the JupyterLab command and environment it builds,
 the kernel checks, and a real server started the way ``make lab`` starts it (on
 127.0.0.1, no browser): its root is notebooks/, its default kernel the project's, and
 that kernel runs this environment with the data settings in place."""
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mclstexp_lite import lab, tutorials
+from mclstexp_lite import _lab as lab, tutorials
 
 from .conftest import REPO
 
@@ -33,7 +33,7 @@ def test_make_lab_runs_the_module_with_lab_args():
     out = subprocess.run(["make", "-n", "lab", "LAB_ARGS=--no-browser --port 8890"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     # (under an outer make, make -n also prints "Entering/Leaving directory" lines)
-    assert ".venv/bin/python -m mclstexp_lite.lab --no-browser --port 8890" in out.splitlines()
+    assert ".venv/bin/python -m mclstexp_lite._lab --no-browser --port 8890" in out.splitlines()
 
 
 def test_environment_makes_relative_paths_absolute_and_says_what_is_used(tmp_path, monkeypatch):
@@ -108,7 +108,7 @@ def _get(url, token):
 
 
 def test_lab_serves_the_notebooks_and_its_kernel_sees_the_settings(tmp_path):
-    """A real JupyterLab started by `python -m mclstexp_lite.lab` (127.0.0.1, a free port,
+    """A real JupyterLab started by `python -m mclstexp_lite._lab` (127.0.0.1, a free port,
     no browser, stopped at the end): the contents root lists the numbered notebooks, the
     default kernel is mclstexp_lite; a kernel started from that spec in notebooks/ with
     the command's environment imports the package and sees MCLSTEXP_DATA made absolute."""
@@ -118,7 +118,7 @@ def test_lab_serves_the_notebooks_and_its_kernel_sees_the_settings(tmp_path):
     env = dict(os.environ, MCLSTEXP_DATA="relative/data", JUPYTER_RUNTIME_DIR=str(tmp_path),
                JUPYTER_CONFIG_DIR=str(tmp_path / "config"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mclstexp_lite.lab", "--no-browser", "--ip=127.0.0.1",
+        [sys.executable, "-m", "mclstexp_lite._lab", "--no-browser", "--ip=127.0.0.1",
          f"--port={port}", f"--IdentityProvider.token={token}"]
         + (["--allow-root"] if os.geteuid() == 0 else []),  # CI runs as root
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

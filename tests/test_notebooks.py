@@ -304,8 +304,13 @@ def test_metrics_05(quick_run):
     assert m["labelled_section"] == "A1" and m["n_classes"] == 6
     for k in ("ari_predicted_kmeans", "ari_measured_kmeans"):
         assert -0.5 <= m[k] <= 1
-    for k in ("nmi_predicted_kmeans", "nmi_measured_kmeans"):
-        assert 0 <= m[k] <= 1
+    for k in ("nmi_predicted_kmeans", "nmi_measured_kmeans", "nmi_positions_only",
+              "nmi_random_regions_95"):
+        assert 0 <= m[k] <= 1, k
+    # the spatial-only baselines are in the table, and the verdict the prose reads is theirs
+    assert {"none/positions only", "none/random regions, 95th percentile"} <= set(m["scores"])
+    floor = max(m["nmi_positions_only"], m["nmi_random_regions_95"])
+    assert m["predicted_beats_spatial_baseline"] == (m["nmi_predicted_kmeans"] > floor)
 
 
 # ------------------------------------------------------- notebook 01 on own files
@@ -389,6 +394,13 @@ def test_metrics_06(quick_run):
     assert m["image_only_pcc_heg"] > 0.15 and m["at_spots_pcc_heg"] > 0.15
     assert m["median_gene_pcc"] > 0
     assert m["prediction"].endswith(".h5ad") and m["predict_seconds"] > 0
+    # the prediction beats the best of its shuffled-reference runs (the checkpoint's bar)
+    assert m["image_only_pcc_heg"] > m["image_only_pcc_heg_shuffled_max"]
+    # "a new section, not a new patient": C3's patient (C) is in the bank, and the numbers
+    # for a new patient come from 03's patient folds
+    assert m["bank_sections_same_patient"] == ["C2", "C4", "C5", "C6"]
+    assert "C3" not in m["reference_sections"] and 0 < m["neighbours_same_patient"] <= 1
+    assert _finite(m["new_patient_pcc_heg_mean"]) and len(m["new_patient_sections"]) >= 3
 
 
 

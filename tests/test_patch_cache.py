@@ -1,4 +1,4 @@
-"""Tests for mclstexp_lite.patch_cache: the on-disk patch cache (``patches.patch_cache``):
+"""Tests for mclstexp_lite._patch_cache: the on-disk patch cache (``patches.patch_cache``):
 entries keyed by content, reuse of rows, provenance, damaged or half-written entries
 rebuilt, interrupted writes leaving nothing, and input errors.
 
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import mclstexp_lite._patch_extract as PX
-import mclstexp_lite.patch_cache as PC
+import mclstexp_lite._patch_cache as PC
 from mclstexp_lite import _util
 from mclstexp_lite import datasets as ds
 from mclstexp_lite import patches as P

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from mclstexp_lite import cv, pl, results  # noqa: E402
+from mclstexp_lite import cv, pl, _results as results# noqa: E402
 
 
 def _per_fold():

@@ -119,7 +119,7 @@ def test_no_unsafe_unpickling_in_the_package():
         assert not {"pickle", "dill", "cloudpickle"} & (imported | modules), path.name
     assert torch_loads, "expected torch.load calls (checkpoints, feature cache)"
     assert all(w is True for _, _, w in torch_loads), torch_loads
-    assert pickle_loads == [("panels.py", "published_panel", True)]
+    assert pickle_loads == [("_panels.py", "published_panel", True)]
 
 
 # ------------------------------------------------------------------ the import graph
@@ -256,20 +256,6 @@ def test_no_import_cycles_counting_imports_inside_functions():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-#: In-function imports in files this branch was asked not to edit (tutorials.py, and
-#: workflow.py outside train_or_load / cv_or_load): to move to the top of those files in
-#: one small step after the merge, emptying this set.
-_LEFT_FOR_THE_MERGE = {
-    "mclstexp_lite.tutorials.run: mclstexp_lite._util",
-    "mclstexp_lite.tutorials.run: mclstexp_lite._progress",
-    "mclstexp_lite.tutorials._execute: mclstexp_lite._progress",
-    "mclstexp_lite.workflow.check_params: mclstexp_lite.cv",
-    "mclstexp_lite.workflow.prepared_sections: mclstexp_lite.pp",
-    "mclstexp_lite.workflow.prepared_sections: mclstexp_lite._progress",
-    "mclstexp_lite.workflow.cv_or_load: mclstexp_lite.cv",
-}
-
-
 def test_imports_inside_functions_only_keep_heavy_modules_lazy():
     """A package module is imported inside a function only where that keeps a light
     module light: the importer does not load torch/scanpy/squidpy/anndata at import
@@ -277,10 +263,8 @@ def test_imports_inside_functions_only_keep_heavy_modules_lazy():
     every, top, outer, lazy = _import_graph()
     heavy = _heavy(top, outer)
     needless = {f"{m}.{func}: {t}" for m, func, t in lazy if m in heavy or t not in heavy}
-    assert not needless - _LEFT_FOR_THE_MERGE, (
-        "imports inside functions that could be at the top:\n"
-        + "\n".join(sorted(needless - _LEFT_FOR_THE_MERGE)))
-    assert not _LEFT_FOR_THE_MERGE - needless, "moved already: drop from _LEFT_FOR_THE_MERGE"
+    assert not needless, ("imports inside functions that could be at the top:\n"
+                          + "\n".join(sorted(needless)))
     assert "mclstexp_lite.train" in heavy and "mclstexp_lite.datasets" not in heavy
 
 
@@ -356,3 +340,86 @@ def test_no_function_is_longer_than_a_screenful_or_two():
     tree = ast.parse((PACKAGE / "train.py").read_text(encoding="utf-8"))
     loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train")
     assert _code_lines((PACKAGE / "train.py").read_text().splitlines(), loop) > 60  # counted
+
+
+# ------------------------------------------------------------- one public path per name
+def _namespaces() -> dict:
+    import importlib
+
+    import mclstexp_lite as ml
+
+    return {ns: importlib.import_module(f"mclstexp_lite.{ns}") for ns in ml._SUBMODULES}
+
+
+def test_the_namespaces_are_the_only_public_modules():
+    """At most 15 namespaces, each with an ``__all__`` whose names exist; every other
+    file of the package (and of ``datasets/``) is private, ``_name.py``."""
+    import mclstexp_lite as ml
+
+    spaces = _namespaces()
+    assert len(spaces) <= 15 and "datasets" in spaces and "pl" in spaces
+    for ns, module in spaces.items():
+        assert isinstance(getattr(module, "__all__", None), list), f"{ns} has no __all__"
+        missing = [n for n in module.__all__ if not hasattr(module, n)]
+        assert not missing, f"{ns}.__all__ names what it lacks: {missing}"
+        assert len(set(module.__all__)) == len(module.__all__), f"{ns}.__all__ repeats a name"
+    public_files = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")}
+    public_files |= {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert public_files == set(ml._SUBMODULES), public_files ^ set(ml._SUBMODULES)
+    inner = [p.name for p in (PACKAGE / "datasets").glob("*.py") if not p.stem.startswith("_")]
+    assert not inner, f"public files inside datasets/: {inner}"
+    with pytest.raises(AttributeError, match="no attribute 'panels'"):
+        ml.panels  # noqa: B018 - a former module name is not an address any more
+
+
+def test_no_function_or_class_is_exported_by_two_namespaces():
+    import inspect
+
+    where: dict = {}
+    for ns, module in _namespaces().items():
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                where.setdefault(id(obj), []).append(f"{ns}.{name}")
+    twice = [" / ".join(v) for v in where.values() if len(v) > 1]
+    assert not twice, "exported twice:\n" + "\n".join(twice)
+
+
+_ADDRESS = re.compile(r"\b(?:ml|mclstexp_lite)\.([a-z][a-z_]*)\.([A-Za-z_][A-Za-z_0-9]*)")
+
+
+def test_every_address_the_docs_and_notebooks_use_is_public():
+    """Each ``ml.<namespace>.<name>`` in the README, docs/, book/ and the notebooks is in
+    that namespace's ``__all__``, so a user who copies it gets the one public address (not
+    a deprecated alias, not a private module's name)."""
+    import json
+
+    spaces = _namespaces()
+    files = [REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("book/*.md"),
+             *REPO.glob("notebooks/*.ipynb")]
+    wrong = set()
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".ipynb":
+            text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"])
+        for ns, name in _ADDRESS.findall(text):
+            if ns not in spaces or name not in spaces[ns].__all__:
+                wrong.add(f"{path.name}: {ns}.{name}")
+    assert not wrong, "not a public address:\n" + "\n".join(sorted(wrong))
+
+
+@pytest.mark.parametrize("old, home, name", [("stain", "patches", "StainNormalizer"),
+                                             ("encoders", "features", "registry_table")])
+def test_module_names_the_readme_used_warn_once_and_point_home(old, home, name):
+    import warnings
+
+    import mclstexp_lite as ml
+
+    ml._WARNED.discard(old)
+    with pytest.warns(FutureWarning, match=f"mclstexp_lite.{home}"):
+        module = getattr(ml, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert getattr(ml, old) is module  # the second use is quiet
+    assert getattr(module, name) is getattr(_namespaces()[home], name)
+    assert name in _namespaces()[home].__all__

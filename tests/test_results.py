@@ -1,4 +1,4 @@
-"""Tests for mclstexp_lite.results: results tables of run_cv folders compared on the
+"""Tests for mclstexp_lite._results: results tables of run_cv folders compared on the
 sections every run scored. (The summary tables' shared-sections rule is also checked
 with the figures in test_pl.py; ``load_results`` against the written metrics in
 test_cv.py.)
@@ -57,8 +57,8 @@ def test_neighbour_shares_counts_where_the_neighbours_come_from(tmp_path):
 
     import numpy as np
 
-    from mclstexp_lite import folds as fo
-    from mclstexp_lite.results import neighbour_shares
+    from mclstexp_lite import _folds as fo
+    from mclstexp_lite._results import neighbour_shares
 
     rng = np.random.default_rng(0)
     s1, s2 = rng.normal(size=(4, 8)) + 5, rng.normal(size=(6, 8)) - 5
@@ -85,7 +85,7 @@ def test_neighbour_shares_counts_where_the_neighbours_come_from(tmp_path):
 
 def test_load_predictions_reads_every_held_out_section_and_names_a_missing_one(sections,
                                                                                tmp_path):
-    from mclstexp_lite import results
+    from mclstexp_lite import _results as results
 
     out = tmp_path / "mean"
     table = cv.run_cv(sections, scheme="patient", method="mean", config=tiny_config(),

@@ -1,5 +1,5 @@
 """Tests for the retrieval stage: :func:`mclstexp_lite.tl.retrieve` and the kernels it is
-built from (mclstexp_lite.retrieval: top-k, similarity blocks, weighted sums).
+built from (mclstexp_lite._retrieval: top-k, similarity blocks, weighted sums).
 
 All data here are synthetic (seeded Gaussian embeddings and expression); they check
 the algorithm against a plain transcription of the published evaluation loop, not
@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from mclstexp_lite import tl
-from mclstexp_lite import retrieval
+from mclstexp_lite import _retrieval as retrieval
 from mclstexp_lite.tl import default_chunk_size, retrieve
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

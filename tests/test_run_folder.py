@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from mclstexp_lite import run_folder as rf
-from mclstexp_lite.folds import Fold
+from mclstexp_lite import _run_folder as rf
+from mclstexp_lite._folds import Fold
 
 from .factories import tiny_config
 

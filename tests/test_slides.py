@@ -17,7 +17,7 @@ from PIL import Image
 
 from mclstexp_lite import datasets as ds
 from mclstexp_lite import patches as pt
-from mclstexp_lite import slides
+from mclstexp_lite import _slides as slides
 
 from .conftest import needs_data
 

@@ -1,4 +1,4 @@
-"""Tests for mclstexp_lite.spotdata: ``SpotData`` gathers cached patches across sections,
+"""Tests for mclstexp_lite._spotdata: ``SpotData`` gathers cached patches across sections,
 validates its arrays, and warns about unprepared counts.
 
 All data here are SYNTHETIC (random patches and expression).
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mclstexp_lite import spotdata
+from mclstexp_lite import _spotdata as spotdata
 from mclstexp_lite import train as tr
 
 from .factories import synthetic_spotdata

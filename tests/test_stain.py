@@ -1,4 +1,4 @@
-"""Stain normalisation (mclstexp_lite.stain) and its patch-cache / cross-validation option.
+"""Stain normalisation (mclstexp_lite._stain) and its patch-cache / cross-validation option.
 
 All images here are SYNTHETIC: Beer-Lambert mixtures of two made-up stain colours with
 random per-pixel concentrations ("H&E-like" in colour only, no tissue structure), small
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mclstexp_lite import cv, features, stain
+from mclstexp_lite import cv, features, _stain as stain
 from mclstexp_lite import patches as pt
 from mclstexp_lite import train as tr
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mclstexp_lite import embed
+from mclstexp_lite import _embed as embed
 from mclstexp_lite import models as mdl
 from mclstexp_lite import train as tr
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from mclstexp_lite import datasets, pp  # noqa: E402
+from mclstexp_lite import datasets, pp# noqa: E402
 
 
 def grid(n_sections: int, min_spots: int) -> list[tuple[str, dict]]:

@@ -34,7 +34,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
 
-    from mclstexp_lite import datasets, inputs, metrics, pp, tl, train
+    from mclstexp_lite import datasets, _inputs as inputs, metrics, pp, tl, train
 
     genes = pp.published_panel("her2st")
     ad = {s: pp.prepare(datasets.her2st(s, progress=False), genes) for s in args.sections}

@@ -358,7 +358,7 @@ def main(argv=None) -> int:
                                overwrite=args.overwrite, progress=args.progress,
                                device=args.device)
                     dirs.append(dk)
-            from mclstexp_lite.download import atomic_write_json
+            from mclstexp_lite._util import atomic_write_json
             atomic_write_json(timings_path, timings)
 
     table = cv.compare(dirs)
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(md + "\n")
     diff_md = None
     if args.n_boot > 0:
-        from mclstexp_lite.download import atomic_write_text
+        from mclstexp_lite._util import atomic_write_text
 
         diffs, notes = bootstrap_differences(dirs, adatas, top_k=args.top_k,
                                              n_boot=args.n_boot, log=log)

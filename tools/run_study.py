@@ -134,7 +134,7 @@ def run_folders(args, variants, adatas, out: Path, log) -> None:
     the runs that ran in study_timings.json."""
     import run_results as rr
     from mclstexp_lite import cv
-    from mclstexp_lite.download import atomic_write_json
+    from mclstexp_lite._util import atomic_write_json
     from mclstexp_lite.train import TrainConfig
 
     timings_path = out / "study_timings.json"
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
 
     import run_results as rr
     from mclstexp_lite import datasets, pp
-    from mclstexp_lite.download import atomic_write_text
+    from mclstexp_lite._util import atomic_write_text
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,7 +5,7 @@ Trains the leave-one-section-out fold of ``--test`` (default HER2+ A1: reduced-r
 image, black background) once per ``--stains`` setting with
 :func:`mclstexp_lite.cv.run_cv` (scheme ``section``, that fold only, same profile, seed and
 ``top_k``): ``none``, or ``macenko`` / ``reinhard`` fitted on the fold's training
-sections (:func:`mclstexp_lite.stain.fit_on_sections`) and applied to the training,
+sections (:func:`mclstexp_lite._stain.fit_on_sections`) and applied to the training,
 reference and held-out patches. Then it tabulates the held-out section's PCC-ACG,
 PCC-HEG, MSE and MAE per setting, and each normalised run minus the unnormalised one with
 a paired bootstrap over the held-out spots (:func:`mclstexp_lite.metrics.paired_bootstrap`,
@@ -79,7 +79,7 @@ def montage(adatas, test, train, stains, path, *, n=8):
     import numpy as np
 
     from mclstexp_lite import patches as pt
-    from mclstexp_lite import stain as st
+    from mclstexp_lite import _stain as st
 
     raw = pt.patch_cache(adatas[test], progress=False)
     rows_idx = np.round(np.linspace(0, len(raw) - 1, n)).astype(int)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
             preds[stain, method] = _dense(ad.read_h5ad(d / args.test / f"pred_{args.test}.h5ad").X)
             fold_metrics = json.loads((d / args.test / "metrics.json").read_text())
             if "stain" in fold_metrics:  # how many held-out patches were changed
-                from mclstexp_lite import stain as st
+                from mclstexp_lite import _stain as st
 
                 norm = st.StainNormalizer.from_dict(fold_metrics["stain"])
                 pt.patch_cache(adatas[args.test], stain=norm, progress=False)

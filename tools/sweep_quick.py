@@ -42,8 +42,8 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from mclstexp_lite import datasets, inputs, metrics, pp, tl, train
-    from mclstexp_lite.download import atomic_write_text
+    from mclstexp_lite import datasets, _inputs as inputs, metrics, pp, tl, train
+    from mclstexp_lite._util import atomic_write_text
 
     genes = pp.published_panel("her2st")
     prepared = {s: pp.prepare(datasets.her2st(s, progress=False), genes) for s in args.sections}

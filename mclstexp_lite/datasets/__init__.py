@@ -25,8 +25,8 @@ tables, gzipped files). Every public name is importable from here.
 from __future__ import annotations
 
 from ._io import HIRES_MAX_PX
-from .catalog import list_sections, load, load_sections
-from .geometry import (
+from ._catalog import list_sections, load, load_sections
+from ._geometry import (
     ARRAY_LAYOUTS,
     LEGACY_ST_PITCH_UM,
     LEGACY_ST_SPOT_DIAMETER_UM,
@@ -38,9 +38,9 @@ from .geometry import (
     grid_spacing_px,
     spot_pitch_px,
 )
-from .hest_1k import HEST_SPOT_LAYOUT, hest
-from .image import MAX_TISSUE_MM, MAX_VIRTUAL_SPOTS, MIN_VIRTUAL_SPOTS, from_image
-from .legacy_st import (
+from ._hest_1k import HEST_SPOT_LAYOUT, hest
+from ._image import MAX_TISSUE_MM, MAX_VIRTUAL_SPOTS, MIN_VIRTUAL_SPOTS, from_image
+from ._legacy_st import (
     CSCC_SECTIONS,
     HER2ST_SECTIONS,
     PAPER_HER2ST_SECTIONS,
@@ -48,8 +48,8 @@ from .legacy_st import (
     from_files,
     her2st,
 )
-from .scanpy_layout import from_anndata
-from .visium_10x import visium
+from ._scanpy_layout import from_anndata
+from ._visium_10x import visium
 
 __all__ = [
     "her2st",

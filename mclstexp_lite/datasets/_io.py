@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import _util
 from .. import download as dl
-from ..slides import open_slide
+from .._slides import open_slide
 
 #: Longest side of the downscaled image stored in ``uns['spatial'][lib]['images']['hires']``.
 HIRES_MAX_PX = 2000
@@ -91,7 +91,7 @@ def downscaled_rgb(path: Path, max_px: int, *, fix: str = FIX_OWN
 def image_array_file(arr: np.ndarray, *, what: str = "image array") -> Path:
     """Save an ``(H, W, 3)`` uint8 image held in memory as a PNG in the cache (named by
     its content, written once, atomically) and return its path: patches are cut from
-    files (:mod:`mclstexp_lite.patch_cache`), so an image given as an array needs one.
+    files (:mod:`mclstexp_lite._patch_cache`), so an image given as an array needs one.
 
     Raises ``ValueError`` for anything but 8-bit RGB (or fully opaque RGBA)."""
     import hashlib

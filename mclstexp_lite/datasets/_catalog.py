@@ -11,7 +11,7 @@ from typing import Sequence
 
 from .. import download as dl
 from .._progress import progress_bar
-from .legacy_st import PAPER_HER2ST_SECTIONS, cscc, her2st
+from ._legacy_st import PAPER_HER2ST_SECTIONS, cscc, her2st
 
 
 def list_sections(dataset: str | None = None, *, data_dir: str | os.PathLike | None = None):

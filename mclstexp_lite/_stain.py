@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ._progress import progress_bar
-from .patch_cache import patch_cache
+from ._patch_cache import patch_cache
 
 __all__ = [
     "METHODS",

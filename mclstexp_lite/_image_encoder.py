@@ -1,7 +1,7 @@
 """The image view of mclSTExp: a registry backbone, without its classifier, pooled.
 
 :class:`ImageEncoder` wraps a backbone of the encoder registry
-(:mod:`mclstexp_lite.encoders`; DenseNet-121 in the paper) with its weights (``None``,
+(:mod:`mclstexp_lite._encoders`; DenseNet-121 in the paper) with its weights (``None``,
 ImageNet, or a state-dict file) and its preprocessing (input size, mean, std);
 :func:`normalize_uint8` turns cached uint8 patches into the float input it expects.
 Both are re-exported by :mod:`mclstexp_lite.models`.
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import encoders as enc
+from . import _encoders as enc
 from ._util import positive_int
-from .encoders import IMAGENET_MEAN, IMAGENET_STD
+from ._encoders import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ImageEncoder", "normalize_uint8"]
 
@@ -135,7 +135,7 @@ class ImageEncoder(nn.Module):
     Parameters
     ----------
     arch
-        A name of :data:`mclstexp_lite.encoders.ENCODERS` or ``"timm:<model>"``.
+        A name of :data:`mclstexp_lite._encoders.ENCODERS` or ``"timm:<model>"``.
     weights
         ``None``: random initialisation. ``"imagenet"`` (or ``"pretrained"``): the
         registry's pretrained weights (torchvision's ``IMAGENET1K_V1``, fetched and cached
@@ -164,7 +164,7 @@ class ImageEncoder(nn.Module):
     ----------
     out_dim : int
         Size of the pooled feature vector.
-    spec : mclstexp_lite.encoders.EncoderSpec
+    spec : mclstexp_lite._encoders.EncoderSpec
         The registry row.
     image_size : int
         Input side in pixels.
@@ -256,7 +256,7 @@ class ImageEncoder(nn.Module):
                 "resize": "bilinear, antialiased, from the cached patch"}
 
     def fingerprint(self) -> str:
-        """sha256 of the backbone's weights (:func:`mclstexp_lite.encoders.state_fingerprint`)."""
+        """sha256 of the backbone's weights (:func:`mclstexp_lite._encoders.state_fingerprint`)."""
         return enc.state_fingerprint(self.backbone)
 
     def _load_file(self, path: Path) -> None:

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from . import encoders
+from . import _encoders as encoders
 from . import features as fx
 from ._device import autocast_dtype, resolve_device  # noqa: F401 - re-exported here
 from ._util import positive_int
@@ -45,7 +45,7 @@ class TrainConfig:
         taken from the data).
     image_size
         Side of the image encoder's input; ``None`` (default): the encoder's own
-        (224 px for the built-in encoders, :mod:`mclstexp_lite.encoders`). Cached patches
+        (224 px for the built-in encoders, :mod:`mclstexp_lite._encoders`). Cached patches
         (224 px) are resized when this differs; the tissue area stays the same. Stored
         in the model's config, so the checkpoint says how to feed the encoder.
     mode
@@ -75,7 +75,7 @@ class TrainConfig:
         statistics of its own spots (for a new slide: of its own spots, no expression
         needed). Removes slide-level shifts (stain, scanner, resolution) that a new
         patient brings; the idea of adaptive batch normalisation (Li et al. 2016,
-        arXiv 1603.04779) applied to frozen features. :mod:`mclstexp_lite.inputs`.
+        arXiv 1603.04779) applied to frozen features. :mod:`mclstexp_lite._inputs`.
     expr_norm
         ``None`` (default, the paper): the model reads and retrieval averages the
         prepared expression. ``"center"``: every gene is centred within each section and
@@ -83,7 +83,7 @@ class TrainConfig:
         overall mean``), in what the spot encoder reads and in what retrieval averages.
         A section's own level (sequencing depth, patient) is then not what the
         contrastive model matches, and predictions vary around the reference's overall
-        level. :mod:`mclstexp_lite.inputs`.
+        level. :mod:`mclstexp_lite._inputs`.
     context, context_um
         ``"frozen"`` only. ``context="mean"`` appends to each spot's features the mean
         features of the spots of its section within ``context_um`` microns (its own

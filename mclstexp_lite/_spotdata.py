@@ -19,7 +19,7 @@ import torch
 
 from . import patches as pt
 from ._util import to_dense
-from .augment import to_torch_batch
+from ._augment import to_torch_batch
 
 __all__ = ["SpotData"]
 
@@ -47,7 +47,7 @@ class SpotData:
         (:func:`section_layout`); a predictor lays virtual spots like its training data's.
     coords_um
         Optional ``(N, 2)`` spot centres in microns (image pixels times the image's
-        ``um_per_px``), for neighbourhoods (:mod:`mclstexp_lite.inputs`);
+        ``um_per_px``), for neighbourhoods (:mod:`mclstexp_lite._inputs`);
         :meth:`from_anndata` fills it.
     sources, geometry
         Optional: the section AnnData (one per section) and how their patches were cut
@@ -112,9 +112,9 @@ class SpotData:
         """Stack sections prepared by :func:`mclstexp_lite.pp.prepare` (same genes in each).
 
         Patches are read from (or written to) the patch cache. ``stain``: an optional
-        fitted :class:`mclstexp_lite.stain.StainNormalizer` applied to every section's
+        fitted :class:`mclstexp_lite._stain.StainNormalizer` applied to every section's
         patches (their own patch-cache entries, so the frozen features differ too; fit
-        it on the training sections, :func:`mclstexp_lite.stain.fit_on_sections`).
+        it on the training sections, :func:`mclstexp_lite._stain.fit_on_sections`).
         """
         items = list(adatas.items()) if isinstance(adatas, Mapping) else [
             (str(a.obs["section"].iloc[0]), a) for a in adatas]
@@ -150,7 +150,7 @@ class SpotData:
 
         One uint8 array per section from the patch cache (cut once per section and
         factor, cached on disk like the patches; with the same stain normalisation), for
-        the wide field of view of :mod:`mclstexp_lite.inputs`. Needs the sections the
+        the wide field of view of :mod:`mclstexp_lite._inputs`. Needs the sections the
         data was built from (:meth:`from_anndata`).
         """
         factor = float(factor)

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 
 from . import features as fx
-from . import inputs
+from . import _inputs as inputs
 from . import models as mdl
 from ._progress import progress_bar
-from .augment import gpu_augment
-from .config import TrainConfig, autocast_dtype, resolve_device
-from .spotdata import SpotData
+from ._augment import gpu_augment
+from ._config import TrainConfig, autocast_dtype, resolve_device
+from ._spotdata import SpotData
 
 __all__ = ["embed_images", "embed_spots", "prepare_images"]
 
@@ -60,7 +60,7 @@ def embed_images(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | N
     (``model.preprocessing``), so the model and the data are all that is needed. A
     frozen encoder's features come from the feature cache (:mod:`mclstexp_lite.features`,
     view 0), computed there once, with the model's input options
-    (:func:`mclstexp_lite.inputs.image_inputs`: per-section statistics and neighbourhoods
+    (:func:`mclstexp_lite._inputs.image_inputs`: per-section statistics and neighbourhoods
     over the spots of ``data``); a trained encoder runs on the pixels.
 
     Parameters
@@ -89,7 +89,7 @@ def embed_spots(model: mdl.MclSTExp, data: SpotData, *, device="auto",
     The Transformer attends across the spots it is given at once; ``per_section=True``
     encodes each section as one sentence (all its spots together), which is how the
     reference bank is built for retrieval. The expression is what the model reads
-    (:func:`mclstexp_lite.inputs.model_expression`).
+    (:func:`mclstexp_lite._inputs.model_expression`).
     """
     device = resolve_device(device)
     model = model.to(device).eval()

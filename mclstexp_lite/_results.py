@@ -27,8 +27,8 @@ import pandas as pd
 
 from . import _util
 from . import metrics as mt
-from .folds import load_folds
-from .run_folder import METHODS
+from ._folds import load_folds
+from ._run_folder import METHODS
 
 __all__ = ["load_results", "load_predictions", "method_summary", "summary_markdown", "compare",
            "shared_sections", "neighbour_shares", "neighbours_markdown", "NEIGHBOURS_FILE"]

@@ -2,7 +2,7 @@
 
 Usage (what ``make book`` calls)::
 
-    python -m mclstexp_lite.book --tutorials outputs/tutorials --profile quick --out outputs/book
+    python -m mclstexp_lite._book --tutorials outputs/tutorials --profile quick --out outputs/book
 
 The pages come from the notebooks that ``make tutorials`` executed
 (``<tutorials>/<profile>/executed/NN_*.ipynb``); the book never runs a notebook itself.

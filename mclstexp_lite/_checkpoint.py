@@ -9,7 +9,7 @@ training config, or from the model config a checkpoint saved), and read back one
 
 "Same run?": :func:`run_identity` / :func:`same_run` / :func:`run_diff` compare two
 training configs (what the cross-validation results folders compare,
-:mod:`mclstexp_lite.run_folder`); :func:`run_mismatch` compares a checkpoint with a
+:mod:`mclstexp_lite._run_folder`); :func:`run_mismatch` compares a checkpoint with a
 training (config, sections in order, genes, epochs): what resume
 (:func:`mclstexp_lite.train.train`), :func:`mclstexp_lite.workflow.train_or_load` and
 the reuse of finished runs in :func:`mclstexp_lite.cv.run_cv` ask.
@@ -29,7 +29,7 @@ import torch
 from . import _util
 from . import models as mdl
 from ._util import atomic_write
-from .config import TrainConfig, input_size_of
+from ._config import TrainConfig, input_size_of
 
 __all__ = ["CHECKPOINT", "save_checkpoint", "load_checkpoint", "build_model", "load_model",
            "run_identity", "same_run", "run_diff", "run_mismatch"]
@@ -94,7 +94,7 @@ def build_model(config: TrainConfig | Mapping, n_genes: int | None = None, *,
     Parameters
     ----------
     config
-        A :class:`~mclstexp_lite.config.TrainConfig`: the model it trains, for
+        A :class:`~mclstexp_lite._config.TrainConfig`: the model it trains, for
         ``n_genes`` genes (``mode="frozen"`` freezes the image encoder;
         ``config.image_size``, if set, becomes the model's ``image_size``; the input
         options ``feature_norm``, ``expr_norm``, ``context``, ``context_um``,
@@ -210,7 +210,7 @@ def load_model(source: str | os.PathLike | Mapping, *, map_location="cpu") -> md
 def run_identity(config: TrainConfig | Mapping, *, epochs: bool = False) -> dict:
     """What decides whether two training configs describe the same run.
 
-    Every :class:`~mclstexp_lite.config.TrainConfig` field except ``device`` (where a run
+    Every :class:`~mclstexp_lite._config.TrainConfig` field except ``device`` (where a run
     computes, not what) and, unless ``epochs=True``, ``epochs`` (a resumed run may extend
     them); ``image_size=None`` is replaced by the size it means (the encoder's own), so
     an explicit default equals ``None``. ``config`` may be a ``TrainConfig`` or its dict.
@@ -260,7 +260,7 @@ def run_mismatch(ckpt: Mapping, config: TrainConfig | Mapping, *, sections: Sequ
     ckpt
         A loaded checkpoint (:func:`load_checkpoint`).
     config
-        The training config asked for (:class:`~mclstexp_lite.config.TrainConfig` or its
+        The training config asked for (:class:`~mclstexp_lite._config.TrainConfig` or its
         dict), compared by :func:`run_identity`.
     sections, genes
         The training data's sections and genes, compared in order with the ones the
@@ -295,11 +295,3 @@ def run_mismatch(ckpt: Mapping, config: TrainConfig | Mapping, *, sections: Sequ
         if int(ckpt["epoch"]) < epochs:
             return f"it is unfinished ({ckpt['epoch']} of {epochs} epochs)"
     return None
-
-
-# ====================================================================== deprecated
-#: Former names of :func:`load_model` (warn once, then call it).
-model_from_checkpoint = _util.deprecated_alias(load_model, "checkpoint.model_from_checkpoint",
-                                               "checkpoint.load_model")
-model_from_state = _util.deprecated_alias(load_model, "checkpoint.model_from_state",
-                                          "checkpoint.load_model")

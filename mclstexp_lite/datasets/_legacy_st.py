@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import download as dl
-from ..gene_names import read_gene_map, unversioned
+from .._gene_names import read_gene_map, unversioned
 from ._io import (
     DROPPED_WARN_SHARE,
     FIX_MANIFEST,
@@ -27,7 +27,7 @@ from ._io import (
     read_table,
     unpack_gz,
 )
-from .geometry import (
+from ._geometry import (
     ARRAY_LAYOUTS,
     array_layout,
     check_spots_on_image,

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m mclstexp_lite.lab [JupyterLab options, e.g. --no-browser --port 8890]
+    python -m mclstexp_lite._lab [JupyterLab options, e.g. --no-browser --port 8890]
 
 JupyterLab starts from this environment with ``notebooks/`` as its root, so each
 notebook's kernel runs in ``notebooks/`` with this environment's packages, as under

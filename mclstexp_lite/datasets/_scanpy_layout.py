@@ -13,7 +13,7 @@ import numpy as np
 
 from .._patch_extract import DEFAULT_PATCH_UM
 from ._io import HIRES_MAX_PX, downscaled_rgb, image_array_file, plain_var, raw_counts
-from .geometry import (
+from ._geometry import (
     ARRAY_LAYOUTS,
     SPACERANGER_SPOT_UM,
     array_layout,

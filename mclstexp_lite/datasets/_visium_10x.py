@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ._io import HIRES_MAX_PX, downscaled_rgb
-from .geometry import (
+from ._geometry import (
     ARRAY_LAYOUTS,
     SPACERANGER_SPOT_UM,
     VISIUM_PITCH_UM,

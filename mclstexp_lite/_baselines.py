@@ -238,7 +238,7 @@ def encoder_features(data, *, config, device="auto", progress: bool = False) -> 
     before training. With ``weights=None`` it is randomly initialised. Features come
     from the feature cache (view 0), so a frozen mclSTExp with the same encoder and
     this baseline compute them once. The config's input options (``feature_norm``,
-    ``context``, ``wide_view``; :mod:`mclstexp_lite.inputs`) apply as they do to the
+    ``context``, ``wide_view``; :mod:`mclstexp_lite._inputs`) apply as they do to the
     model, so the probe reads the same features as the model it is compared with.
 
     Parameters
@@ -266,7 +266,7 @@ def encoder_features(data, *, config, device="auto", progress: bool = False) -> 
         raise TypeError(f"`data` must be a SpotData, got {type(data).__name__}.")
     if not isinstance(config, tr.TrainConfig):
         raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}.")
-    from . import inputs
+    from . import _inputs as inputs
 
     torch.manual_seed(config.seed)
     model = tr.build_model(config, data.n_genes)
@@ -380,7 +380,7 @@ def ridge_fold(method: str, adatas, *, train, test, config, patch_um: float,
         :class:`mclstexp_lite.train.TrainConfig`: the image encoder of
         ``"ridge_features"`` with its input options (:func:`encoder_features`); with
         ``expr_norm="center"`` both ridges fit the per-section centred training
-        expression (:func:`mclstexp_lite.inputs.center_expression`), as the model reads it.
+        expression (:func:`mclstexp_lite._inputs.center_expression`), as the model reads it.
     patch_um, patch_size, stain
         Patch geometry and stain normalisation of
         :meth:`mclstexp_lite.train.SpotData.from_anndata`.
@@ -420,7 +420,7 @@ def ridge_fold(method: str, adatas, *, train, test, config, patch_um: float,
     train_sections = np.concatenate(
         [np.full(adatas[s].n_obs, s, dtype=object) for s in train]).astype(str)
     if getattr(config, "expr_norm", None) == "center":  # the targets the model reads too
-        from .inputs import center_expression
+        from ._inputs import center_expression
 
         train_expr = center_expression(train_expr, train_sections)
     train_data = spot_data(train)
