@@ -106,7 +106,8 @@ def test_plots_draw_spots_on_tissue(her2_c2, tmp_path):
     import scanpy as sc
     import squidpy as sq
 
-    sc.pl.spatial(her2_c2, color="array_x", show=False, save=None)
+    with pytest.warns(FutureWarning, match="squidpy"):  # scanpy points to squidpy now
+        sc.pl.spatial(her2_c2, color="array_x", show=False, save=None)
     sq.pl.spatial_scatter(her2_c2, color="array_y", library_id="C2")
     import matplotlib.pyplot as plt
 
