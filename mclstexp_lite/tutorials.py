@@ -181,7 +181,7 @@ def _execute(nb: str, tmp: str, params: dict, kernel_name: str, progress: bool,
             os.environ[k] = str(threads)
     try:
         pm.execute_notebook(nb, tmp, parameters=params, kernel_name=kernel_name,
-                            progress_bar=progress, cwd=cwd)
+                            progress_bar=progress, cwd=cwd, **_local_kernel())
         return ""
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell
         text = str(exc).strip()
@@ -192,6 +192,22 @@ def _execute(nb: str, tmp: str, params: dict, kernel_name: str, progress: bool,
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _local_kernel() -> dict:
+    """papermill's kernel-manager setting: on Linux and macOS the kernel talks to papermill
+    over IPC sockets (files in Jupyter's runtime folder) instead of TCP on 127.0.0.1, so no
+    port is opened and ipykernel has nothing to warn about ("running over TCP without
+    encryption", once per notebook in the terminal). Windows has no IPC sockets: TCP."""
+    if os.name != "posix":
+        return {}
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IPCKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return {"kernel_manager_class": IPCKernelManager}
 
 
 def run(profile: str = "quick", out: str | os.PathLike = "outputs/tutorials", *,
