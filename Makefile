@@ -22,12 +22,10 @@ LAB_ARGS ?=
 
 .PHONY: tutorials test test-fast book lab env clean-venv
 
-# --no-compile: pip would byte-compile every module of every package (80 s of the 176 s a
-# fresh environment took here); Python compiles the modules it imports on first use instead.
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m ipykernel install --prefix $(VENV) --name mclstexp_lite --display-name "mclstexp_lite" > /dev/null
 	touch $@
