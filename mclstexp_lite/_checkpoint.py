@@ -94,7 +94,7 @@ def build_model(config: TrainConfig | Mapping, n_genes: int | None = None, *,
     Parameters
     ----------
     config
-        A :class:`~mclstexp_lite._config.TrainConfig`: the model it trains, for
+        A :class:`~mclstexp_lite.train.TrainConfig`: the model it trains, for
         ``n_genes`` genes (``mode="frozen"`` freezes the image encoder;
         ``config.image_size``, if set, becomes the model's ``image_size``; the input
         options ``feature_norm``, ``expr_norm``, ``context``, ``context_um``,
@@ -210,7 +210,7 @@ def load_model(source: str | os.PathLike | Mapping, *, map_location="cpu") -> md
 def run_identity(config: TrainConfig | Mapping, *, epochs: bool = False) -> dict:
     """What decides whether two training configs describe the same run.
 
-    Every :class:`~mclstexp_lite._config.TrainConfig` field except ``device`` (where a run
+    Every :class:`~mclstexp_lite.train.TrainConfig` field except ``device`` (where a run
     computes, not what) and, unless ``epochs=True``, ``epochs`` (a resumed run may extend
     them); ``image_size=None`` is replaced by the size it means (the encoder's own), so
     an explicit default equals ``None``. ``config`` may be a ``TrainConfig`` or its dict.
@@ -260,7 +260,7 @@ def run_mismatch(ckpt: Mapping, config: TrainConfig | Mapping, *, sections: Sequ
     ckpt
         A loaded checkpoint (:func:`load_checkpoint`).
     config
-        The training config asked for (:class:`~mclstexp_lite._config.TrainConfig` or its
+        The training config asked for (:class:`~mclstexp_lite.train.TrainConfig` or its
         dict), compared by :func:`run_identity`.
     sections, genes
         The training data's sections and genes, compared in order with the ones the

@@ -1,7 +1,7 @@
 """Where and at which precision to compute: the one device rule and the autocast dtype.
 
-Private; public as :func:`mclstexp_lite._config.resolve_device` and
-:func:`mclstexp_lite._config.autocast_dtype` (and ``ml.train.<name>``). A module of its
+Private; public as :func:`mclstexp_lite.train.resolve_device` and
+:func:`mclstexp_lite.train.autocast_dtype`. A module of its
 own so that the feature cache (:mod:`mclstexp_lite.features`), which the training config
 reads, can use them without importing the config.
 """

@@ -266,8 +266,8 @@ def subset_genes(adata, genes: Sequence[str], *, missing: str = "error", copy: b
     adata
         A section, raw or normalised; ``X`` and every layer are subset alike.
     genes
-        The panel (unique names), e.g. :func:`~mclstexp_lite._panels.published_panel` or
-        :func:`~mclstexp_lite._panels.select_panel`.
+        The panel (unique names), e.g. :func:`~mclstexp_lite.pp.published_panel` or
+        :func:`~mclstexp_lite.pp.select_panel`.
     missing
         What to do with panel genes absent from ``adata.var_names``: ``"error"``
         (default) raises; ``"zero"`` adds them as all-zero columns (in ``X`` and every

@@ -164,7 +164,7 @@ class ImageEncoder(nn.Module):
     ----------
     out_dim : int
         Size of the pooled feature vector.
-    spec : mclstexp_lite._encoders.EncoderSpec
+    spec : mclstexp_lite.features.EncoderSpec
         The registry row.
     image_size : int
         Input side in pixels.

@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import _util
 from . import download as dl
 from .tutorials import NOTEBOOKS, absolute_path_variables, load_profile
 
@@ -40,24 +41,13 @@ def lab_environment(environ=None) -> tuple[dict, dict]:
     (``lines``: one sentence per setting)."""
     env = dict(os.environ if environ is None else environ)
     changed = absolute_path_variables(env)
-    saved = {k: os.environ.get(k) for k in (dl.ENV_DATA, dl.ENV_CACHE, dl.ENV_OFFLINE)}
-    try:  # ask the package itself, with this environment, where things go
-        for k in saved:
-            if env.get(k) is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = env[k]
+    # ask the package itself, with this environment, where things go
+    with _util.environ({k: env.get(k) for k in (dl.ENV_DATA, dl.ENV_CACHE, dl.ENV_OFFLINE)}):
         data = dl.data_dir()
         source = (f"{dl.ENV_DATA}" + (" (made absolute)" if dl.ENV_DATA in changed else "")
                   if env.get(dl.ENV_DATA) else f"the per-user default; set {dl.ENV_DATA} "
                   "to read another copy")
         cache = Path(env[dl.ENV_CACHE]) if env.get(dl.ENV_CACHE) else dl._user_cache() / "cache"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     offline = env.get(dl.ENV_OFFLINE, "") not in ("", "0")
     lines = [f"data:    {data}  ({source})",
              f"cache:   {cache}",

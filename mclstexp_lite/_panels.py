@@ -7,7 +7,7 @@
 - :func:`compare_panels` - overlap of two panels;
 - :func:`check_gene_list` - the checks every panel passes (unique, non-empty names).
 
-Restricting a section to a panel is :func:`mclstexp_lite._gene_names.subset_genes`;
+Restricting a section to a panel is :func:`mclstexp_lite.pp.subset_genes`;
 :mod:`mclstexp_lite.pp` re-exports all of these (``ml.pp.published_panel`` ...).
 """
 

@@ -277,7 +277,7 @@ def patch_cache(
     progress
         Show a progress bar while cropping.
     stain
-        Optional fitted :class:`mclstexp_lite._stain.StainNormalizer`: return the patches
+        Optional fitted :class:`mclstexp_lite.patches.StainNormalizer`: return the patches
         stain-normalised, from an entry of their own (see Notes). ``None`` (default):
         the patches as cut.
 
@@ -486,10 +486,10 @@ def _stained_patch_cache(adata, stain, *, patch_um, out_size, cache_dir, library
     ``stain`` is used through the normaliser's interface (``method``, ``is_fitted``,
     ``fingerprint``, ``transform``, ``last_stats``, ``to_dict``), so this module needs
     nothing of :mod:`mclstexp_lite._stain`, which builds on the cache
-    (:func:`mclstexp_lite._stain.fit_on_sections`)."""
+    (:func:`mclstexp_lite.patches.fit_on_sections`)."""
     if isinstance(stain, str):
         raise TypeError(
-            f"stain must be a fitted mclstexp_lite._stain.StainNormalizer, got the string "
+            f"stain must be a fitted mclstexp_lite.patches.StainNormalizer, got the string "
             f"{stain!r}; fit one on the reference sections first, e.g. "
             f"stain.fit_on_sections(training_sections, {stain!r}) (cv.run_cv(stain={stain!r}) "
             "does this per fold)."
@@ -497,7 +497,7 @@ def _stained_patch_cache(adata, stain, *, patch_um, out_size, cache_dir, library
     if not all(hasattr(type(stain), a) for a in ("is_fitted", "fingerprint", "transform",
                                                   "to_dict")):
         raise TypeError(
-            f"stain must be a fitted mclstexp_lite._stain.StainNormalizer or None, got "
+            f"stain must be a fitted mclstexp_lite.patches.StainNormalizer or None, got "
             f"{type(stain).__name__}."
         )
     if not stain.is_fitted:

@@ -7,7 +7,7 @@ A folder holds one (scheme, method, settings, data) run. :func:`run_config` is w
 their patients, a fingerprint of every section's data, patch geometry, baseline and stain
 settings); :func:`folder_identity` drops the keys that may differ between runs of the same
 study and compares the training config by the one "same run?" rule
-(:func:`mclstexp_lite._checkpoint.run_identity`); :func:`prepare_out_dir` refuses a folder
+(:func:`mclstexp_lite.train.run_identity`); :func:`prepare_out_dir` refuses a folder
 that holds another run unless told to replace it, and says when the folds asked for are
 already complete (the results are then read back, not recomputed).
 """
@@ -93,8 +93,8 @@ def run_config(*, adatas, patients, scheme, method, config, top_k, metric, patch
 def folder_identity(cfg: Mapping) -> dict:
     """What must match for a results folder to hold this run: ``config.json`` without
     its volatile keys, the training config compared by the one "same run?" rule
-    (:func:`mclstexp_lite._checkpoint.run_identity`, with ``epochs``)."""
-    from . import _checkpoint as checkpoint# torch, only here
+    (:func:`mclstexp_lite.train.run_identity`, with ``epochs``)."""
+    from . import _checkpoint as checkpoint  # torch, only here
 
     d = {k: v for k, v in cfg.items() if k not in VOLATILE_KEYS}
     tc = dict(d.get("train_config") or {})

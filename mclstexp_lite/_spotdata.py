@@ -112,9 +112,9 @@ class SpotData:
         """Stack sections prepared by :func:`mclstexp_lite.pp.prepare` (same genes in each).
 
         Patches are read from (or written to) the patch cache. ``stain``: an optional
-        fitted :class:`mclstexp_lite._stain.StainNormalizer` applied to every section's
+        fitted :class:`mclstexp_lite.patches.StainNormalizer` applied to every section's
         patches (their own patch-cache entries, so the frozen features differ too; fit
-        it on the training sections, :func:`mclstexp_lite._stain.fit_on_sections`).
+        it on the training sections, :func:`mclstexp_lite.patches.fit_on_sections`).
         """
         items = list(adatas.items()) if isinstance(adatas, Mapping) else [
             (str(a.obs["section"].iloc[0]), a) for a in adatas]

@@ -116,6 +116,26 @@ def sha256_file(path: str | os.PathLike, *, memo: bool = False) -> str:
 
 # ------------------------------------------------------------------------------ images
 @contextlib.contextmanager
+def environ(changes):
+    """Set (or, for ``None``, unset) environment variables for the ``with`` block, and put
+    every one of them back as it was afterwards, also on an error."""
+    saved = {k: os.environ.get(k) for k in changes}
+    try:
+        for k, v in changes.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def pil_pixel_limit(limit: int | None):
     """Set PIL's decompression-bomb limit (``None``: off) for the duration of one decode;
     a lock keeps threads from restoring each other's value."""

@@ -263,9 +263,9 @@ def run_cv(
     stain
         Stain normalisation of every patch (:mod:`mclstexp_lite._stain`): ``None`` (off),
         ``"macenko"`` or ``"reinhard"`` (fitted anew in every fold on the patches of
-        that fold's *training* sections, :func:`mclstexp_lite._stain.fit_on_sections`
+        that fold's *training* sections, :func:`mclstexp_lite.patches.fit_on_sections`
         with its defaults, and applied to training, reference and held-out patches), or
-        a fitted :class:`mclstexp_lite._stain.StainNormalizer` used in every fold. It is
+        a fitted :class:`mclstexp_lite.patches.StainNormalizer` used in every fold. It is
         part of ``config.json`` (a folder with another setting is refused); each fold's
         ``metrics.json`` keeps its fitted normaliser under ``stain``.
     reuse

@@ -28,7 +28,7 @@ Conventions
   the background of an H&E slide is white, so padding looks like empty glass).
 - Resizing uses PIL's bilinear filter, which widens its support when shrinking (an
   area-like, antialiased reduction) and is a plain bilinear interpolation when enlarging.
-- A TIFF is read region by region through :func:`mclstexp_lite._slides.open_slide`; a
+- A TIFF is read region by region through :func:`mclstexp_lite.patches.open_slide`; a
   JPEG/PNG is decoded once, as a PIL image (see :func:`extract_patches`).
 """
 

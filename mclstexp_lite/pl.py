@@ -3,7 +3,7 @@
 Every function returns the matplotlib ``Figure`` so a notebook can show it and save it
 with :func:`mclstexp_lite.workflow.save_figure`. The rule :func:`metric_bars` applies
 (methods compared on the held-out sections they share) is a computation, in
-:func:`mclstexp_lite._results.shared_sections`.
+:func:`mclstexp_lite.cv.shared_sections`.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def metric_bars(per_fold, *, metrics: Sequence[str] = ("pcc_acg", "pcc_heg", "ms
     """Mean over folds with one dot per fold, one panel per metric.
 
     Within each ``col`` group only the held-out sections that every method has are shown
-    (:func:`mclstexp_lite._results.shared_sections`); the figure says which were left out.
+    (:func:`mclstexp_lite.cv.shared_sections`); the figure says which were left out.
 
     ``clip``: an error panel (MSE, MAE) whose largest value is more than ``clip`` times
     the median of the bar heights is cut at that height, so that one method that
@@ -297,7 +297,7 @@ def neighbour_shares(shares, *, ax=None, title: str | None = None):
     """Same patient or new patient? Where each held-out section's retrieved neighbours
     come from.
 
-    ``shares``: rows of :func:`mclstexp_lite._results.neighbour_shares` (one or several
+    ``shares``: rows of :func:`mclstexp_lite.cv.neighbour_shares` (one or several
     folders concatenated). Per held-out section (and scheme, and method when there are
     several), a bar for the share of its reference bank that belongs to other sections
     of its own patient, and one for the share of its retrieved top-k neighbours that do;

@@ -311,7 +311,7 @@ def build_predictor(model, reference, *, top_k: int = 50, metric: str = "l1",
         computed with :func:`mclstexp_lite.tl.embed_reference`.
     reference_image_emb
         Precomputed image embeddings of the reference spots (for the out-of-distribution
-        check); default computed with :func:`mclstexp_lite._embed.embed_images` (the
+        check); default computed with :func:`mclstexp_lite.train.embed_images` (the
         frozen encoder's cached features, or the pixels). ``False`` leaves the check out.
 
     Raises

@@ -627,7 +627,7 @@ def check_model_reference(model, reference) -> None:
     expression where the model learned another gene's, so predictions would land under
     the wrong names. The count is always compared; the names and their order when the
     model knows them (``model.genes``: set when it is read from a checkpoint or a
-    predictor, :func:`mclstexp_lite._checkpoint.load_model`, and when a training
+    predictor, :func:`mclstexp_lite.train.load_model`, and when a training
     run saves a checkpoint).
     """
     n = (getattr(model, "config", None) or {}).get("n_genes")

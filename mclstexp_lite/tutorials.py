@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import download as dl
 from ._progress import PROGRESS_ENV, progress_bar
-from ._util import atomic_write_text, positive_int
+from ._util import atomic_write_text, environ, positive_int
 
 __all__ = [
     "NOTEBOOKS",
@@ -173,25 +173,17 @@ def _execute(nb: str, tmp: str, params: dict, kernel_name: str, progress: bool,
     one would be an output line in the executed notebook."""
     import papermill as pm
 
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                            PROGRESS_ENV)}
-    os.environ[PROGRESS_ENV] = "0"
+    changes = {PROGRESS_ENV: "0"}
     if threads is not None:
-        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[k] = str(threads)
+        changes.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     try:
-        pm.execute_notebook(nb, tmp, parameters=params, kernel_name=kernel_name,
-                            progress_bar=progress, cwd=cwd, **_local_kernel())
+        with environ(changes):
+            pm.execute_notebook(nb, tmp, parameters=params, kernel_name=kernel_name,
+                                progress_bar=progress, cwd=cwd, **_local_kernel())
         return ""
     except Exception as exc:  # papermill raises PapermillExecutionError with the cell
         text = str(exc).strip()
         return text.splitlines()[-1][:300] if text else repr(exc)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _local_kernel() -> dict:

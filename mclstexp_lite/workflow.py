@@ -266,7 +266,7 @@ def train_or_load(train_adatas: Mapping, config, *, out_dir, progress: bool = Tr
     """Train on ``train_adatas`` into ``out_dir`` or reuse a finished run there.
 
     A finished run of this training (same config, sections in order, genes and epochs:
-    :func:`mclstexp_lite._checkpoint.run_mismatch`) is loaded as it is; an interrupted one
+    :func:`mclstexp_lite.train.run_mismatch`) is loaded as it is; an interrupted one
     resumes; a checkpoint of another config or data (e.g. another gene panel) is an error
     (use another folder). Returns ``(model, history, data)``.
     """

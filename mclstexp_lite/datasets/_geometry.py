@@ -43,7 +43,7 @@ VISIUM_SPOT_DIAMETER_UM = 55.0
 #: spots 100 um apart (65 / 89.47 = 0.7265 and 100 / 137.66 = 0.7264 um/px).
 SPACERANGER_SPOT_UM = 65.0
 
-#: The spot arrays by name: ``grid`` (how :func:`mclstexp_lite._slides.lay_spots` lays
+#: The spot arrays by name: ``grid`` (how :func:`mclstexp_lite.patches.lay_spots` lays
 #: them), ``pitch_um`` (same-row neighbours), ``diameter_um``, ``step_um`` (micrometres
 #: per array step along x and y) and ``checkerboard`` (only x + y of one parity occur).
 ARRAY_LAYOUTS: dict[str, dict] = {

@@ -153,7 +153,7 @@ def hest(
     ``obsm['spatial']``), ``root/wsis/<id>.tif`` (pyramidal, tiled (Big)TIFF) and
     ``root/metadata/<id>.json`` (pixel size, spot layout, technology, organ, ...). The
     WSI is never decoded whole: the ``hires`` copy comes from the smallest pyramid level
-    large enough (:meth:`mclstexp_lite._slides.Slide.thumbnail`) and patches are read
+    large enough (:meth:`mclstexp_lite.patches.Slide.thumbnail`) and patches are read
     tile by tile (:func:`mclstexp_lite.patches.patch_cache`).
 
     Parameters
@@ -219,7 +219,7 @@ def hest(
         outside the WSI (a few are dropped with a warning that says "outside", as HEST
         skips them when it cuts patches; HEST issue 40), or missing; no raw integer
         counts; a WSI that is not 8-bit RGB or whose compression cannot be decoded (LZW
-        needs ``imagecodecs``; see :func:`mclstexp_lite._slides.open_slide`).
+        needs ``imagecodecs``; see :func:`mclstexp_lite.patches.open_slide`).
     """
     if not isinstance(sample_id, str) or not sample_id or any(c in sample_id for c in "/\\"):
         raise ValueError(f"sample_id must be a HEST id such as 'TENX95' (no path), got "

@@ -74,12 +74,12 @@ def from_image(
 
     This is the input for predicting expression on a new slide
     (:func:`mclstexp_lite.tl.predict_section`, :mod:`mclstexp_lite.predict`). Tissue is
-    found on a thumbnail (:func:`mclstexp_lite._slides.tissue_mask`: Otsu's threshold on
+    found on a thumbnail (:func:`mclstexp_lite.patches.tissue_mask`: Otsu's threshold on
     HSV saturation, morphological clean-up) unless ``tissue_mask`` is given; spot centres
     are laid on a ``grid`` at ``spot_pitch_um`` and kept where their disk is at least
-    ``min_tissue`` tissue (:func:`mclstexp_lite._slides.lay_spots`). Pyramidal TIFFs are
+    ``min_tissue`` tissue (:func:`mclstexp_lite.patches.lay_spots`). Pyramidal TIFFs are
     read level by level and region by region, never decoded whole
-    (:func:`mclstexp_lite._slides.open_slide`).
+    (:func:`mclstexp_lite.patches.open_slide`).
 
     Parameters
     ----------
@@ -95,7 +95,7 @@ def from_image(
         The virtual spot layout; use the training data's (legacy ST 1k, the default:
         200 um, 100 um, ``"square"``; legacy ST 2k: 200 um, 100 um, ``"checkerboard"``;
         Visium: 100 um, 55 um, ``"hex"``). ``spot_pitch_um`` is the distance of
-        neighbouring spots in the same row (:func:`mclstexp_lite._slides.lay_spots`).
+        neighbouring spots in the same row (:func:`mclstexp_lite.patches.lay_spots`).
         A predictor passes its training data's layout.
     tissue_mask
         Optional: a boolean array or an image file (non-zero = tissue) covering the whole
@@ -130,7 +130,7 @@ def from_image(
     ValueError
         No pixel size known; no tissue found; too few or too many virtual spots for the
         scale (the message gives the image's size in mm and what to check); an image
-        that is not 8-bit RGB (see :func:`mclstexp_lite._slides.open_slide`).
+        that is not 8-bit RGB (see :func:`mclstexp_lite.patches.open_slide`).
     """
     for name, v in (("spot_pitch_um", spot_pitch_um), ("spot_diameter_um", spot_diameter_um)):
         if not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
@@ -286,7 +286,7 @@ def _find_tissue(slide, hires, hscale, tissue_mask, spot_diameter_um, hires_max_
 def _virtual_spots(mask, thumb_um, tissue_mm2, ctx, *, spot_pitch_um, spot_diameter_um, grid,
                    min_tissue, max_spots):
     """Spot centres on the mask's thumbnail, their grid coordinates and tissue shares
-    (:func:`mclstexp_lite._slides.lay_spots`); too few or too many for the scale is an
+    (:func:`mclstexp_lite.patches.lay_spots`); too few or too many for the scale is an
     error that says what to check."""
     centres, array_xy, share = slides.lay_spots(
         mask, mask_um_per_px=thumb_um, pitch_um=spot_pitch_um,
