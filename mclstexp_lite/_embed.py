@@ -53,7 +53,8 @@ def prepare_images(batch_u8: torch.Tensor, encoder: mdl.ImageEncoder, config, *,
 
 @torch.no_grad()
 def embed_images(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | None = None,
-                 device=None, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+                 device=None, batch_size: int | None = None,
+                 progress: bool = True) -> np.ndarray:
     """Image embeddings ``(N, proj_dim)`` of every patch (no augmentation), float32.
 
     The input size and normalisation come from the model's image encoder
@@ -67,6 +68,10 @@ def embed_images(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | N
     ----------
     config
         Optional: only its ``device``, ``amp`` and ``channels_last`` are read.
+    batch_size
+        Spots per step; default 256 for cached features, and for pixels
+        :func:`mclstexp_lite.features.default_batch_size` (small on the CPU, where that
+        is faster).
     """
     config = config or TrainConfig(device=str(device or "auto"))
     device = resolve_device(device or config.device)
@@ -74,11 +79,12 @@ def embed_images(model: mdl.MclSTExp, data: SpotData, *, config: TrainConfig | N
     if model.image_encoder.freeze:
         feats = inputs.image_inputs(model, data, views=1, device=device, amp=config.amp,
                                     progress=progress)[0]
+        batch_size = batch_size or 256
         outs = [model.encode_features(feats[i:i + batch_size].to(device)).float().cpu()
                 for i in range(0, len(feats), batch_size)]
         return (torch.cat(outs) if outs else torch.empty((0, model.config["proj_dim"]))).numpy()
-    return _batched(model, data, config, device, batch_size, progress,
-                    "embedding patches").numpy()
+    return _batched(model, data, config, device, batch_size or fx.default_batch_size(device),
+                    progress, "embedding patches").numpy()
 
 
 @torch.no_grad()
