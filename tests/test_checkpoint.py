@@ -8,6 +8,7 @@ expression); ``trained_run`` (conftest.py) is one tiny frozen-mode run.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,41 @@ def test_resume_reaches_the_same_weights(tmp_path):
     # and a different seed gives different weights (the comparison can fail)
     other = tr.train(data, tiny_config(LOOP, seed=4), progress=False)
     assert not state_equal(full.model.state_dict(), other.model.state_dict())
+
+
+def test_checkpoints_by_time_after_the_last_epoch_and_on_interrupt(tmp_path, monkeypatch):
+    """SYNTHETIC: ``checkpoint_every=0`` writes after every epoch; an hour writes only
+    after the last one; a callback that raises first gets its finished epoch saved."""
+    data = synthetic_spotdata()
+    saved = []
+    real_save = tr.save_checkpoint
+
+    def counting_save(path, **kw):
+        saved.append(kw["epoch"])
+        return real_save(path, **kw)
+
+    monkeypatch.setattr(tr, "save_checkpoint", counting_save)
+    tr.train(data, tiny_config(LOOP), out_dir=tmp_path / "every", progress=False,
+             checkpoint_every=0)
+    assert saved == [1, 2, 3]
+    saved.clear()
+    tr.train(data, tiny_config(LOOP), out_dir=tmp_path / "hourly", progress=False,
+             checkpoint_every=3600)
+    assert saved == [3]
+    assert len(json.loads((tmp_path / "hourly" / "history.json").read_text())) == 3
+    saved.clear()
+
+    def stop_after_second(epoch, history):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(data, tiny_config(LOOP), out_dir=tmp_path / "cut", progress=False,
+                 checkpoint_every=3600, callback=stop_after_second)
+    assert saved == [2] and tr.load_checkpoint(tmp_path / "cut")["epoch"] == 2
+    for bad in (-1, "30", None):
+        with pytest.raises(ValueError, match="checkpoint_every"):
+            tr.train(data, tiny_config(LOOP), progress=False, checkpoint_every=bad)
 
 
 def test_existing_checkpoint_is_never_silently_replaced(tmp_path):
