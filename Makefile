@@ -7,7 +7,8 @@
 #                    executed: outputs/book/index.html (BOOK_OUT to change)
 #   make lab         JupyterLab on notebooks/ to run the tutorials cell by cell
 #                    (LAB_ARGS="--no-browser --port 8890" on a remote machine)
-# Both create ./.venv on first use with the pinned versions of requirements.txt.
+# Both create ./.venv on first use with the pinned versions of requirements.txt
+# (`make env` alone does only that).
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -19,15 +20,14 @@ PYTEST_ARGS ?=
 BOOK_OUT ?= outputs/book
 BOOK_ARGS ?=
 LAB_ARGS ?=
+INSTALLER ?= auto
 
 .PHONY: tutorials test test-fast book lab env clean-venv
 
-$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
-	$(PY) -m pip install --quiet --no-deps -e .
-	$(PY) -m ipykernel install --prefix $(VENV) --name mclstexp_lite --display-name "mclstexp_lite" > /dev/null
+# venv, pip + uv, the pinned packages (uv; pip where uv fails), the package editable,
+# the Jupyter kernel: tools/install_env.py (INSTALLER=pip for pip only)
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml tools/install_env.py
+	$(PYTHON) tools/install_env.py --venv $(VENV) --installer $(INSTALLER)
 	touch $@
 
 env: $(VENV)/.installed
