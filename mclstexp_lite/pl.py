@@ -56,6 +56,31 @@ def he_grey(image, *, lighten: float = 0.45):
     return np.repeat(grey[..., None], 3, axis=2)
 
 
+#: Longest side, in pixels, of the H&E drawn under spots: a larger ``hires`` image is
+#: shrunk (box filter) for drawing only. A panel is a few hundred pixels wide, and
+#: drawing the 2,000 px image of a HER2+ section in every panel of a figure took most of
+#: its time. Coordinates stay those of the ``hires`` image.
+DISPLAY_MAX_PX = 1000
+
+
+def _display_image(img, max_px: int = DISPLAY_MAX_PX):
+    """``img`` (H, W, 3 or 4) shrunk so that its longer side is at most ``max_px`` (uint8
+    or float in 0..1; other types are returned as they are)."""
+    from PIL import Image
+
+    img = np.asarray(img)
+    h, w = img.shape[:2]
+    if max(h, w) <= max_px or img.ndim != 3 or img.shape[2] not in (3, 4):
+        return img
+    if img.dtype.kind == "f":
+        img = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        return img
+    f = max_px / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX))
+
+
 def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
                     cmap: str = "viridis", size: float | None = None, vmin=None, vmax=None,
                     legend: bool = True, colorbar: bool = True, alpha: float = 0.9,
@@ -74,7 +99,8 @@ def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
 
     ``image``: ``"he"`` (the H&E in colour), ``"grey"`` (the H&E as light grey,
     :func:`he_grey`: every colour map and class colour reads on it, where dark or purple
-    spots vanish on purple H&E) or ``None`` (no image).
+    spots vanish on purple H&E) or ``None`` (no image). An image larger than
+    :data:`DISPLAY_MAX_PX` is drawn shrunk, on the ``hires`` pixel grid.
     """
     import anndata as ad
     import pandas as pd
@@ -88,15 +114,18 @@ def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
     library = _lib(adata)
     lib = adata.uns["spatial"][library]
     scale = lib["scalefactors"]["tissue_hires_scalef"]
-    images = dict(lib.get("images", {})) if image else {}
-    if image == "grey" and "hires" in images:
-        images["hires"] = he_grey(images["hires"])
+    hires = lib.get("images", {}).get("hires") if image else None
+    if hires is not None:
+        hires_shape = np.shape(hires)[:2]
+        hires = _display_image(hires)
+        if image == "grey":
+            hires = he_grey(hires)
     diameter = lib["scalefactors"].get("spot_diameter_fullres", 10)
     xy = np.asarray(adata.obsm["spatial"], dtype=float)
     # what squidpy reads, beside the values to colour by; the caller's AnnData stays as is
     view = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={"spatial": xy},
                       uns={"spatial": {library: {
-                          "images": images,
+                          "images": {},
                           "scalefactors": {**lib["scalefactors"],
                                            "spot_diameter_fullres": diameter}}}})
     style: dict = {}
@@ -134,9 +163,11 @@ def spots_on_tissue(adata, values=None, *, ax=None, title: str | None = None,
                          legend_fontweight="normal")
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
+    if hires is not None:  # drawn here, on the hires image's pixel grid, however shrunk
+        h, w = hires_shape
+        ax.imshow(hires, extent=(-0.5, w - 0.5, h - 0.5, -0.5), zorder=0)
     sq.pl.spatial_scatter(view, shape="circle", library_id=library, scale_factor=scale,
-                          img="hires" in view.uns["spatial"][library]["images"],
-                          img_res_key="hires", size=size or 1.0, alpha=alpha, ax=ax,
+                          img=False, size=size or 1.0, alpha=alpha, ax=ax,
                           title=title or "", **style)
     if colorbar and style.get("cmap") is not None:  # slimmer than squidpy's own
         plt.colorbar(ax.collections[-1], ax=ax, fraction=0.046, pad=0.02)

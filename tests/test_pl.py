@@ -179,6 +179,37 @@ def test_spots_on_tissue_without_values_outlines_the_spots():
     plt.close("all")
 
 
+def test_a_large_image_is_drawn_shrunk_on_its_own_pixel_grid():
+    """SYNTHETIC 2,500 x 1,500 px image with a dark square: drawn at most
+    DISPLAY_MAX_PX on its longer side, over the hires pixel grid, so spots and the
+    square stay where they are; a small image is drawn as it is; grey and float work."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    a = _section()
+    img = np.full((1500, 2500, 3), 230, np.uint8)
+    img[600:900, 1000:1400] = 20  # the square, in hires pixels
+    a.uns["spatial"]["S0"]["images"]["hires"] = img
+    a.obsm["spatial"] = np.array([[2400.0, 1500.0]] * a.n_obs)  # at hires (1200, 750)
+    for image, hires in (("he", img), ("grey", img), ("he", img / 255.0)):
+        a.uns["spatial"]["S0"]["images"]["hires"] = hires
+        fig = pl.spots_on_tissue(a, image=image)
+        ax = fig.axes[0]
+        drawn = ax.images[0]
+        assert max(drawn.get_array().shape[:2]) == pl.DISPLAY_MAX_PX
+        assert drawn.get_extent() == [-0.5, 2499.5, 1499.5, -0.5]
+        shrunk = np.asarray(drawn.get_array())[..., 0].astype(float)
+        f = shrunk.shape[1] / 2500
+        # the square is under the spots, darker than the background
+        assert shrunk[int(750 * f), int(1200 * f)] < shrunk[int(300 * f), int(300 * f)] - 80
+        centres = np.array([(p.vertices.min(axis=0) + p.vertices.max(axis=0)) / 2
+                            for p in _spots(fig).get_paths()])
+        np.testing.assert_allclose(centres, a.obsm["spatial"] * 0.5, atol=1e-3)
+    small = pl.spots_on_tissue(_section())
+    assert small.axes[0].images[0].get_array().shape[:2] == (100, 100)
+    plt.close("all")
+
+
 def test_spots_on_tissue_errors():
     import numpy as np
 
