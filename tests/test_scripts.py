@@ -90,3 +90,34 @@ def test_script_uses_only_names_the_package_has(path):
                 missing.append(f"{node.value.id}.{node.attr} (line {node.lineno}; "
                                f"{node.value.id} is {modules[node.value.id]})")
     assert not missing, f"{path.name} uses names the package no longer has: {missing}"
+
+
+def test_install_env_hands_pips_index_settings_to_uv(tmp_path, monkeypatch):
+    """tools/install_env.py: ``pip config list`` lines (any scope, quoted, several values)
+    become uv's arguments; a constraint file that does not exist is left out; a cert goes
+    to SSL_CERT_FILE; without extra indexes or link folders uv keeps its own strategy."""
+    import subprocess
+
+    module = _load(REPO / "tools" / "install_env.py")
+    constraint = tmp_path / "c.txt"
+    constraint.write_text("torch<=2.14.1\n")
+    listing = "\n".join([
+        ":env:.find-links='/opt/wheels'",
+        "global.find-links='/opt/wheels'",
+        "global.extra-index-url='file:///opt/a/simple file:///opt/b/simple'",
+        f"global.constraint='{constraint} {tmp_path / 'absent.txt'}'",
+        "global.cert='/etc/ssl/certs/ca.crt'",
+        "global.timeout='60'",
+    ])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout=listing + "\n", stderr=""))
+    settings = module.pip_settings("python")
+    assert settings["find-links"] == ["/opt/wheels"] and "timeout" not in settings
+    args, env = module.uv_arguments(settings)
+    assert args == ["--extra-index-url", "file:///opt/a/simple",
+                    "--extra-index-url", "file:///opt/b/simple",
+                    "--find-links", "/opt/wheels", "--constraint", str(constraint),
+                    "--index-strategy", "unsafe-best-match"]
+    assert env == {"SSL_CERT_FILE": "/etc/ssl/certs/ca.crt"}
+    assert module.uv_arguments({"index-url": ["https://mirror/simple"]}) == (
+        ["--index-url", "https://mirror/simple"], {})

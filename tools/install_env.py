@@ -4,7 +4,7 @@ Steps: ``python -m venv``; pip upgraded and uv installed into it; the pinned pac
 ``requirements.txt`` under ``constraints.txt`` installed by uv (its unpacking and
 byte-compiling run in parallel: in a fresh clone on a 2-core machine the environment took
 about 70 s this way against 176 s with pip alone); the project itself installed editable
-with ``pip --no-deps -e .``; the Jupyter kernel ``mclstexp_lite`` registered in the
+(``--no-deps -e .``, by uv as well); the Jupyter kernel ``mclstexp_lite`` registered in the
 environment.
 
 uv does not read pip's configuration, so the index settings pip would use (``pip config
@@ -111,22 +111,26 @@ def main(argv=None) -> int:
     print(f"Creating {venv} (python -m venv, then the pinned packages)", flush=True)
     run([args.python, "-m", "venv", str(venv)], "venv")
     pip = [py, "-m", "pip", "install", "--quiet"]
-    installed = False
+    installer = pip  # what installs the packages and the project
     if args.installer in ("auto", "uv"):
         if run(pip + ["--upgrade", "pip", UV], f"pip and {UV}", check=args.installer == "uv"):
             uv_args, uv_env = uv_arguments(pip_settings(py))
-            uv = str(Path(py).parent / "uv")
-            installed = run([uv, "pip", "install", "--quiet", "--python", py, *reqs, *uv_args,
-                             "--compile-bytecode"], "packages (uv)", env=uv_env,
-                            check=args.installer == "uv")
-            if not installed:
+            uv = [str(Path(py).parent / "uv"), "pip", "install", "--quiet", "--python", py,
+                  *uv_args]
+            if run(uv + [*reqs, "--compile-bytecode"], "packages (uv)", env=uv_env,
+                   check=args.installer == "uv"):
+                installer = uv
+            else:
                 print("  uv failed; installing the same pinned packages with pip instead",
                       flush=True)
     else:
         run(pip + ["--upgrade", "pip"], "pip")
-    if not installed:
+    if installer is pip:
         run(pip + reqs, "packages (pip)")
-    run(pip + ["--no-deps", "-e", str(REPO)], "mclstexp_lite (editable)")
+        run(pip + ["--no-deps", "-e", str(REPO)], "mclstexp_lite (editable, pip)")
+    else:
+        run(installer + ["--no-deps", "-e", str(REPO)], "mclstexp_lite (editable, uv)",
+            env=uv_env)
     run([py, "-m", "ipykernel", "install", "--prefix", str(venv), "--name", "mclstexp_lite",
          "--display-name", "mclstexp_lite"], "Jupyter kernel", quiet=True)
     print(f"Environment ready in {time.time() - t0:.0f} s: {venv}", flush=True)
