@@ -114,27 +114,29 @@ def sha256_file(path: str | os.PathLike, *, memo: bool = False) -> str:
     return digest
 
 
-# ------------------------------------------------------------------------------ images
+# ------------------------------------------------------------------------- environment
+def _set_environ(values) -> None:
+    """Set each variable of ``values`` (``None``: unset it)."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def environ(changes):
     """Set (or, for ``None``, unset) environment variables for the ``with`` block, and put
     every one of them back as it was afterwards, also on an error."""
     saved = {k: os.environ.get(k) for k in changes}
     try:
-        for k, v in changes.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(changes)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(saved)
 
 
+# ------------------------------------------------------------------------------ images
 @contextlib.contextmanager
 def pil_pixel_limit(limit: int | None):
     """Set PIL's decompression-bomb limit (``None``: off) for the duration of one decode;

@@ -67,6 +67,9 @@ __all__ = [
     "apply_view",
     "patch_identity",
     "section_features",
+    "default_batch_size",
+    "CPU_BATCH_SIZE",
+    "ACCELERATOR_BATCH_SIZE",
     "spot_features",
     "cached_array",
     "safe_name",
@@ -191,10 +194,10 @@ def patch_identity(patches) -> str:
 
 # ---------------------------------------------------------------- compute
 #: Patches per forward pass when ``batch_size`` is not given. On the CPU small batches
-#: are much faster: EfficientNet-Lite0 on 256 patches of 224 px took 2.9 s in batches of
-#: 4 against 11.1 s in batches of 64 (2 cores; with 64, most of the time went to the
-#: kernel mapping and unmapping the large activations; ``python
-#: benchmarks/feature_batch.py``). The features are the same either way.
+#: are much faster: EfficientNet-Lite0 ran 82.8 patches/s in batches of 4 against 31.2 in
+#: batches of 64, which spent 18.3 s in the kernel against 0.1 s (187 C2 patches, 2
+#: cores; ``python benchmarks/bench_feature_batch.py``). The features agree up to float
+#: rounding (a batch of one patch takes another convolution path: 5e-7).
 CPU_BATCH_SIZE = 4
 ACCELERATOR_BATCH_SIZE = 64
 
@@ -225,8 +228,8 @@ def _compute(encoder, patches, view: int, device: torch.device, batch_size: int,
     return out
 
 
-def section_features(encoder, patches, *, view: int = 0, device="auto", batch_size: int | None = None,
-                     cache_dir: str | os.PathLike | None = None, name: str | None = None,
+def section_features(encoder, patches, *, view: int = 0, device="auto",
+                     batch_size: int | None = None, cache_dir: str | os.PathLike | None = None, name: str | None = None,
                      amp: str = "auto", progress: bool = True) -> np.ndarray:
     """Pooled features of one section's patches through ``encoder``, cached on disk.
 
@@ -242,7 +245,8 @@ def section_features(encoder, patches, *, view: int = 0, device="auto", batch_si
     device
         Where to compute (``"auto"``: cuda > mps > cpu).
     batch_size
-        Patches per forward pass (memory only).
+        Patches per forward pass (speed and memory only); default
+        :func:`default_batch_size` of ``device``.
     cache_dir
         Folder of the entries; default :func:`default_cache_dir`. ``False`` disables the
         cache (compute only).

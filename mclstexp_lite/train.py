@@ -226,11 +226,11 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
     saved_epoch, last_save = start_epoch, time.monotonic()
 
     def save(done: int) -> None:
-        nonlocal saved_epoch
+        nonlocal saved_epoch, last_save
         save_checkpoint(ckpt_path, model=model, optimizer=optimizer, config=config,
                         epoch=done, history=history, genes=data.genes, sections=data.sections)
         atomic_write_json(out / "history.json", history)
-        saved_epoch = done
+        saved_epoch, last_save = done, time.monotonic()
 
     for epoch in range(start_epoch, config.epochs):
         torch.manual_seed(config.seed * 100_003 + epoch)  # dropout etc.: resumable
@@ -283,11 +283,8 @@ def train(data: SpotData, config: TrainConfig | None = None, *,
         if progress and rank == 0:
             log.info("epoch %d/%d loss %.4f (%.1f s)", epoch + 1, config.epochs, rec["loss"], secs)
         if ckpt_path is not None and rank == 0:
-            due = (epoch + 1 == config.epochs
-                   or time.monotonic() - last_save >= checkpoint_every)
-            if due:
+            if epoch + 1 == config.epochs or time.monotonic() - last_save >= checkpoint_every:
                 save(epoch + 1)
-                last_save = time.monotonic()
         if callback is not None:
             try:
                 callback(epoch + 1, history)
